@@ -1,0 +1,27 @@
+// The one place the peft_kernels op schemas are declared. Families add their schemas here and
+// their CPU / CUDA implementations with TORCH_LIBRARY_IMPL in their own files.
+#include <torch/extension.h>
+
+#include "common/checks.h"
+
+namespace peft_kernels {
+
+bool with_cuda() {
+#ifdef PEFT_KERNELS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace peft_kernels
+
+TORCH_LIBRARY(peft_kernels, m) {
+  // sparse adapter (csrc/sparse): y += x @ (M.S)^T; dx += dy @ (M.S); dval = SDDMM at the mask
+  m.def("sparse_spmm(Tensor x, Tensor crow, Tensor col, Tensor val, int out_features) -> Tensor");
+  m.def("sparse_sddmm(Tensor dy, Tensor x, Tensor rows, Tensor col) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("with_cuda", &peft_kernels::with_cuda, "whether _C was built with CUDA kernels");
+}
