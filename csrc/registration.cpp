@@ -17,9 +17,11 @@ bool with_cuda() {
 }  // namespace peft_kernels
 
 TORCH_LIBRARY(peft_kernels, m) {
-  // sparse adapter (csrc/sparse): y += x @ (M.S)^T; dx += dy @ (M.S); dval = SDDMM at the mask
+  // sparse adapter (csrc/sparse): gather SpMM y = x @ (M.S)^T from a CSR mask (val fp32, y in
+  // x.dtype); dx = dy @ (M.S) is the same op on the transposed CSR; SDDMM dval[k] =
+  // sum_t dy[t, row(k)] * x[t, col[k]] at the nnz only (fp32). Fakes: peft_kernels/ops/sparse.py.
   m.def("sparse_spmm(Tensor x, Tensor crow, Tensor col, Tensor val, int out_features) -> Tensor");
-  m.def("sparse_sddmm(Tensor dy, Tensor x, Tensor rows, Tensor col) -> Tensor");
+  m.def("sparse_sddmm(Tensor dy, Tensor x, Tensor crow, Tensor col) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,0 +1,140 @@
+"""``LoRALinear``: a frozen ``nn.Linear`` plus a LoRA adapter, running on the fused kernels.
+
+State-dict keys are ``base_layer.weight`` / ``base_layer.bias`` (frozen) and ``lora_A.weight``
+``(r, d_in)`` / ``lora_B.weight`` ``(d_out, r)``: the adapter keys map 1:1 onto HF PEFT's
+``lora_A.<adapter>.weight`` / ``lora_B.<adapter>.weight``. Initialisation is PEFT's: A
+Kaiming-uniform (a = sqrt(5)), B zeros, so a fresh adapter changes nothing.
+
+``_AdapterLinear`` holds the module protocol shared with ``AdaLoRALinear`` (merge / unmerge /
+to_linear / seed drawing); a subclass provides ``delta_weight()`` and ``forward``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._checks import check_dropout, check_positive_int
+from ..ops.lora import lora_linear
+from ..reference.lora import lora_delta_weight, lora_scaling
+
+
+class _AdapterLinear(nn.Module):
+    """A frozen ``base_layer`` and the merge protocol; subclasses add the adapter and define
+    ``delta_weight()`` (the dense ``(d_out, d_in)`` change, fp32)."""
+
+    family = ""
+
+    def __init__(self, base_layer: nn.Linear, dropout: float, impl: Optional[str]):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        base_layer.weight.requires_grad_(False)
+        if base_layer.bias is not None:
+            base_layer.bias.requires_grad_(False)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.dropout = check_dropout("dropout", dropout)
+        self.impl = impl
+        self._merged = False
+
+    # -- forward helpers
+    def _dropout_and_seed(self) -> tuple[float, int]:
+        """Dropout only in training mode; the seed comes from torch's default CPU generator so
+        ``torch.manual_seed`` reproduces it and activation checkpointing replays it."""
+        if self.training and self.dropout > 0.0:
+            return self.dropout, int(torch.randint(0, 2**62, (1,)).item())
+        return 0.0, 0
+
+    # -- merge protocol
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    def _merged_weight(self, sign: float) -> torch.Tensor:
+        w = self.base_layer.weight
+        return (w.float() + sign * self.delta_weight().float()).to(w.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the adapter's dense delta into ``base_layer.weight`` (fp32 math, cast back)."""
+        if self._merged:
+            warnings.warn(f"{type(self).__name__} is already merged; merge() does nothing", stacklevel=2)
+            return
+        self.base_layer.weight.copy_(self._merged_weight(+1.0))
+        self._merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the dense delta again (exact up to one rounding of the weight's dtype)."""
+        if not self._merged:
+            warnings.warn(f"{type(self).__name__} is not merged; unmerge() does nothing", stacklevel=2)
+            return
+        self.base_layer.weight.copy_(self._merged_weight(-1.0))
+        self._merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new plain ``nn.Linear`` holding the merged weight (this module is left unchanged)."""
+        w = self.base_layer.weight
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        lin.weight.copy_(w if self._merged else self._merged_weight(+1.0))
+        if self.base_layer.bias is not None:
+            lin.bias.copy_(self.base_layer.bias)
+        return lin
+
+
+class LoRALinear(_AdapterLinear):
+    """``y = base_layer(x) + scaling * dropout(x) @ A^T @ B^T``; ``scaling = alpha / r`` (or
+    ``alpha / sqrt(r)`` with rsLoRA). The adapter lives in the base weight's dtype and device."""
+
+    family = "lora"
+
+    def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 use_rslora: bool = False, impl: Optional[str] = None):
+        super().__init__(base_layer, dropout, impl)
+        self.r = check_positive_int("r", r)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+        self.alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(self.r, self.alpha, self.use_rslora)
+        w = base_layer.weight
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                    use_rslora: bool = False, impl: Optional[str] = None) -> "LoRALinear":
+        return cls(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, impl=impl)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PEFT's init: A Kaiming-uniform with a = sqrt(5), B zeros."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        return lora_delta_weight(self.lora_A.weight.float(), self.lora_B.weight.float(), self.scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged:
+            return self.base_layer(x)
+        p, seed = self._dropout_and_seed()
+        return lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
+                           self.base_layer.bias, self.scaling, p, seed, impl=self.impl)
+
+    def adapter_config(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
+                f"use_rslora={self.use_rslora}, merged={self._merged}, impl={self.impl}")
+

@@ -1,0 +1,659 @@
+"""Router-weighted projector mixing (Lily; FLoE's MoE-LoRA experts) as fused Triton kernels.
+
+Math (GUIDE.md "Lily exactly", spec in ``peft_kernels/reference/lily.py``), for 2-D ``x`` ``(T, d_in)``:
+``h = x @ LP^T`` ``(T, r)``; logits from ``h`` (Lily, router ``(E, r)``) or ``x`` (MoE-LoRA, router
+``(E, d_in)``); ``p = softmax(logits)`` in fp32 ``(T, E)``; HP ``(E, d_out, r)``.
+
+- ``routing="token"``: ``delta = s * Z @ HPcat^T`` with ``Z[t, e*r + j] = p[t, e] * h[t, j]`` and
+  ``HPcat[o, e*r + j] = HP[e, o, j]``: one GEMM with ``K = E*r``. ``Z`` is built tile by tile in
+  registers from ``p`` and ``h`` (both tiny, ``T x (E + r)`` fp32) and ``HPcat`` is gathered from
+  ``HP`` in its own layout, so neither ``Z`` nor the ``(T, E, d_out)`` per-expert outputs exist
+  in memory.
+- ``routing="batch"`` (HF PEFT's ``lily``): ``w = mean_t p`` ``(E,)``, ``HPbar = sum_e w_e HP_e``,
+  ``delta = s * h @ HPbar^T``. The token-mean is a reduction fused into the LP pass (each row
+  block writes its partial sum of ``p``; a ``(blocks, E)`` sum follows: deterministic, no
+  atomics). The mixing GEMM is then the token kernel with ``E = 1`` and ``Z = h``.
+
+Passes (forward): (1) ``_lily_proj_kernel`` reads x once: h, logits (router on h or x), fp32
+softmax, partial sums of p. (2) the frozen base ``x @ W0^T + b`` runs on cuBLAS, and
+``_lily_mix_kernel`` adds ``s * Z @ HPcat^T`` onto it in place in its epilogue. Why an in-place
+add on the cuBLAS output rather than a Triton base GEMM with the mixture in its epilogue: the
+base GEMM is ~99% of the FLOPs, cuBLAS (wgmma + TMA on H100) is the fastest GEMM available for
+it at every shape, and a hand-written Triton GEMM that merely matched it would be the whole of
+another project; the price is one read + write of ``y`` (T x d_out), ~40 us at T=8192, d_out=4096,
+bf16 (estimated, not yet measured). It is the first thing to measure on an H100 against a Triton base
+GEMM carrying this epilogue.
+
+Backward (token): ``dZ = s * dY @ HPcat`` ``(T, E*r)`` (``_lily_dz_kernel``, tiny output);
+``dHPcat = s * dY^T @ Z`` (``_lily_dhp_kernel``, Z rebuilt on the fly, split over T with
+deterministic partial sums); per row (``_lily_route_bwd_kernel``):
+``dp[t,e] = sum_j dZ[t,e*r+j] h[t,j]``, ``dh[t,j] = sum_e p[t,e] dZ[t,e*r+j]``,
+``dlogits = p * (dp - sum_e p dp)`` and, router on h, ``dh += dlogits @ router``. Then
+``dLP = dh^T x`` (and, router on x, ``drouter = dlogits^T x``) in one pass over x
+(``_lily_gradw_kernel``), ``drouter = dlogits^T h`` for the router on h, and
+``dx = dY W0 + [dh, dlogits] @ [LP; router]`` on cuBLAS (``addmm_`` with beta=1 accumulates).
+
+Backward (batch): the mean couples every token. ``dHPbar = s * dY^T @ h``; ``dHP_e = w_e dHPbar``;
+``dw_e = <HP_e, dHPbar>``; ``dp[t, e] = dw_e / T`` (the same for every token);
+``dh = s * dY @ HPbar (+ dlogits @ router)``; the rest as for token routing.
+
+h, p and every intermediate stay in fp32; GEMM operands are cast to the input dtype (tensor
+cores) with fp32 accumulation, except for fp32 inputs, which use IEEE fp32 dots (no TF32) so the
+kernel is as accurate as torch's fp32 matmul.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .. import dispatch
+from .._checks import check_tensor
+from ..reference.lily import check_lily_args, lily as reference_lily
+from ._triton import triton, tl
+
+# Interpreter runs (CI, CPU) use one small config: fewer programs keep it fast while 32-wide
+# tiles on T=37-ish / d=53-ish shapes still exercise every mask and multi-block path.
+_INTERPRET_BLOCK = 32
+_INTERPRET_SPLIT = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+# How _dot multiplies (a constexpr, chosen per launch by _dot_mode):
+_DOT_NATIVE = 0   # fp16/bf16 on GPU: tensor cores, fp32 accumulation
+_DOT_IEEE = 1     # fp32: IEEE, so the kernel matches torch's fp32 matmul (TF32 would not)
+_DOT_UPCAST = 2   # bf16 under the interpreter: triton 3.6's interpreter returns garbage (~1e10) for
+                  # bf16 tl.dot, so operands go to fp32 first (exact for bf16; same fp32 accumulation)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT: tl.constexpr):
+    if DOT == 1:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif DOT == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _z_tile(h_ptr, p_ptr, rows, row_ok, c_ok, e, j, R, E, TOKEN: tl.constexpr):
+    """``Z[rows, c]`` for columns ``c = e*R + j`` in fp32: ``p[t,e] * h[t,j]`` (token) or ``h[t,c]``."""
+    m = row_ok[:, None] & c_ok[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    z = tl.load(h_ptr + r64 * R + j[None, :], mask=m, other=0.0)
+    if TOKEN:
+        z = z * tl.load(p_ptr + r64 * E + e[None, :], mask=m, other=0.0)
+    return z
+
+
+@triton.jit
+def _lily_proj_kernel(
+    # pointers
+    x_ptr, lp_ptr, router_ptr, h_ptr, p_ptr, psum_ptr,
+    # sizes
+    T, D_IN, R, E,
+    # meta-parameters
+    ROUTER_X: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
+):
+    """One row block: ``h = x @ LP^T``, logits, fp32 softmax, and this block's sum of ``p``."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    r64 = rows.to(tl.int64)
+    rj = tl.arange(0, R_PAD)
+    ee = tl.arange(0, E_PAD)
+    kk = tl.arange(0, BLOCK_K)
+
+    h = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    logits = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
+    for k0 in range(0, D_IN, BLOCK_K):
+        cols = k0 + kk
+        col_ok = cols < D_IN
+        xt = tl.load(x_ptr + r64[:, None] * D_IN + cols[None, :],
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        # LP^T tile (BLOCK_K, R_PAD), rounded to the input dtype like the reference's lp.to(x.dtype)
+        lpt = tl.load(lp_ptr + rj[None, :] * D_IN + cols[:, None],
+                      mask=(rj[None, :] < R) & col_ok[:, None], other=0.0).to(xt.dtype)
+        h = _dot(xt, lpt, h, DOT)
+        if ROUTER_X:
+            # the router reads x: logits in fp32 (x exactly representable), as the spec demands
+            rt = tl.load(router_ptr + ee[None, :] * D_IN + cols[:, None],
+                         mask=(ee[None, :] < E) & col_ok[:, None], other=0.0).to(tl.float32)
+            logits = tl.dot(xt.to(tl.float32), rt, logits, input_precision="ieee")
+    if not ROUTER_X:
+        rt = tl.load(router_ptr + ee[None, :] * R + rj[:, None],
+                     mask=(ee[None, :] < E) & (rj[:, None] < R), other=0.0).to(tl.float32)
+        logits = tl.dot(h, rt, logits, input_precision="ieee")
+
+    # fp32 softmax over the E real experts; padded experts get exactly zero probability
+    logits = tl.where((ee < E)[None, :], logits, float("-inf"))
+    mx = tl.max(logits, axis=1)
+    ex = tl.exp(logits - mx[:, None])
+    p = ex / tl.sum(ex, axis=1)[:, None]
+
+    tl.store(h_ptr + r64[:, None] * R + rj[None, :], h, mask=row_ok[:, None] & (rj[None, :] < R))
+    tl.store(p_ptr + r64[:, None] * E + ee[None, :], p, mask=row_ok[:, None] & (ee[None, :] < E))
+    # batch routing's token-mean, fused: this block's partial sum (rows past T excluded)
+    psum = tl.sum(tl.where(row_ok[:, None], p, 0.0), axis=0)
+    tl.store(psum_ptr + pid * E + ee, psum, mask=ee < E)
+
+
+@triton.jit
+def _lily_mix_kernel(
+    # pointers
+    y_ptr, h_ptr, p_ptr, hp_ptr,
+    # sizes
+    T, D_OUT, R, E, KZ,
+    # scalars
+    scaling,
+    # meta-parameters
+    TOKEN: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``y[tile] += s * Z @ HPcat^T`` with K = E*r (token) or r (batch, HP = HPbar, E = 1)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < T
+    out_ok = outs < D_OUT
+    cc = tl.arange(0, BLOCK_C)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, KZ, BLOCK_C):
+        c = c0 + cc
+        c_ok = c < KZ
+        e = c // R
+        j = c % R
+        z = _z_tile(h_ptr, p_ptr, rows, row_ok, c_ok, e, j, R, E, TOKEN)
+        # HPcat^T tile (BLOCK_C, BLOCK_N) gathered from HP (E, d_out, r): no repacked copy of HP
+        hpt = tl.load(hp_ptr + e[:, None].to(tl.int64) * D_OUT * R + outs[None, :] * R + j[:, None],
+                      mask=c_ok[:, None] & out_ok[None, :], other=0.0)
+        acc = _dot(z.to(y_ptr.dtype.element_ty), hpt.to(y_ptr.dtype.element_ty), acc, DOT)
+
+    # epilogue: add onto the cuBLAS base output in place
+    yp = y_ptr + rows[:, None].to(tl.int64) * D_OUT + outs[None, :]
+    m = row_ok[:, None] & out_ok[None, :]
+    y = tl.load(yp, mask=m, other=0.0).to(tl.float32) + scaling * acc
+    tl.store(yp, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _lily_dz_kernel(
+    # pointers
+    dy_ptr, hp_ptr, dz_ptr,
+    # sizes
+    T, D_OUT, R, KZ,
+    # scalars
+    scaling,
+    # meta-parameters
+    DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``dZ = s * dY @ HPcat`` ``(T, KZ)`` in fp32 (KZ = E*r, or r against HPbar for batch)."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    r64 = rows.to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < KZ
+    e = c // R
+    j = c % R
+    oo = tl.arange(0, BLOCK_O)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for o0 in range(0, D_OUT, BLOCK_O):
+        o = o0 + oo
+        o_ok = o < D_OUT
+        dy = tl.load(dy_ptr + r64[:, None] * D_OUT + o[None, :], mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+        hpc = tl.load(hp_ptr + e[None, :].to(tl.int64) * D_OUT * R + o[:, None] * R + j[None, :],
+                      mask=o_ok[:, None] & c_ok[None, :], other=0.0).to(dy.dtype)
+        acc = _dot(dy, hpc, acc, DOT)
+    tl.store(dz_ptr + r64[:, None] * KZ + c[None, :], scaling * acc, mask=row_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _lily_dhp_kernel(
+    # pointers
+    dy_ptr, h_ptr, p_ptr, part_ptr,
+    # sizes
+    T, D_OUT, R, E, KZ, T_CHUNK,
+    # scalars
+    scaling,
+    # meta-parameters
+    TOKEN: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Partial ``dHPcat = s * dY^T @ Z`` over one chunk of T, written in HP's (E, d_out, r) layout."""
+    pid_o = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o < D_OUT
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < KZ
+    e = c // R
+    j = c % R
+    tt = tl.arange(0, BLOCK_T)
+
+    acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
+    t_start = pid_s * T_CHUNK
+    for t0 in range(t_start, t_start + T_CHUNK, BLOCK_T):
+        rows = t0 + tt
+        row_ok = rows < T
+        dyt = tl.load(dy_ptr + rows[None, :].to(tl.int64) * D_OUT + o[:, None],
+                      mask=row_ok[None, :] & o_ok[:, None], other=0.0)
+        z = _z_tile(h_ptr, p_ptr, rows, row_ok, c_ok, e, j, R, E, TOKEN)
+        acc = _dot(dyt, z.to(dyt.dtype), acc, DOT)
+    base = pid_s.to(tl.int64) * D_OUT * KZ
+    tl.store(part_ptr + base + e[None, :].to(tl.int64) * D_OUT * R + o[:, None] * R + j[None, :],
+             scaling * acc, mask=o_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _lily_route_bwd_kernel(
+    # pointers
+    dz_ptr, h_ptr, p_ptr, router_ptr, dw_ptr, dh_ptr, dlog_ptr,
+    # sizes
+    T, R, E,
+    # scalars
+    inv_t,
+    # meta-parameters
+    TOKEN: tl.constexpr, ROUTER_H: tl.constexpr,
+    BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
+):
+    """Per row: dp and dh from dZ (token) or dw (batch), softmax backward, router-on-h term."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    r64 = rows.to(tl.int64)
+    rj = tl.arange(0, R_PAD)
+    ee = tl.arange(0, E_PAD)
+    hm = row_ok[:, None] & (rj[None, :] < R)
+    em = row_ok[:, None] & (ee[None, :] < E)
+
+    p = tl.load(p_ptr + r64[:, None] * E + ee[None, :], mask=em, other=0.0)
+    if TOKEN:
+        h = tl.load(h_ptr + r64[:, None] * R + rj[None, :], mask=hm, other=0.0)
+        dh = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+        dp = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
+        for e in range(E):
+            dze = tl.load(dz_ptr + r64[:, None] * (E * R) + e * R + rj[None, :], mask=hm, other=0.0)
+            pe = tl.load(p_ptr + r64 * E + e, mask=row_ok, other=0.0)
+            dh += pe[:, None] * dze
+            dp = tl.where((ee == e)[None, :], tl.sum(dze * h, axis=1)[:, None], dp)
+    else:
+        # batch: dZ holds s * dY @ HPbar; every token sees the same dp = dw / T
+        dh = tl.load(dz_ptr + r64[:, None] * R + rj[None, :], mask=hm, other=0.0)
+        dwv = tl.load(dw_ptr + ee, mask=ee < E, other=0.0) * inv_t
+        dp = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32) + dwv[None, :]
+    dlog = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+    if ROUTER_H:
+        rt = tl.load(router_ptr + ee[:, None] * R + rj[None, :],
+                     mask=(ee[:, None] < E) & (rj[None, :] < R), other=0.0).to(tl.float32)
+        dh = tl.dot(dlog, rt, dh, input_precision="ieee")
+    tl.store(dh_ptr + r64[:, None] * R + rj[None, :], dh, mask=hm)
+    tl.store(dlog_ptr + r64[:, None] * E + ee[None, :], dlog, mask=em)
+
+
+@triton.jit
+def _lily_gradw_kernel(
+    # pointers
+    x_ptr, dh_ptr, dlog_ptr, dlp_part_ptr, dr_part_ptr,
+    # sizes
+    T, D_IN, R, E, T_CHUNK,
+    # meta-parameters
+    ROUTER_X: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
+):
+    """Partial ``dLP = dh^T x`` (and ``drouter = dlogits^T x`` in fp32 when the router reads x) over one
+    chunk of T: one read of x for both."""
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < D_IN
+    rj = tl.arange(0, R_PAD)
+    ee = tl.arange(0, E_PAD)
+    tt = tl.arange(0, BLOCK_T)
+
+    acc_lp = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    acc_r = tl.zeros((E_PAD, BLOCK_K), dtype=tl.float32)
+    t_start = pid_s * T_CHUNK
+    for t0 in range(t_start, t_start + T_CHUNK, BLOCK_T):
+        rows = t0 + tt
+        row_ok = rows < T
+        r64 = rows.to(tl.int64)
+        xt = tl.load(x_ptr + r64[:, None] * D_IN + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        dht = tl.load(dh_ptr + r64[None, :] * R + rj[:, None], mask=row_ok[None, :] & (rj[:, None] < R), other=0.0)
+        acc_lp = _dot(dht.to(xt.dtype), xt, acc_lp, DOT)
+        if ROUTER_X:
+            dlt = tl.load(dlog_ptr + r64[None, :] * E + ee[:, None], mask=row_ok[None, :] & (ee[:, None] < E),
+                          other=0.0)
+            acc_r = tl.dot(dlt, xt.to(tl.float32), acc_r, input_precision="ieee")
+    base = pid_s.to(tl.int64) * D_IN
+    tl.store(dlp_part_ptr + base * R + rj[:, None] * D_IN + cols[None, :], acc_lp,
+             mask=(rj[:, None] < R) & col_ok[None, :])
+    if ROUTER_X:
+        tl.store(dr_part_ptr + base * E + ee[:, None] * D_IN + cols[None, :], acc_r,
+                 mask=(ee[:, None] < E) & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers (inputs already validated by lily_linear; these allocate and launch)
+# ----------------------------------------------------------------------------------------------
+def _pad16(n: int) -> int:
+    # tl.dot needs every dimension >= 16; masks keep the padding out of the result
+    return max(16, triton.next_power_of_2(n))
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+def _dot_mode(t: torch.Tensor) -> int:
+    if t.dtype == torch.float32:
+        return _DOT_IEEE
+    if t.dtype == torch.bfloat16 and _interpreting(t):
+        return _DOT_UPCAST
+    return _DOT_NATIVE
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split(t: torch.Tensor, n_rows: int, block_t: int, grid_other: int) -> tuple[int, int]:
+    """How many chunks of T the weight-gradient reductions use, and the chunk length.
+
+    Chunks fill the GPU (~2 programs per SM) when the output tiles alone are too few; each chunk
+    writes its own partial, summed afterwards (deterministic, unlike atomics).
+    """
+    n_blocks = max(1, triton.cdiv(n_rows, block_t))
+    if _interpreting(t):
+        split = min(_INTERPRET_SPLIT, n_blocks)
+    else:
+        sms = _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+        split = max(1, min(n_blocks, (2 * sms) // max(1, grid_other)))
+    chunk = triton.cdiv(n_blocks, split) * block_t
+    return triton.cdiv(n_rows, chunk) if n_rows else 1, chunk
+
+
+def _launch_proj(x2, lp, router, router_h: bool):
+    T, d_in = x2.shape
+    r, E = lp.shape[0], router.shape[0]
+    R_PAD, E_PAD = _pad16(r), _pad16(E)
+    if _interpreting(x2):
+        BLOCK_T = BLOCK_K = _INTERPRET_BLOCK
+    else:
+        # keep the (BLOCK_T, R_PAD) fp32 accumulator and the LP tile within registers at r up to 256
+        BLOCK_T, BLOCK_K = (64, 64) if R_PAD <= 64 else (32, 32)
+    n_blocks = triton.cdiv(T, BLOCK_T)
+    h = torch.empty(T, r, device=x2.device, dtype=torch.float32)
+    p = torch.empty(T, E, device=x2.device, dtype=torch.float32)
+    psum = torch.zeros(max(n_blocks, 1), E, device=x2.device, dtype=torch.float32)
+    if T:
+        _lily_proj_kernel[(n_blocks,)](
+            x2, lp, router, h, p, psum,
+            T, d_in, r, E,
+            ROUTER_X=not router_h, DOT=_dot_mode(x2),
+            BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, R_PAD=R_PAD, E_PAD=E_PAD,
+        )
+    return h, p, psum
+
+
+def _mix_blocks(t: torch.Tensor, kz: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_C, num_warps); untuned first guesses for the GPU (no H100 measured yet)."""
+    if _interpreting(t):
+        return _INTERPRET_BLOCK, _INTERPRET_BLOCK, 16, 4
+    # a 128x128 fp32 accumulator needs 8 warps to stay in registers
+    return 128, 128, min(64, _pad16(kz)), 8
+
+
+def _launch_mix(y, h, p, hp_like, scaling: float, token: bool):
+    """In place: ``y += s * Z @ HPcat^T``; ``hp_like`` is HP (token) or HPbar ``(1, d_out, r)`` (batch)."""
+    T, d_out = y.shape
+    r = h.shape[1]
+    E = p.shape[1]
+    kz = E * r if token else r
+    BM, BN, BC, warps = _mix_blocks(y, kz)
+    if T:
+        _lily_mix_kernel[(triton.cdiv(T, BM), triton.cdiv(d_out, BN))](
+            y, h, p, hp_like,
+            T, d_out, r, E, kz,
+            float(scaling),
+            TOKEN=token, DOT=_dot_mode(y),
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=warps,
+        )
+
+
+def _launch_dz(dy, hp_like, r: int, kz: int, scaling: float):
+    T, d_out = dy.shape
+    dz = torch.empty(T, kz, device=dy.device, dtype=torch.float32)
+    if _interpreting(dy):
+        BM = BO = _INTERPRET_BLOCK
+        BC = 16
+    else:
+        BM, BO, BC = 64, 64, min(128, _pad16(kz))
+    if T:
+        _lily_dz_kernel[(triton.cdiv(T, BM), triton.cdiv(kz, BC))](
+            dy, hp_like, dz,
+            T, d_out, r, kz,
+            float(scaling),
+            DOT=_dot_mode(dy), BLOCK_M=BM, BLOCK_O=BO, BLOCK_C=BC,
+        )
+    return dz
+
+
+def _launch_dhp(dy, h, p, n_exp: int, scaling: float, token: bool):
+    """``s * dY^T @ Z`` in HP's layout ``(n_exp, d_out, r)``, fp32."""
+    T, d_out = dy.shape
+    r = h.shape[1]
+    E = p.shape[1]
+    kz = n_exp * r
+    if _interpreting(dy):
+        BO = BT = _INTERPRET_BLOCK
+        BC = 16
+    else:
+        BO, BT, BC = 64, 64, min(64, _pad16(kz))
+    grid_oc = triton.cdiv(d_out, BO) * triton.cdiv(kz, BC)
+    split, chunk = _split(dy, T, BT, grid_oc)
+    part = torch.zeros(split, n_exp, d_out, r, device=dy.device, dtype=torch.float32)
+    if T:
+        _lily_dhp_kernel[(triton.cdiv(d_out, BO), triton.cdiv(kz, BC), split)](
+            dy, h, p, part,
+            T, d_out, r, E, kz, chunk,
+            float(scaling),
+            TOKEN=token, DOT=_dot_mode(dy), BLOCK_O=BO, BLOCK_C=BC, BLOCK_T=BT,
+        )
+    return part.sum(dim=0)
+
+
+def _launch_route_bwd(dz, h, p, router, dw, T: int, token: bool, router_h: bool):
+    r, E = h.shape[1], p.shape[1]
+    R_PAD, E_PAD = _pad16(r), _pad16(E)
+    BT = _INTERPRET_BLOCK if _interpreting(h) else (64 if R_PAD <= 64 else 32)
+    dh = torch.empty(T, r, device=h.device, dtype=torch.float32)
+    dlog = torch.empty(T, E, device=h.device, dtype=torch.float32)
+    if T:
+        _lily_route_bwd_kernel[(triton.cdiv(T, BT),)](
+            dz, h, p, router, dw, dh, dlog,
+            T, r, E,
+            1.0 / T,
+            TOKEN=token, ROUTER_H=router_h, BLOCK_T=BT, R_PAD=R_PAD, E_PAD=E_PAD,
+        )
+    return dh, dlog
+
+
+def _launch_gradw(x2, dh, dlog, router_h: bool):
+    """``dLP = dh^T x`` ``(r, d_in)`` and, router on x, ``drouter = dlogits^T x`` ``(E, d_in)``; fp32."""
+    T, d_in = x2.shape
+    r, E = dh.shape[1], dlog.shape[1]
+    R_PAD, E_PAD = _pad16(r), _pad16(E)
+    if _interpreting(x2):
+        BK = BT = _INTERPRET_BLOCK
+    else:
+        BK, BT = (64, 64) if R_PAD <= 64 else (32, 32)
+    split, chunk = _split(x2, T, BT, triton.cdiv(d_in, BK))
+    dlp = torch.zeros(split, r, d_in, device=x2.device, dtype=torch.float32)
+    dr = torch.zeros(split if not router_h else 1, E, d_in if not router_h else 1, device=x2.device,
+                     dtype=torch.float32)
+    if T:
+        _lily_gradw_kernel[(triton.cdiv(d_in, BK), split)](
+            x2, dh, dlog, dlp, dr,
+            T, d_in, r, E, chunk,
+            ROUTER_X=not router_h, DOT=_dot_mode(x2),
+            BLOCK_K=BK, BLOCK_T=BT, R_PAD=R_PAD, E_PAD=E_PAD,
+        )
+    return dlp.sum(dim=0), (dr.sum(dim=0) if not router_h else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: Dynamo sees one opaque op per direction instead of graph-breaking on Triton
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("peft_kernels::lily_fwd", mutates_args=())
+def _lily_fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lp: torch.Tensor,
+                 router: torch.Tensor, hp: torch.Tensor, scaling: float, token: bool,
+                 router_h: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(y, h, p, w)``: output, fp32 ``h`` ``(T, r)``, fp32 ``p`` ``(T, E)``, fp32 ``w = mean_t p``."""
+    T = x2.shape[0]
+    h, p, psum = _launch_proj(x2, lp, router, router_h)
+    w = psum.sum(dim=0) / max(T, 1)
+    # the frozen base on cuBLAS; the adapter is added onto it in place by the mixing kernel
+    y = torch.nn.functional.linear(x2, weight.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
+    if token:
+        _launch_mix(y, h, p, hp, scaling, token=True)
+    else:
+        hp_bar = torch.einsum("e,eor->or", w, hp.float()).unsqueeze(0)  # (1, d_out, r), tiny
+        _launch_mix(y, h, p, hp_bar, scaling, token=False)
+    return y, h, p, w
+
+
+@_lily_fwd_op.register_fake
+def _(x2, weight, bias, lp, router, hp, scaling, token, router_h):
+    T = x2.shape[0]
+    f32 = dict(device=x2.device, dtype=torch.float32)
+    return (x2.new_empty(T, weight.shape[0]), torch.empty(T, lp.shape[0], **f32),
+            torch.empty(T, hp.shape[0], **f32), torch.empty(hp.shape[0], **f32))
+
+
+@torch.library.custom_op("peft_kernels::lily_bwd", mutates_args=())
+def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: torch.Tensor, router: torch.Tensor,
+                 hp: torch.Tensor, h: torch.Tensor, p: torch.Tensor, w: torch.Tensor, scaling: float, token: bool,
+                 router_h: bool, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dx, dlp, drouter, dhp)``: dx in x's dtype (empty when ``need_dx`` is False), the rest fp32."""
+    T = x2.shape[0]
+    E, d_out, r = hp.shape
+    if token:
+        dz = _launch_dz(dy, hp, r, E * r, scaling)                       # (T, E*r)
+        dhp = _launch_dhp(dy, h, p, E, scaling, token=True)              # (E, d_out, r)
+        dw = w  # unused by the token path; any fp32 pointer will do
+    else:
+        hp32 = hp.float()
+        hp_bar = torch.einsum("e,eor->or", w, hp32).unsqueeze(0)         # (1, d_out, r)
+        dz = _launch_dz(dy, hp_bar, r, r, scaling)                       # s * dY @ HPbar, (T, r)
+        dhp_bar = _launch_dhp(dy, h, p, 1, scaling, token=False)[0]      # s * dY^T @ h, (d_out, r)
+        dhp = w[:, None, None] * dhp_bar                                 # dHP_e = w_e dHPbar
+        dw = torch.einsum("eor,or->e", hp32, dhp_bar).contiguous()       # dL/dw_e
+    dh, dlog = _launch_route_bwd(dz, h, p, router, dw, T, token, router_h)
+    dlp, drouter = _launch_gradw(x2, dh, dlog, router_h)
+    if router_h:
+        drouter = dlog.t() @ h                                            # (E, r), tiny, fp32
+    if need_dx:
+        dx = dy @ weight.to(dy.dtype)
+        g = dh if router_h else torch.cat([dh, dlog], dim=1)
+        m = lp if router_h else torch.cat([lp.to(dy.dtype), router.to(dy.dtype)], dim=0)
+        dx.addmm_(g.to(dy.dtype), m.to(dy.dtype))                         # beta=1: cuBLAS accumulates in place
+    else:
+        dx = dy.new_empty(0)
+    return dx, dlp, drouter, dhp
+
+
+@_lily_bwd_op.register_fake
+def _(dy, x2, weight, lp, router, hp, h, p, w, scaling, token, router_h, need_dx):
+    f32 = dict(device=x2.device, dtype=torch.float32)
+    dx = x2.new_empty(x2.shape) if need_dx else x2.new_empty(0)
+    return (dx, torch.empty(lp.shape, **f32), torch.empty(router.shape, **f32), torch.empty(hp.shape, **f32))
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd.Function and public entry point
+# ----------------------------------------------------------------------------------------------
+class LilyFunction(torch.autograd.Function):
+    """Fused Lily / MoE-LoRA linear on 2-D ``x`` ``(T, d_in)``; saves only x, h ``(T, r)``, p ``(T, E)`` and w."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, lp, router, hp, bias, scaling, routing, router_input):
+        token = routing == "token"
+        router_h = router_input == "h"
+        x2 = x2.contiguous()
+        lp_c, router_c, hp_c = lp.contiguous(), router.contiguous(), hp.contiguous()
+        y, h, p, w = torch.ops.peft_kernels.lily_fwd(x2, weight, bias, lp_c, router_c, hp_c, float(scaling),
+                                                     token, router_h)
+        ctx.save_for_backward(x2, weight, lp_c, router_c, hp_c, h, p, w)
+        ctx.cfg = (float(scaling), token, router_h, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, lp, router, hp, h, p, w = ctx.saved_tensors
+        scaling, token, router_h, bias_dtype = ctx.cfg
+        dy = dy.contiguous()
+        need = ctx.needs_input_grad
+        dx, dlp, drouter, dhp = torch.ops.peft_kernels.lily_bwd(dy, x2, weight, lp, router, hp, h, p, w, scaling,
+                                                                token, router_h, bool(need[0]))
+        dweight = (dy.t() @ x2).to(weight.dtype) if need[1] else None
+        dbias = dy.sum(dim=0).to(bias_dtype) if (bias_dtype is not None and need[5]) else None
+        return (dx if need[0] else None, dweight, dlp.to(lp.dtype) if need[2] else None,
+                drouter.to(router.dtype) if need[3] else None, dhp.to(hp.dtype) if need[4] else None,
+                dbias, None, None, None)
+
+
+dispatch.register("lily", "triton")
+dispatch.register("lily", "torch")
+
+
+def lily_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lp: torch.Tensor,
+    router: torch.Tensor,
+    hp: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    routing: str = "token",
+    router_input: str = "h",
+    impl: Optional[str] = None,
+) -> torch.Tensor:
+    """``x @ W0^T + b`` plus the Lily / MoE-LoRA mixture; equals ``reference.lily`` exactly.
+
+    ``lp`` ``(r, d_in)``, ``router`` ``(E, r)`` (``router_input="h"``) or ``(E, d_in)`` (``"x"``), ``hp``
+    ``(E, d_out, r)``. ``routing`` is ``"token"`` (per-token mixture) or ``"batch"`` (PEFT's
+    token-mean of the router softmax). Gradients reach x, lp, router, hp and bias (and weight if it
+    requires grad). ``impl`` forces ``"triton"`` or ``"torch"``; default: dispatch.
+    """
+    check_lily_args(x, weight, lp, router, hp, bias, routing, router_input)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
+    chosen = dispatch.choose("lily", x.device, x.dtype, impl)
+    params = {"weight": weight, "lp": lp, "router": router, "hp": hp, "bias": bias}
+    forced = impl is not None or dispatch.forced_impl("lily") is not None
+    if chosen == "triton" and not forced and any(t is not None and t.dtype == torch.float64 for t in params.values()):
+        chosen = "torch"  # fp64 parameters: only the reference computes in fp64
+    if chosen == "torch":
+        return reference_lily(x, weight, lp, router, hp, bias, scaling=scaling, routing=routing,
+                              router_input=router_input)
+    for name, t in params.items():
+        if t is not None:
+            check_tensor(name, t, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    x2 = x.reshape(-1, x.shape[-1])
+    y = LilyFunction.apply(x2, weight, lp, router, hp, bias, float(scaling), routing, router_input)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+__all__ = ["lily_linear", "LilyFunction"]

@@ -1,0 +1,603 @@
+"""Fused LoRA: ``y = x @ W0^T (+ b) + s * dropout(x) @ A^T @ B^T`` with a frozen W0.
+
+Layout of the work (T tokens, d_in -> d_out, rank r):
+
+forward
+  1. ``_lora_down_kernel``: ``xa = dropout(x) @ A^T`` in fp32, ``(T, r)``. The dropout mask is
+     Philox from ``(seed, row * d_in + col)`` generated in-kernel and never stored.
+  2. ``_lora_gemm_kernel``: the base GEMM ``x @ W0^T`` whose accumulator also receives
+     ``(s * xa) @ B^T`` and the bias in the epilogue: the output is written once.
+backward
+  3. ``_lora_bwd_gb_kernel``: one pass over dY gives ``g = dY @ B`` ``(T, r)`` and
+     ``dB = s * dY^T @ xa`` (accumulated across token blocks with fp32 atomics).
+  4. ``_lora_gemm_kernel`` again: ``dX = dY @ W0 + mask * (s / (1 - p)) * (g @ A)``, the LoRA term
+     (with the regenerated mask, same offsets as forward) folded into the epilogue.
+  5. ``_lora_bwd_da_kernel``: ``dA = s / (1 - p) * g^T @ (mask * x)``, mask regenerated.
+Saved for backward: x, A, B, W0 (references), xa ``(T, r)`` fp32 and the seed; nothing of
+size ``T x d_out``.
+
+Base product (``base=`` argument, else ``PEFT_KERNELS_LORA_BASE``, else ``DEFAULT_BASE``):
+``triton`` runs the base GEMMs in Triton with the LoRA terms fused into their epilogues;
+``cublas`` runs them with ``torch.mm``/``torch.addmm`` (cuBLAS) and adds the LoRA terms with the
+same kernel in add-only mode (one extra read+write of the output). Which wins per shape on an
+H100 is UNMEASURED (no GPU in the session that wrote this); the default is the issue's design,
+not a measured choice.
+
+Dropout scaling is applied to the fp32 accumulators (``xa``, ``dA``) or folded into ``g``
+instead of to ``x``: ``(mask * x) @ A^T / (1 - p)`` is the same product with one rounding less.
+
+Not yet measured, seen only by compiling for sm_90 without a GPU (``triton.compile`` of an
+``ASTSource`` with ``GPUTarget("cuda", 90, 32)``): without dropout the GEMM uses wgmma and spills
+no more than a plain tutorial GEMM of the same tile; with dropout the Philox mask in the dX
+epilogue (one Philox-4x32-10 per element, fixed by the shared mask spec) spills heavily on
+128x256 / 128x128 tiles, so the autotuner should land on 64x128 there.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .. import dispatch
+from .._checks import check_choice
+from ..reference.lora import check_lora_args, lora as lora_reference
+from ..reference._philox import drop_threshold
+from ._triton import HAS_TRITON, tl, triton
+
+BASE_ENV = "PEFT_KERNELS_LORA_BASE"
+BASES = ("triton", "cublas")
+DEFAULT_BASE = "triton"  # unmeasured: see the module docstring
+MAX_RANK = 256  # the r-padded tiles live in registers; 256 is the largest the issue asks for
+MIN_DOT = 16  # tl.dot needs every dimension >= 16
+# triton 3.6's interpreter stores bf16 as raw uint16 and its tl.dot multiplies those integers;
+# under the interpreter (only) dot operands are upcast to fp32. Compiled kernels never see this.
+_INTERPRETER = tl.constexpr(dispatch.interpreter_enabled()) if HAS_TRITON else False
+
+# ----------------------------------------------------------------------------------------- configs
+
+
+def _gemm_configs():
+    """Autotune candidates for the base GEMM. Under the interpreter one small config: autotuning
+    there runs every config on the CPU, which is slow and measures nothing useful."""
+    if dispatch.interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+                              num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 64, 4, 3),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _small_blocks(r_pad: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_K, num_warps) of the r-sized kernels (down-projection, g/dB, dA): their
+    (BLOCK_T, r_pad) fp32 accumulators must fit in registers, so the token block shrinks and the
+    warp count grows with the rank. Unmeasured guesses (no GPU when written): tune first."""
+    if dispatch.interpreter_enabled():
+        return 32, 32, 4
+    if r_pad <= 32:
+        return 64, 64, 4
+    if r_pad <= 64:
+        return 64, 64, 8
+    return 32, 64, 8
+
+
+def _r_block(r: int) -> int:
+    """Rank chunk of the GEMM epilogue. Small under the interpreter so tests cover several chunks."""
+    return min(_r_pad(r), 16 if dispatch.interpreter_enabled() else 64)
+
+
+# ----------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation (see ``_INTERPRETER``)."""
+    if _INTERPRETER:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _keep_mask(seed, rows, cols, ncols, threshold):
+    """Dropout keep-mask of the (rows x cols) tile, identical to ``reference._philox.keep_mask``:
+    Philox word of the int64 linear offset ``row * ncols + col``, kept iff ``word >> 1 >= threshold``."""
+    lin = rows[:, None].to(tl.int64) * ncols + cols[None, :].to(tl.int64)
+    word = tl.randint(seed, lin)
+    return (word >> 1).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _lora_down_kernel(
+    # pointers
+    x_ptr, a_ptr, xa_ptr,
+    # sizes
+    T, K, R,
+    # strides
+    stride_xt, stride_xk, stride_ar, stride_ak, stride_xat, stride_xar,
+    # dropout
+    seed, threshold, keep_scale,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """xa[T, R] (fp32) = (mask * x) @ A^T * keep_scale; one program per BLOCK_T tokens."""
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = tl.arange(0, R_PAD)  # padded rank: rows >= R load as zeros and are never stored
+    t_ok = offs_t < T
+    r_ok = offs_r < R
+    rows = offs_t.to(tl.int64)
+    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, offs_t, offs_k, K, threshold)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        a_t = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                      mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = _mma(x, a_t, acc, DOT_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    tl.store(xa_ptr + rows[:, None] * stride_xat + offs_r[None, :] * stride_xar, acc,
+             mask=t_ok[:, None] & r_ok[None, :])
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R_BLOCK", "HAS_GEMM", "HAS_DROPOUT"])
+@triton.jit
+def _lora_gemm_kernel(
+    # pointers
+    x_ptr, w_ptr, c_ptr, left_ptr, right_ptr, bias_ptr, out_ptr,
+    # sizes: out (M, N) = x (M, K) @ w (K, N) [+ c] + scale * mask * (left (M, R) @ right (R, N)) [+ bias]
+    M, N, K, R, M_BUCKET,
+    # strides
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_cm, stride_cn,
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    # LoRA epilogue: scale folded into `left` before the low-precision cast; dropout over (M, N)
+    scale, seed, threshold,
+    # meta-parameters
+    HAS_GEMM: tl.constexpr, HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One kernel for three jobs: the forward (x @ W0^T + s xa B^T + b), the dX backward
+    (dY @ W0 + mask * s/(1-p) * g A) and, with HAS_GEMM=False / HAS_C=True, the add-only LoRA pass
+    of the cuBLAS-base path. Output written once, in the output dtype."""
+    # grouped tile order so consecutive programs reuse the same W0 columns from L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if HAS_GEMM:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(x, w, acc, DOT_PRECISION)
+    if HAS_C:
+        c = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += c.to(tl.float32)
+
+    # LoRA epilogue, over the rank in R_BLOCK chunks (>= 16 for tl.dot, <= 64 so that an r = 256
+    # adapter does not blow the register/shared budget of a 128x256 tile); masked loads pad r
+    if HAS_DROPOUT:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        lora = acc  # no mask to apply: accumulate straight into the GEMM's accumulator
+    for r0 in range(0, R, R_BLOCK):
+        offs_r = r0 + tl.arange(0, R_BLOCK)
+        r_ok = offs_r < R
+        left = tl.load(left_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                       mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        right = tl.load(right_ptr + offs_r[:, None] * stride_rr + cols[None, :] * stride_rn,
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        left = (left.to(tl.float32) * scale).to(right.dtype)
+        lora = _mma(left, right, lora, DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, offs_m, offs_n, N, threshold)
+        acc += tl.where(keep, lora, tl.zeros_like(lora))
+    else:
+        acc = lora
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=n_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _lora_bwd_gb_kernel(
+    # pointers
+    dy_ptr, b_ptr, xa_ptr, g_ptr, db_ptr,
+    # sizes
+    M, N, R,
+    # strides
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,
+    stride_gm, stride_gr, stride_dbn, stride_dbr,
+    # meta-parameters
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One pass over dY per token block: g = dY @ B (kept in registers, stored once) and
+    dB += dY^T @ xa (fp32 atomics across token blocks; the caller scales by s)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    rows = offs_m.to(tl.int64)
+    xa = tl.load(xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    xa = xa.to(dy_ptr.dtype.element_ty)
+    g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        g = _mma(dy, b, g, DOT_PRECISION)
+        db = _mma(tl.trans(dy), xa, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), DOT_PRECISION)
+        tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, db,
+                      mask=n_ok[:, None] & r_ok[None, :])
+    tl.store(g_ptr + rows[:, None] * stride_gm + offs_r[None, :] * stride_gr, g,
+             mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_bwd_da_kernel(
+    # pointers
+    g_ptr, x_ptr, da_ptr,
+    # sizes
+    M, K, R, rows_per_split,
+    # strides
+    stride_gm, stride_gr, stride_xm, stride_xk, stride_dar, stride_dak,
+    # dropout and scaling (s / (1 - p))
+    scale, seed, threshold,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dA[R, K] += scale * g^T @ (mask * x) over one split of the tokens. Grid (K blocks, splits):
+    d_in / BLOCK_K programs alone would leave most SMs idle, so tokens are split and the
+    partial sums meet in fp32 atomics."""
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        rows = offs_m.to(tl.int64)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, offs_m, offs_k, K, threshold)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        g_t = tl.load(g_ptr + offs_r[:, None] * stride_gr + rows[None, :] * stride_gm,
+                      mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+        acc = _mma(g_t.to(x.dtype), x, acc, DOT_PRECISION)
+    acc = acc * scale
+    tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
+                  mask=r_ok[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------- launchers
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for the token count: the next power of two, so varying sequence lengths reuse
+    one tuning result instead of re-benchmarking every config for each new T."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+def _r_pad(r: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(r))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 follows torch's matmul precision (``highest`` -> exact fp32 "ieee", else TF32) so the
+    kernel matches what a torch fp32 matmul would do; half types ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _dropout_args(p: float, seed: int) -> tuple[bool, int, int, float]:
+    """(HAS_DROPOUT, seed, integer threshold, 1 / (1 - p))."""
+    if p == 0.0:
+        return False, 0, 0, 1.0
+    return True, int(seed), drop_threshold(p), 1.0 / (1.0 - p)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+class _DeviceGuard:
+    """Launch on the tensors' GPU, not the current one (multi-GPU processes)."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+@torch.library.custom_op("peft_kernels::lora_down", mutates_args=())
+def _lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """xa = dropout(x) @ A^T in fp32, (T, r)."""
+    T, K = x.shape
+    r = lora_A.shape[0]
+    xa = torch.empty((T, r), device=x.device, dtype=torch.float32)
+    if T == 0:
+        return xa
+    has_drop, seed, thr, keep_scale = _dropout_args(dropout_p, seed)
+    r_pad = _r_pad(r)
+    block_t, block_k, warps = _small_blocks(r_pad)
+    with _DeviceGuard(x.device):
+        _lora_down_kernel[(triton.cdiv(T, block_t),)](
+            x, lora_A, xa,
+            T, K, r,
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
+            seed, thr, keep_scale,
+            HAS_DROPOUT=has_drop, R_PAD=r_pad, DOT_PRECISION=_dot_precision(x.dtype),
+            BLOCK_T=block_t, BLOCK_K=block_k, num_warps=warps,
+        )
+    return xa
+
+
+@_lora_down.register_fake
+def _(x, lora_A, dropout_p, seed):
+    return x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("peft_kernels::lora_gemm", mutates_args=())
+def _lora_gemm(x: Optional[torch.Tensor], w: Optional[torch.Tensor], c: Optional[torch.Tensor],
+               left: torch.Tensor, right: torch.Tensor, bias: Optional[torch.Tensor],
+               scale: float, dropout_p: float, seed: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """out (M, N) = [x @ w] [+ c] + scale * dropout_mask(M, N) * (left @ right) [+ bias].
+
+    ``w`` and ``right`` are read through their strides, so transposed views (W0^T, B^T) cost
+    nothing. ``x``/``w`` absent = add-only mode on top of ``c`` (the cuBLAS-base path)."""
+    M = left.shape[0]
+    N = right.shape[1]
+    K = x.shape[1] if x is not None else 0
+    R = left.shape[1]
+    out = torch.empty((M, N), device=left.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return out
+    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
+    has_gemm = x is not None
+    dummy = left  # never read: the matching HAS_* flag is False
+    xs = (x.stride(0), x.stride(1)) if has_gemm else (0, 0)
+    ws = (w.stride(0), w.stride(1)) if has_gemm else (0, 0)
+    cs = (c.stride(0), c.stride(1)) if c is not None else (0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    with _DeviceGuard(left.device):
+        _lora_gemm_kernel[grid](
+            x if has_gemm else dummy, w if has_gemm else dummy, c if c is not None else dummy,
+            left, right, bias if bias is not None else dummy, out,
+            M, N, K, R, _m_bucket(M),
+            *xs, *ws, *cs,
+            left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
+            scale, seed, thr,
+            HAS_GEMM=has_gemm, HAS_C=c is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_drop,
+            R_BLOCK=_r_block(R), DOT_PRECISION=_dot_precision(right.dtype),
+        )
+    return out
+
+
+@_lora_gemm.register_fake
+def _(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype):
+    return left.new_empty((left.shape[0], right.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("peft_kernels::lora_bwd_gb", mutates_args=())
+def _lora_bwd_gb(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g = dY @ B fp32 (T, r), dY^T @ xa fp32 (d_out, r), unscaled) in one pass over dY."""
+    M, N = dy.shape
+    r = lora_B.shape[1]
+    g = torch.empty((M, r), device=dy.device, dtype=torch.float32)
+    db = torch.zeros((N, r), device=dy.device, dtype=torch.float32)
+    if M == 0:
+        return g, db
+    r_pad = _r_pad(r)
+    block_m, block_n, warps = _small_blocks(r_pad)
+    with _DeviceGuard(dy.device):
+        _lora_bwd_gb_kernel[(triton.cdiv(M, block_m),)](
+            dy, lora_B, xa, g, db,
+            M, N, r,
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
+            g.stride(0), g.stride(1), db.stride(0), db.stride(1),
+            R_PAD=r_pad, DOT_PRECISION=_dot_precision(dy.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps,
+        )
+    return g, db
+
+
+@_lora_bwd_gb.register_fake
+def _(dy, lora_B, xa):
+    r = lora_B.shape[1]
+    return (dy.new_empty((dy.shape[0], r), dtype=torch.float32),
+            dy.new_empty((dy.shape[1], r), dtype=torch.float32))
+
+
+@torch.library.custom_op("peft_kernels::lora_bwd_da", mutates_args=())
+def _lora_bwd_da(g: torch.Tensor, x: torch.Tensor, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
+    """dA = scale / (1 - p) * g^T @ (mask * x), fp32 (r, d_in)."""
+    M, K = x.shape
+    r = g.shape[1]
+    da = torch.zeros((r, K), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return da
+    has_drop, seed, thr, keep_scale = _dropout_args(dropout_p, seed)
+    r_pad = _r_pad(r)
+    block_m, block_k, warps = _small_blocks(r_pad)
+    k_blocks = triton.cdiv(K, block_k)
+    m_blocks = triton.cdiv(M, block_m)
+    # enough programs for ~4 waves, each split a whole number of token blocks
+    splits = max(1, min(m_blocks, triton.cdiv(4 * _num_sms(x.device), k_blocks)))
+    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
+    splits = triton.cdiv(M, rows_per_split)
+    with _DeviceGuard(x.device):
+        _lora_bwd_da_kernel[(k_blocks, splits)](
+            g, x, da,
+            M, K, r, rows_per_split,
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
+            scale * keep_scale, seed, thr,
+            HAS_DROPOUT=has_drop, R_PAD=r_pad, DOT_PRECISION=_dot_precision(x.dtype),
+            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+        )
+    return da
+
+
+@_lora_bwd_da.register_fake
+def _(g, x, scale, dropout_p, seed):
+    return x.new_empty((g.shape[1], x.shape[1]), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------- autograd
+
+
+def base_mode(base: Optional[str] = None) -> str:
+    """The base-GEMM path: the argument, else ``PEFT_KERNELS_LORA_BASE``, else ``DEFAULT_BASE``."""
+    chosen = base or os.environ.get(BASE_ENV, "").strip() or DEFAULT_BASE
+    return check_choice("base" if base else BASE_ENV, chosen, BASES)
+
+
+class LoRAFunction(torch.autograd.Function):
+    """Fused LoRA linear over 2-D ``(T, d_in)`` input; ``weight`` (W0) is frozen: its gradient is
+    only computed (by one cuBLAS GEMM, outside the fused path) when it requires grad."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, base):
+        x = x.contiguous()
+        lora_A = lora_A.contiguous()
+        xa = _lora_down(x, lora_A, dropout_p, seed)
+        b_t = lora_B.t()  # (r, d_out) view, read through strides
+        if base == "triton":
+            y = _lora_gemm(x, weight.t(), None, xa, b_t, bias, scaling, 0.0, 0, x.dtype)
+        else:
+            y0 = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+            y = _lora_gemm(None, None, y0, xa, b_t, None, scaling, 0.0, 0, x.dtype)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.base = scaling, dropout_p, seed, base
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
+        dy = dy.contiguous()
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        dx = dw = da = db = dbias = None
+        g, db32 = _lora_bwd_gb(dy, lora_B, xa)
+        if need_b:
+            db = (db32 * s).to(lora_B.dtype)
+        if need_x:
+            keep_scale = 1.0 / (1.0 - p)
+            if ctx.base == "triton":
+                dx = _lora_gemm(dy, weight, None, g, lora_A, None, s * keep_scale, p, seed, dy.dtype)
+            else:
+                dx = _lora_gemm(None, None, torch.mm(dy, weight), g, lora_A, None, s * keep_scale, p, seed,
+                                dy.dtype)
+        if need_a:
+            da = _lora_bwd_da(g, x, s, p, seed).to(lora_A.dtype)
+        if need_w:
+            dw = torch.mm(dy.t(), x).to(weight.dtype)
+        if need_bias and ctx.has_bias:
+            dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        return dx, dw, da, db, dbias, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------- public
+
+
+dispatch.register("lora", "triton")
+dispatch.register("lora", "torch")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    impl: Optional[str] = None,
+    *,
+    base: Optional[str] = None,
+) -> torch.Tensor:
+    """``x @ W0^T (+ b) + scaling * dropout(x) @ A^T @ B^T`` over any leading dims of ``x``.
+
+    ``impl`` picks ``triton`` / ``torch`` (default: dispatch). ``base`` (``triton``/``cublas``,
+    default ``PEFT_KERNELS_LORA_BASE`` or ``triton``) picks who runs the base GEMM on the Triton
+    path. Under autocast the Triton path casts every operand to the autocast dtype first (the
+    casts are differentiable, so fp32 adapter weights get fp32 gradients)."""
+    check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed)
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.item())
+    dropout_p = float(dropout_p)
+    scaling = float(scaling)
+    d_out, d_in = weight.shape
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    chosen = dispatch.choose("lora", x.device, dtype, impl)
+    if chosen == "triton" and lora_A.shape[0] > MAX_RANK:
+        if impl is not None or dispatch.forced_impl("lora") is not None:
+            raise ValueError(f"lora_A has rank {lora_A.shape[0]}; the fused kernels take r <= {MAX_RANK}")
+        chosen = "torch"  # picked by default only: fall back rather than fail
+    if chosen == "torch":
+        return lora_reference(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    mode = base_mode(base)
+    with torch.autocast(x.device.type, enabled=False):
+        cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, lora_A, lora_B, bias)]
+        x2 = cast[0].reshape(-1, d_in)
+        y = LoRAFunction.apply(x2, cast[1], cast[2], cast[3], cast[4], scaling, dropout_p, seed, mode)
+    return y.reshape(*x.shape[:-1], d_out)

@@ -1,0 +1,584 @@
+"""Monarch (MoRe, arXiv 2408.17383) adapter: both block-diagonal stages and both permutations fused.
+
+Math (GUIDE.md "Monarch (MoRe) exactly"; the oracle is ``peft_kernels.reference.monarch``):
+``W0 (m, n)``, ``N = nblocks``, ``r = blk_r``, ``p = ceil(n/N)``, ``s = ceil(p*m/n)``, ``R = N*r``,
+``W1 (N, r, p)``, ``W2 (N, s, r)``::
+
+    Y1flat[t, k*r + j]  = sum_q W1[k, j, q] * x[t, k*p + q]        stage 1 (x zero-padded to N*p)
+    out[t, c*N + l]     = sum_i W2[l, c, i] * Y1flat[t, i*N + l]   permutation + stage 2 + output perm.
+    y                   = x @ W0^T + b + dropout(out[:, :m])
+
+Design. Both stages are written as products with *gathered* dense tiles, so the permutations cost
+nothing: stage 1 is ``x @ B1^T`` with ``B1[f, col] = W1[f//r, f%r, col - (f//r)*p]`` where
+``col // p == f // r`` (else 0), stage 2 is ``Y1flat @ B2^T`` with
+``B2[col, f] = W2[col%N, col//N, f//N]`` where ``f % N == col % N`` (else 0). The kernel builds
+the tiles of B1/B2 on the fly with masked loads from the compact factors (no padded copy of x,
+W1 or W2 ever exists), and keeps the ``(BLOCK_T, R)`` intermediate in registers between the
+two stages. The padded width ``RB = max(16, next_pow2(R))`` makes every ``tl.dot`` at least
+16 wide, so blk_r = 1..15 work with masked zero columns; the user's rank is never changed.
+Dense gathered tiles waste a factor ~N of adapter FLOPs (``(n + m) * RB`` MACs per token instead
+of ``(n + m) * r``), which is < 1% of the frozen GEMM at the default N = r = 4, d = 4096, and buys
+tensor-core ``tl.dot`` for every rank.
+
+When ``R`` is too wide to keep on chip (``> MAX_R_CHUNK``, e.g. N = r = 64), the launcher splits
+the ``R`` intermediate into chunks and launches once per chunk; the adapter is linear in
+``Y1flat``, so the chunks' contributions simply add (dropout's mask is elementwise, so it
+distributes over the sum too). Each chunk reads only the x columns of the blocks it covers.
+
+The frozen product ``x @ W0^T (+ b)`` is cuBLAS (``torch.addmm``); the kernel then adds the
+adapter into that output in place: one read of x, one read-modify-write of y, plus a
+``(T, R)`` fp32 write of ``Y1flat`` saved for backward (tiny: R = 16 floats per token at the
+default). Fusing into a Triton GEMM epilogue would save the y round trip (~2 passes over a T x m
+tensor) but would have to beat cuBLAS on the frozen GEMM itself; that is left for measurement.
+The grid is (token tiles, output-column splits): when there are too few token tiles to fill the
+GPU (small T), each split recomputes stage 1 for its tile (x re-read, from L2) and handles a
+slice of the output columns; at T = 8192 the launcher picks few or no splits.
+
+Backward, two kernels per chunk, grid (token tiles, column splits) each:
+1. over the output columns: ``G = dY * mask / (1-p)`` with the mask regenerated from the seed
+   (never stored); partial ``dY1 = G @ B2`` per column split (fp32, summed by torch when split)
+   and the partial ``dW2`` tile ``Y1^T G`` stored at the pattern positions;
+2. over the chunk's input columns: ``dX += dY1 @ B1`` (``dX`` starts as the cuBLAS ``dY @ W0``)
+   and the partial ``dW1`` tile ``x^T dY1`` at the pattern positions.
+Passes over big tensors: one read of dY, one of x, one read-modify-write of dX.
+The weight gradients are reduced deterministically: every token tile writes its own fp32 partial
+(no atomics; each (token tile, entry) has exactly one writer) and ``torch.sum`` over tiles
+finishes the reduction. The partial buffers hold ``cdiv(T, 64) * R * (p + s)`` fp32 values
+(~16 MB at T = 8192, r = 4, n = m = 4096).
+
+Dropout mask: ``tl.randint(seed, t*m + c)`` over the flattened ``(T, m)`` adapter output, kept iff
+``(word >> 1) >= int(p * 2**31)``, identical to ``reference._philox``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .. import dispatch
+from .._checks import check_bias, check_dropout, check_input, check_same_device, check_seed, check_tensor
+from ..reference.monarch import check_monarch_factors
+from ..reference.monarch import monarch as monarch_reference
+from ..reference._philox import drop_threshold
+from ._triton import HAS_TRITON, tl, triton
+
+# ------------------------------------------------------------------------------------------------
+# constants
+# ------------------------------------------------------------------------------------------------
+
+# Widest padded intermediate kept in registers per launch. 128 covers N=4 with blk_r up to 32 and
+# N=8 with blk_r up to 16 in one launch; a (64 x 128) fp32 accumulator is 64 registers per thread
+# at 4 warps. Wider R (e.g. N = r = 64 -> 4096) is processed in chunks of this width.
+MAX_R_CHUNK = 128
+# tl.dot needs every dimension >= 16.
+_MIN_DOT = 16
+# Backward token tile: fixed (not autotuned) because it sizes the weight-gradient partial buffers.
+_BWD_BLOCK_T_GPU = 64
+_BWD_BLOCK_T_INTERP = 16
+# Column splits are added until the grid has about this many programs per SM (small T only).
+_PROGRAMS_PER_SM = 2
+# Column granularity for the backward split count (fixed before the autotuned BLOCK_M/BLOCK_K are
+# known, because it sizes the dY1 partial buffer); the interpreter's tile is 32 wide.
+_BWD_SPLIT_COLS_GPU = 128
+_BWD_SPLIT_COLS_INTERP = 32
+# Stand-in SM count under the interpreter: small, so that the tests' tiny shapes exercise splits.
+_INTERP_SMS = 4
+
+
+def _fwd_configs():
+    if dispatch.interpreter_enabled():
+        # one small config: the interpreter runs numpy per block, and autotuning would multiply it
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_K": 32, "BLOCK_M": 32}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_M": bm}, num_warps=w, num_stages=st)
+        for bt, bk, bm, w, st in [
+            (64, 64, 64, 4, 3),
+            (64, 128, 128, 4, 3),
+            (128, 64, 64, 8, 3),
+            (128, 64, 128, 8, 3),
+            (32, 64, 128, 4, 4),
+        ]
+    ]
+
+
+def _bwd_dy1_configs():
+    if dispatch.interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
+            for bm, w, st in [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]]
+
+
+def _bwd_dx_configs():
+    if dispatch.interpreter_enabled():
+        return [triton.Config({"BLOCK_K": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bk, w, st in [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]]
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+
+# INTERP_BF16 is set only under the Triton 3.6 interpreter with bf16 data, to work around two of
+# its bugs (the compiled GPU code never takes these branches): its dot multiplies bf16's raw
+# uint16 storage (wrong by ~1e10), and its fp32 -> bf16 cast truncates where the GPU rounds to
+# nearest even (which would double every bf16 rounding error and hide real accuracy problems).
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation. Under INTERP_BF16 the (already bf16-rounded)
+    operands are widened to fp32 first: exact, and the same products a bf16 tensor core forms."""
+    if INTERP_BF16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """``x.to(dtype)``, rounding to nearest even under INTERP_BF16 as the GPU does."""
+    if INTERP_BF16:
+        if x.dtype == tl.float32:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _split_range(lo, hi, BLOCK: tl.constexpr):
+    """This program's slice ``[start, stop)`` of ``[lo, hi)`` when axis 1 of the grid splits it
+    into whole BLOCK-wide tiles (trailing splits may get an empty slice)."""
+    per = tl.cdiv(tl.cdiv(hi - lo, BLOCK), tl.num_programs(1)) * BLOCK
+    start = lo + tl.program_id(1) * per
+    return start, tl.minimum(hi, start + per)
+
+
+@triton.jit
+def _w1_tile(kf, jf, f_ok, cols, col_ok, r, p):
+    """Offsets into W1 and mask of the gathered ``B1^T`` tile ``(len(cols), RB)``:
+    ``B1^T[col, f] = W1[f//r, f%r, col - (f//r)*p]`` when the column lies in block ``f//r``."""
+    q = cols[:, None] - (kf * p)[None, :]
+    offs = (kf * (r * p) + jf * p)[None, :] + q
+    ok = col_ok[:, None] & f_ok[None, :] & (q >= 0) & (q < p)
+    return offs, ok
+
+
+@triton.jit
+def _w2_tile(i_f, l_f, f_ok, cols, col_ok, N, s, r):
+    """Offsets into W2 and mask of the gathered ``B2^T`` tile ``(RB, len(cols))``:
+    ``B2^T[f, col] = W2[col%N, col//N, f//N]`` when ``f % N == col % N`` (both permutations)."""
+    l = cols % N
+    c = cols // N
+    offs = (l * (s * r) + c * r)[None, :] + i_f[:, None]
+    ok = f_ok[:, None] & col_ok[None, :] & (l_f[:, None] == l[None, :])
+    return offs, ok
+
+
+@triton.jit
+def _keep_scale(x, offs, seed, threshold, scale):
+    """Inverted dropout with the shared counter-based mask (``reference._philox``)."""
+    word = tl.randint(seed, offs)
+    keep = (word >> 1).to(tl.int32) >= threshold
+    return tl.where(keep, x * scale, 0.0)
+
+
+@triton.autotune(configs=_fwd_configs(), key=["n", "m", "R"], restore_value=["Y"])
+@triton.jit
+def _monarch_fwd_kernel(
+    # pointers
+    X,  # (T, n) input, contiguous
+    W1,  # (N, r, p) first factor
+    W2,  # (N, s, r) second factor
+    Y,  # (T, m) holds x @ W0^T + b; the adapter output is added in place
+    Y1,  # (T, R) fp32: Y1flat saved for backward
+    # sizes
+    T, n, m, N, r, p, s, R,
+    # this launch's chunk of the intermediate: f in [F0, F0 + RB), reading x columns [col_lo, col_hi)
+    F0, col_lo, col_hi,
+    # dropout
+    seed, threshold, scale,
+    # meta-parameters
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, RB: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    dtype = X.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)  # T * m can exceed 2**31
+
+    # intermediate index f = k*r + j (stage-1 view) = i*N + l (stage-2 view)
+    f = F0 + tl.arange(0, RB)
+    f_ok = f < R
+    kf = f // r
+    jf = f - kf * r
+    i_f = f // N
+    l_f = f - i_f * N
+
+    # stage 1: Y1flat = x @ B1^T; zero outside each block, which is also the zero padding of x to
+    # N*p (columns >= n are masked, never materialised)
+    acc = tl.zeros((BLOCK_T, RB), dtype=tl.float32)
+    for k0 in range(col_lo, col_hi, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < col_hi
+        xt = tl.load(X + rows64[:, None] * n + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        w_offs, w_ok = _w1_tile(kf, jf, f_ok, cols, col_ok, r, p)
+        w = tl.load(W1 + w_offs, mask=w_ok, other=0.0)
+        acc = _dot(xt, _to(w, dtype, INTERP_BF16), acc, DOT_PREC, INTERP_BF16)
+    # every column split computed the same Y1 tile; the first one saves it
+    y1_ok = row_ok[:, None] & f_ok[None, :] & (tl.program_id(1) == 0)
+    tl.store(Y1 + rows64[:, None] * R + f[None, :], acc, mask=y1_ok)
+
+    # stage 2 with both permutations, then dropout and the in-place add, on this split's columns
+    y1 = _to(acc, dtype, INTERP_BF16)
+    m_lo, m_hi = _split_range(0, m, BLOCK_M)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < m_hi
+        w_offs, w_ok = _w2_tile(i_f, l_f, f_ok, cols, col_ok, N, s, r)
+        w = tl.load(W2 + w_offs, mask=w_ok, other=0.0)
+        out = _dot(y1, _to(w, dtype, INTERP_BF16), tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32), DOT_PREC,
+                   INTERP_BF16)
+        offs = rows64[:, None] * m + cols[None, :]
+        msk = row_ok[:, None] & col_ok[None, :]
+        if HAS_DROPOUT:
+            out = _keep_scale(out, offs, seed, threshold, scale)
+        y = tl.load(Y + offs, mask=msk, other=0.0)
+        tl.store(Y + offs, _to(y.to(tl.float32) + out, dtype, INTERP_BF16), mask=msk)
+
+
+@triton.autotune(configs=_bwd_dy1_configs(), key=["n", "m", "R"])
+@triton.jit
+def _monarch_bwd_dy1_kernel(
+    # pointers
+    DY,  # (T, m) upstream gradient, contiguous
+    W2,  # (N, s, r)
+    Y1,  # (T, R) fp32 saved Y1flat
+    DY1P,  # (splits, T, R) fp32: this column split's partial dY1flat
+    P2,  # (token tiles, N*s*r) fp32: per-tile partial dW2
+    # sizes
+    T, m, n, N, r, s, R,
+    # this launch's chunk of the intermediate
+    F0,
+    # dropout
+    seed, threshold, scale,
+    # meta-parameters
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, RB: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    dtype = DY.dtype.element_ty
+    pid_t = tl.program_id(0)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+
+    f = F0 + tl.arange(0, RB)
+    f_ok = f < R
+    i_f = f // N
+    l_f = f - i_f * N
+    y1_ok = row_ok[:, None] & f_ok[None, :]
+    y1 = tl.load(Y1 + rows64[:, None] * R + f[None, :], mask=y1_ok, other=0.0)
+    y1 = _to(y1, dtype, INTERP_BF16)
+
+    # each (l, c, i) of W2 is hit by exactly one (col, f) pair, so the partial is written with plain
+    # stores; the token tile owns row pid_t of P2 and the column split owns the columns
+    p2 = P2 + pid_t.to(tl.int64) * (N * s * r)
+    dy1 = tl.zeros((BLOCK_T, RB), dtype=tl.float32)
+    m_lo, m_hi = _split_range(0, m, BLOCK_M)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < m_hi
+        offs = rows64[:, None] * m + cols[None, :]
+        g = tl.load(DY + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            g = _keep_scale(g.to(tl.float32), offs, seed, threshold, scale)  # the forward's mask
+        g = _to(g, dtype, INTERP_BF16)
+        w_offs, w_ok = _w2_tile(i_f, l_f, f_ok, cols, col_ok, N, s, r)
+        w = _to(tl.load(W2 + w_offs, mask=w_ok, other=0.0), dtype, INTERP_BF16)
+        dy1 = _dot(g, tl.trans(w), dy1, DOT_PREC, INTERP_BF16)
+        dw2 = _dot(tl.trans(y1), g, tl.zeros((RB, BLOCK_M), dtype=tl.float32), DOT_PREC, INTERP_BF16)
+        tl.store(p2 + w_offs, dw2, mask=w_ok)
+    split_base = tl.program_id(1).to(tl.int64) * T * R
+    tl.store(DY1P + split_base + rows64[:, None] * R + f[None, :], dy1, mask=y1_ok)
+
+
+@triton.autotune(configs=_bwd_dx_configs(), key=["n", "m", "R"], restore_value=["DX"])
+@triton.jit
+def _monarch_bwd_dx_kernel(
+    # pointers
+    X,  # (T, n) forward input
+    W1,  # (N, r, p)
+    DY1,  # (T, R) fp32 dY1flat
+    DX,  # (T, n) holds dY @ W0; the adapter's dX is added in place (unused unless NEED_DX)
+    P1,  # (token tiles, N*r*p) fp32: per-tile partial dW1
+    # sizes
+    T, m, n, N, r, p, R,
+    # this launch's chunk of the intermediate and the x columns its blocks cover
+    F0, col_lo, col_hi,
+    # meta-parameters
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, RB: tl.constexpr,
+    NEED_DX: tl.constexpr, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    dtype = X.dtype.element_ty
+    pid_t = tl.program_id(0)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+
+    f = F0 + tl.arange(0, RB)
+    f_ok = f < R
+    kf = f // r
+    jf = f - kf * r
+    dy1 = tl.load(DY1 + rows64[:, None] * R + f[None, :], mask=row_ok[:, None] & f_ok[None, :], other=0.0)
+    dy1 = _to(dy1, dtype, INTERP_BF16)
+
+    p1 = P1 + pid_t.to(tl.int64) * (N * r * p)
+    k_lo, k_hi = _split_range(col_lo, col_hi, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < k_hi
+        w_offs, w_ok = _w1_tile(kf, jf, f_ok, cols, col_ok, r, p)
+        x_offs = rows64[:, None] * n + cols[None, :]
+        x_msk = row_ok[:, None] & col_ok[None, :]
+        xt = tl.load(X + x_offs, mask=x_msk, other=0.0)
+        dw1 = _dot(tl.trans(xt), dy1, tl.zeros((BLOCK_K, RB), dtype=tl.float32), DOT_PREC, INTERP_BF16)
+        tl.store(p1 + w_offs, dw1, mask=w_ok)
+        if NEED_DX:
+            w = _to(tl.load(W1 + w_offs, mask=w_ok, other=0.0), dtype, INTERP_BF16)
+            dx = _dot(dy1, tl.trans(w), tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32), DOT_PREC, INTERP_BF16)
+            old = tl.load(DX + x_offs, mask=x_msk, other=0.0)
+            tl.store(DX + x_offs, _to(old.to(tl.float32) + dx, dtype, INTERP_BF16), mask=x_msk)
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers (inputs already validated by monarch_linear)
+# ------------------------------------------------------------------------------------------------
+
+
+def _chunks(N: int, r: int, p: int, n: int):
+    """``(RB, [(F0, col_lo, col_hi), ...])``: the padded chunk width and, per launch, the first
+    intermediate index and the x columns its blocks cover."""
+    R = N * r
+    RB = max(_MIN_DOT, triton.next_power_of_2(R))
+    RB = min(RB, max(_MIN_DOT, triton.next_power_of_2(MAX_R_CHUNK)))
+    out = []
+    for F0 in range(0, R, RB):
+        f_last = min(F0 + RB, R) - 1
+        out.append((F0, (F0 // r) * p, min(n, (f_last // r + 1) * p)))
+    return RB, out
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _PROGRAMS_PER_SM * _INTERP_SMS
+    return _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _num_splits(token_tiles: int, ncols: int, block: int, device: torch.device) -> int:
+    """Column splits so that token tiles x splits roughly fills the GPU (1 when T is large)."""
+    want = triton.cdiv(_target_programs(device), max(token_tiles, 1))
+    return max(1, min(want, triton.cdiv(ncols, block)))
+
+
+def _dropout_args(dropout_p: float):
+    if dropout_p > 0.0:
+        return drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+    return 0, 1.0
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """``DOT_PREC``: fp32 inputs get full-precision products, as torch's fp32 matmul (TF32 off by
+    default) does. ``INTERP_BF16``: see ``_dot``/``_to`` (interpreter + bf16 only)."""
+    interp_bf16 = dtype == torch.bfloat16 and dispatch.interpreter_enabled()
+    prec = "ieee" if dtype == torch.float32 or interp_bf16 else "tf32"
+    return {"DOT_PREC": prec, "INTERP_BF16": interp_bf16}
+
+
+@torch.library.custom_op("peft_kernels::monarch_fwd", mutates_args=())
+def _monarch_fwd(x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
+                 bias: Optional[torch.Tensor], dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, Y1flat)``: ``y = x2 @ W0^T + b + dropout(monarch(x2))`` and the fp32 intermediate."""
+    x2 = x2.contiguous()
+    W1 = W1.contiguous()
+    W2 = W2.contiguous()
+    T, n = x2.shape
+    m = weight.shape[0]
+    N, r, p = W1.shape
+    s = W2.shape[1]
+    R = N * r
+    dt = x2.dtype
+    w0 = weight.to(dt)
+    y = torch.addmm(bias.to(dt), x2, w0.t()) if bias is not None else torch.mm(x2, w0.t())
+    y1 = torch.empty((T, R), device=x2.device, dtype=torch.float32)
+    if T == 0:
+        return y, y1
+    threshold, scale = _dropout_args(dropout_p)
+    RB, chunks = _chunks(N, r, p, n)
+
+    def grid(meta):
+        tiles = triton.cdiv(T, meta["BLOCK_T"])
+        return (tiles, _num_splits(tiles, m, meta["BLOCK_M"], x2.device))
+
+    for F0, col_lo, col_hi in chunks:
+        _monarch_fwd_kernel[grid](
+            x2, W1, W2, y, y1,
+            T, n, m, N, r, p, s, R,
+            F0, col_lo, col_hi,
+            seed, threshold, scale,
+            RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt),
+        )
+    return y, y1
+
+
+@_monarch_fwd.register_fake
+def _(x2, weight, W1, W2, bias, dropout_p, seed):
+    T = x2.shape[0]
+    R = W1.shape[0] * W1.shape[1]
+    return x2.new_empty((T, weight.shape[0])), x2.new_empty((T, R), dtype=torch.float32)
+
+
+@torch.library.custom_op("peft_kernels::monarch_bwd", mutates_args=())
+def _monarch_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
+                 y1: torch.Tensor, dropout_p: float, seed: int,
+                 need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dW1, dW2)``; ``dx`` is an empty ``(0,)`` tensor when ``need_dx`` is False."""
+    x2 = x2.contiguous()
+    W1c = W1.contiguous()
+    W2c = W2.contiguous()
+    T, n = x2.shape
+    m = weight.shape[0]
+    N, r, p = W1.shape
+    s = W2.shape[1]
+    R = N * r
+    dt = x2.dtype
+    dy2 = dy2.to(dt).contiguous()
+    dx = torch.mm(dy2, weight.to(dt)) if need_dx else x2.new_empty((0,))
+    interp = dispatch.interpreter_enabled()
+    block_t = _BWD_BLOCK_T_INTERP if interp else _BWD_BLOCK_T_GPU
+    split_cols = _BWD_SPLIT_COLS_INTERP if interp else _BWD_SPLIT_COLS_GPU
+    tiles = triton.cdiv(T, block_t)
+    # zeros: every partial entry has one writer, but the padded positions (x columns >= n, output
+    # columns >= m) have none and must read as zero gradient
+    p1 = torch.zeros((tiles, N * r * p), device=x2.device, dtype=torch.float32)
+    p2 = torch.zeros((tiles, N * s * r), device=x2.device, dtype=torch.float32)
+    if T > 0:
+        threshold, scale = _dropout_args(dropout_p)
+        RB, chunks = _chunks(N, r, p, n)
+        # split the output columns only when the whole intermediate is one chunk, so the (splits,
+        # T, R) partial-dY1 buffer stays small
+        m_splits = _num_splits(tiles, m, split_cols, x2.device) if len(chunks) == 1 else 1
+        n_splits = _num_splits(tiles, n, split_cols, x2.device)
+        dy1p = torch.empty((m_splits, T, R), device=x2.device, dtype=torch.float32)
+        for F0, _, _ in chunks:
+            _monarch_bwd_dy1_kernel[(tiles, m_splits)](
+                dy2, W2c, y1, dy1p, p2,
+                T, m, n, N, r, s, R,
+                F0,
+                seed, threshold, scale,
+                BLOCK_T=block_t, RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt),
+            )
+        dy1 = dy1p[0] if m_splits == 1 else dy1p.sum(0)  # deterministic sum of the column splits
+        for F0, col_lo, col_hi in chunks:
+            _monarch_bwd_dx_kernel[(tiles, n_splits)](
+                x2, W1c, dy1, dx if need_dx else x2, p1,
+                T, m, n, N, r, p, R,
+                F0, col_lo, col_hi,
+                BLOCK_T=block_t, RB=RB, NEED_DX=need_dx, **_dot_args(dt),
+            )
+    # deterministic second stage of the reduction over token tiles
+    dW1 = p1.sum(0).view(N, r, p).to(W1.dtype)
+    dW2 = p2.sum(0).view(N, s, r).to(W2.dtype)
+    return dx, dW1, dW2
+
+
+@_monarch_bwd.register_fake
+def _(dy2, x2, weight, W1, W2, y1, dropout_p, seed, need_dx):
+    dx = x2.new_empty(x2.shape) if need_dx else x2.new_empty((0,))
+    return dx, torch.empty_like(W1), torch.empty_like(W2)
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------------
+
+
+class MonarchFunction(torch.autograd.Function):
+    """``y = x @ W0^T + b + dropout(monarch(x; W1, W2))`` with the fused Triton kernels.
+
+    Gradients flow to ``x``, ``W1``, ``W2``, ``bias`` (and ``weight`` if it requires grad, via
+    ``dY^T x``, for completeness; adapters keep it frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, W1, W2, bias, dropout_p, seed):
+        m, n = weight.shape
+        x2 = x.reshape(-1, n)
+        y, y1 = torch.ops.peft_kernels.monarch_fwd(x2, weight, W1, W2, bias, float(dropout_p), int(seed))
+        ctx.save_for_backward(x2, weight, W1, W2, y1)
+        ctx.dropout_p = float(dropout_p)
+        ctx.seed = int(seed)
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.view(*x.shape[:-1], m)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, W1, W2, y1 = ctx.saved_tensors
+        m = weight.shape[0]
+        dy2 = dy.reshape(-1, m)
+        need_dx = ctx.needs_input_grad[0]
+        dx, dW1, dW2 = torch.ops.peft_kernels.monarch_bwd(dy2, x2, weight, W1, W2, y1, ctx.dropout_p, ctx.seed,
+                                                          need_dx)
+        grad_x = dx.view(ctx.x_shape) if need_dx else None
+        grad_w = (dy2.float().t() @ x2.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
+        return (grad_x, grad_w, dW1 if ctx.needs_input_grad[2] else None, dW2 if ctx.needs_input_grad[3] else None,
+                grad_b, None, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+    dispatch.register("monarch", "triton")
+dispatch.register("monarch", "torch")
+
+
+def monarch_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    W1: torch.Tensor,
+    W2: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    impl: Optional[str] = None,
+) -> torch.Tensor:
+    """MoRe linear ``x @ W0^T + b + dropout(monarch(x))`` -> ``(..., m)`` in ``x.dtype``.
+
+    ``weight`` ``(m, n)`` is the frozen base, ``W1`` ``(N, r, ceil(n/N))``, ``W2`` ``(N, s, r)``
+    (see ``reference.monarch.monarch_dims``). ``impl`` forces ``"triton"`` or ``"torch"``;
+    by default ``dispatch.choose`` picks (Triton on CUDA, the reference elsewhere)."""
+    # validate everything before any launch (same checks, same messages as the reference)
+    check_tensor("weight", weight, ndim=2)
+    m, n = weight.shape
+    check_input(x, n)
+    check_monarch_factors(W1, W2, n, m)
+    check_bias(bias, m)
+    check_same_device(x=x, weight=weight, W1=W1, W2=W2, bias=bias)
+    dropout_p = check_dropout("dropout_p", dropout_p)
+    seed = check_seed(seed)
+    which = dispatch.choose("monarch", x.device, x.dtype, impl)
+    if which == "torch":
+        return monarch_reference(x, weight, W1, W2, bias, dropout_p, seed)
+    return MonarchFunction.apply(x, weight, W1, W2, bias, dropout_p, seed)
+
+
+__all__ = ["monarch_linear", "MonarchFunction", "MAX_R_CHUNK"]

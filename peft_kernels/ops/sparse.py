@@ -1,0 +1,368 @@
+"""Sparse-masked adapter (RoSA-style): gather SpMM + SDDMM over a fixed CSR mask.
+
+``y = x @ W0^T (+ b) + x @ (M⊙S)^T`` with S stored as ``crow`` ``(d_out+1,)``, ``col`` ``(nnz,)``,
+``val`` ``(nnz,)`` (see ``peft_kernels.reference.sparse``). Three kernels cover training:
+
+- SpMM (forward):   ``y[t, r] = sum_{k in row r} val[k] * x[t, col[k]]``
+- SpMM (backward):  ``dx = dy @ (M⊙S)`` is the same SpMM on the *transposed* CSR. The transposed
+  copy (``crow_t``, ``row_t``, ``perm``) is built once per mask (``csr_transpose``; SparseLinear caches
+  it) and ``val[perm]`` is an nnz-sized gather per step. We use it rather than a scatter with atomics
+  because it is deterministic, has no write contention on popular columns, and reuses one kernel.
+- SDDMM (backward): ``dval[k] = sum_t dy[t, row(k)] * x[t, col[k]]`` for the nnz entries only.
+
+No step ever allocates a dense ``(d_out, d_in)`` tensor. Accumulation is fp32; ``val`` is upcast to
+fp32 (an nnz-sized copy) before every kernel, outputs are cast back to ``x.dtype`` / ``val.dtype``.
+
+Implementations (dispatch family ``"sparse"``, preference order): ``cuda`` and ``cpp`` (the native
+extension ``peft_kernels._C``, ``csrc/sparse/``), ``triton`` (below), ``torch`` (the reference).
+All native/Triton kernels read token-minor copies ``x^T`` ``(d_in, T)`` and ``dy^T`` ``(d_out, T)``: a
+nonzero then gathers one contiguous length-T line (coalesced on GPU, unit-stride SIMD on CPU). The
+autograd Function transposes x once in forward and saves ``x^T`` (same size as saving x) so the
+backward does not transpose it again.
+
+Measured on CPU only (2 shared cores, fp32, (d_in, d_out) = (1024, 1024), T=2048, fwd+bwd, noisy):
+frozen base 451 ms; cpp at 1% density 492 ms, torch reference 1344 ms; at 5%: base 392 ms, cpp
+739 ms, torch reference 6444 ms (the reference materialises a (T, nnz) product).
+
+Not yet measured on a GPU (none in the session that wrote this). First things to measure on an H100
+(bf16, T=8192, (4096,4096), 1% density): the cost of the two ``.t().contiguous()`` passes (x in
+forward, dy in backward; ~20 us each) against the kernels themselves; the Triton SpMM's lockstep
+row blocks (idle lanes when row lengths differ; RoSA orders rows by nnz for this) vs the CUDA
+kernel's one-row-per-warp loop; the SDDMM's re-reads of
+``dy^T``/``x^T`` lines from L2 (nnz*T elements each) - a token-tiled SDDMM that stages a row's dy^T
+tile in shared memory is the obvious next step; and fusing the adapter add into the base GEMM output.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _ext, dispatch
+from .._checks import check_bias, check_input, check_same_device, check_tensor
+from ..reference._common import flatten_tokens
+from ..reference.sparse import check_csr
+from ..reference.sparse import sparse as _reference_sparse
+from ..reference.sparse import sparse_adapter as _reference_sparse_adapter
+from ._triton import tl, triton
+
+# ---------------------------------------------------------------------------------------------
+# constants
+# ---------------------------------------------------------------------------------------------
+# SpMM: one program per (BLOCK_R-row block, BLOCK_T-token tile); 16 bf16 rows = one 32-byte
+# sector per token on the output store.
+SPMM_BLOCK_T = 64
+SPMM_BLOCK_R = 16
+# SDDMM: one program per BLOCK_NNZ nonzeros, reducing over tokens BLOCK_T at a time.
+SDDMM_BLOCK_NNZ = 32
+SDDMM_BLOCK_T = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _spmm_kernel(
+    # pointers
+    xt_ptr,  # (K, T) token-minor input
+    crow_ptr,  # (N + 1,)
+    col_ptr,  # (nnz,)
+    val_ptr,  # (nnz,) fp32
+    steps_ptr,  # (cdiv(N, BLOCK_R),) longest row of each row block
+    y_ptr,  # (T, N) output
+    # sizes
+    T,
+    N,
+    # strides
+    stride_xt_k,
+    stride_y_t,
+    # meta-parameters
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # A program owns a (BLOCK_T tokens x BLOCK_R rows) output tile and walks the rows' nonzeros
+    # in lockstep: step j gathers the j-th column of every row (BLOCK_T contiguous tokens of x^T
+    # each). Owning BLOCK_R adjacent rows makes the output store contiguous along rows; shorter
+    # rows idle (masked) once exhausted. Axis 0 (row blocks) varies fastest, so programs running
+    # together share a token tile of x^T in L2.
+    pid_r = tl.program_id(0)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < N
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    start = tl.load(crow_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
+    end = tl.load(crow_ptr + offs_r + 1, mask=mask_r, other=0).to(tl.int64)
+    n_steps = tl.load(steps_ptr + pid_r)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for j in range(0, n_steps):
+        k = start + j
+        mask_k = k < end
+        cols = tl.load(col_ptr + k, mask=mask_k, other=0).to(tl.int64)
+        vals = tl.load(val_ptr + k, mask=mask_k, other=0.0)
+        xg = tl.load(xt_ptr + cols[None, :] * stride_xt_k + offs_t[:, None],
+                     mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        acc += xg * vals[None, :]
+    tl.store(y_ptr + offs_t[:, None].to(tl.int64) * stride_y_t + offs_r[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _sddmm_kernel(
+    # pointers
+    dyt_ptr,  # (N, T) token-minor output gradient
+    xt_ptr,  # (K, T) token-minor input
+    rows_ptr,  # (nnz,) COO row of every nonzero
+    col_ptr,  # (nnz,)
+    out_ptr,  # (nnz,) fp32
+    # sizes
+    nnz,
+    T,
+    # strides
+    stride_dyt_n,
+    stride_xt_k,
+    # meta-parameters
+    BLOCK_NNZ: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    offs_k = tl.program_id(0) * BLOCK_NNZ + tl.arange(0, BLOCK_NNZ)
+    mask_k = offs_k < nnz
+    rows = tl.load(rows_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    cols = tl.load(col_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_NNZ,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        m = mask_k[:, None] & (offs_t < T)[None, :]
+        a = tl.load(dyt_ptr + rows[:, None] * stride_dyt_n + offs_t[None, :], mask=m, other=0.0).to(tl.float32)
+        b = tl.load(xt_ptr + cols[:, None] * stride_xt_k + offs_t[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, axis=1)
+    tl.store(out_ptr + offs_k, acc, mask=mask_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (wrapped as torch.library custom ops so torch.compile does not graph-break)
+# ---------------------------------------------------------------------------------------------
+def _coo_rows(crow: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Row of every nonzero; ``output_size`` avoids a device sync."""
+    n_rows = crow.shape[0] - 1
+    return torch.repeat_interleave(torch.arange(n_rows, device=crow.device), crow.to(torch.int64).diff(),
+                                   output_size=nnz)
+
+
+@torch.library.custom_op("peft_kernels::sparse_spmm_triton", mutates_args=())
+def _spmm_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
+                 out_features: int) -> torch.Tensor:
+    T = x.shape[0]
+    y = torch.empty(T, out_features, dtype=x.dtype, device=x.device)
+    if T == 0 or out_features == 0:
+        return y
+    xt = x.t().contiguous()  # (K, T); free when x is already a transposed view
+    n_blocks = triton.cdiv(out_features, SPMM_BLOCK_R)
+    # per row block, the longest row: the kernel's loop count (no host sync)
+    counts = crow.to(torch.int64).diff()
+    counts = torch.nn.functional.pad(counts, (0, n_blocks * SPMM_BLOCK_R - out_features))
+    steps = counts.view(n_blocks, SPMM_BLOCK_R).amax(dim=1).to(torch.int32)
+    grid = (n_blocks, triton.cdiv(T, SPMM_BLOCK_T))
+    _spmm_kernel[grid](
+        xt, crow, col, val.contiguous(), steps, y,
+        T, out_features,
+        xt.stride(0), y.stride(0),
+        BLOCK_T=SPMM_BLOCK_T, BLOCK_R=SPMM_BLOCK_R,
+    )
+    return y
+
+
+@_spmm_triton.register_fake
+def _(x, crow, col, val, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("peft_kernels::sparse_sddmm_triton", mutates_args=())
+def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    nnz = col.shape[0]
+    T = x.shape[0]
+    out = torch.zeros(nnz, dtype=torch.float32, device=x.device)
+    if nnz == 0 or T == 0:
+        return out
+    dyt = dy.t().contiguous()
+    xt = x.t().contiguous()
+    rows = _coo_rows(crow, nnz)
+    grid = (triton.cdiv(nnz, SDDMM_BLOCK_NNZ),)
+    _sddmm_kernel[grid](
+        dyt, xt, rows, col, out,
+        nnz, T,
+        dyt.stride(0), xt.stride(0),
+        BLOCK_NNZ=SDDMM_BLOCK_NNZ, BLOCK_T=SDDMM_BLOCK_T,
+    )
+    return out
+
+
+@_sddmm_triton.register_fake
+def _(dy, x, crow, col):
+    return x.new_empty((col.shape[0],), dtype=torch.float32)
+
+
+def _native_ops_loaded() -> bool:
+    return _ext.native() is not None and hasattr(torch.ops.peft_kernels, "sparse_spmm")
+
+
+# The native schemas live in csrc/registration.cpp; their fake (meta) kernels live here.
+if _native_ops_loaded():
+    @torch.library.register_fake("peft_kernels::sparse_spmm")
+    def _(x, crow, col, val, out_features):
+        return x.new_empty((x.shape[0], out_features))
+
+    @torch.library.register_fake("peft_kernels::sparse_sddmm")
+    def _(dy, x, crow, col):
+        return x.new_empty((col.shape[0],), dtype=torch.float32)
+
+
+def _kernels(impl: str):
+    """(spmm, sddmm) callables of one implementation."""
+    if impl == "triton":
+        return torch.ops.peft_kernels.sparse_spmm_triton, torch.ops.peft_kernels.sparse_sddmm_triton
+    return torch.ops.peft_kernels.sparse_spmm, torch.ops.peft_kernels.sparse_sddmm
+
+
+def _native_check(device, dtype) -> Optional[str]:
+    if not _native_ops_loaded():
+        return "peft_kernels._C has no sparse ops (rebuild the extension)"
+    return None
+
+
+dispatch.register("sparse", "cuda", _native_check)
+dispatch.register("sparse", "cpp", _native_check)
+dispatch.register("sparse", "triton")
+dispatch.register("sparse", "torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# mask helpers
+# ---------------------------------------------------------------------------------------------
+def csr_transpose(crow: torch.Tensor, col: torch.Tensor, in_features: int):
+    """CSR of ``(M⊙S)^T``: ``(crow_t (d_in+1,), row_t (nnz,), perm (nnz,))`` with ``val_t = val[perm]``.
+
+    Built once per mask (a stable sort of the nnz column indices; no dense tensor). Index dtypes
+    follow ``col``; ``perm`` is int64.
+    """
+    nnz = col.shape[0]
+    col64 = col.to(torch.int64)
+    rows = _coo_rows(crow, nnz)
+    # stable: within a column the rows stay increasing, so the transposed CSR is sorted too
+    perm = torch.sort(col64, stable=True).indices
+    counts = torch.bincount(col64, minlength=in_features)
+    crow_t = torch.zeros(in_features + 1, dtype=torch.int64, device=col.device)
+    crow_t[1:] = torch.cumsum(counts, 0)
+    return crow_t.to(col.dtype), rows[perm].to(col.dtype), perm
+
+
+def _check_csr_t(csr_t, nnz: int, in_features: int, device) -> None:
+    if not (isinstance(csr_t, (tuple, list)) and len(csr_t) == 3):
+        raise TypeError("csr_t must be the (crow_t, row_t, perm) triple returned by csr_transpose")
+    crow_t, row_t, perm = csr_t
+    check_tensor("csr_t[0] (crow_t)", crow_t, shape=(in_features + 1,), dtypes=(torch.int32, torch.int64))
+    check_tensor("csr_t[1] (row_t)", row_t, shape=(nnz,), dtypes=(torch.int32, torch.int64))
+    check_tensor("csr_t[2] (perm)", perm, shape=(nnz,), dtypes=(torch.int64,))
+    for name, t in (("crow_t", crow_t), ("row_t", row_t), ("perm", perm)):
+        if t.device != device:
+            raise ValueError(f"csr_t {name} must be on {device} (the device of x), got {t.device}")
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------------
+class SparseAdapterFunction(torch.autograd.Function):
+    """``x2 @ (M⊙S)^T`` on a 2-D input with a native or Triton implementation.
+
+    forward(x2 (T, d_in), val (nnz,), crow, col, crow_t, row_t, perm, out_features, impl)
+    """
+
+    @staticmethod
+    def forward(ctx, x2, val, crow, col, crow_t, row_t, perm, out_features, impl):
+        spmm, _ = _kernels(impl)
+        # One token-minor copy of x serves the forward gather and the backward SDDMM.
+        xt = x2.t().contiguous()
+        y = spmm(xt.t(), crow, col, val.float(), out_features)
+        ctx.impl = impl
+        ctx.in_features = x2.shape[1]
+        ctx.val_dtype = val.dtype
+        ctx.save_for_backward(xt if ctx.needs_input_grad[1] else None, val, crow, col, crow_t, row_t, perm)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xt, val, crow, col, crow_t, row_t, perm = ctx.saved_tensors
+        spmm, sddmm = _kernels(ctx.impl)
+        dyt = dy.t().contiguous()  # shared by both kernels
+        dx = dval = None
+        if ctx.needs_input_grad[0]:
+            dx = spmm(dyt.t(), crow_t, row_t, val.float()[perm], ctx.in_features)
+        if ctx.needs_input_grad[1]:
+            dval = sddmm(dyt.t(), xt.t(), crow, col).to(ctx.val_dtype)
+        return dx, dval, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+def _check_adapter_args(x, crow, col, val, out_features: int):
+    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 0:
+        raise ValueError(f"out_features must be a non-negative int, got {out_features!r}")
+    check_tensor("x", x, min_ndim=1)
+    d_in = x.shape[-1]
+    check_csr(crow, col, val, (out_features, d_in), check_values=False)
+    check_same_device(x=x, crow=crow, col=col, val=val)
+    return d_in
+
+
+def _adapter(x2, crow, col, val, out_features, which, csr_t):
+    d_in = x2.shape[1]
+    if csr_t is not None:
+        _check_csr_t(csr_t, col.shape[0], d_in, x2.device)
+    if which == "torch":
+        return _reference_sparse_adapter(x2, crow, col, val, out_features)
+    if crow.dtype != col.dtype:  # the kernels take one index dtype
+        crow, col = crow.to(torch.int64), col.to(torch.int64)
+    if csr_t is None:
+        csr_t = csr_transpose(crow, col, d_in)
+    crow_t, row_t, perm = csr_t
+    if row_t.dtype != crow_t.dtype:
+        crow_t, row_t = crow_t.to(torch.int64), row_t.to(torch.int64)
+    return SparseAdapterFunction.apply(x2, val, crow, col, crow_t, row_t, perm, out_features, which)
+
+
+def sparse_adapter(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, out_features: int,
+                   impl: Optional[str] = None, csr_t=None) -> torch.Tensor:
+    """The adapter part alone: ``x @ (M⊙S)^T``, ``(..., out_features)`` in ``x.dtype``.
+
+    Differentiable w.r.t. ``x`` and ``val``. ``csr_t`` is the cached ``csr_transpose(crow, col,
+    d_in)`` (built per call when omitted). The mask's index *values* are validated once when it is
+    built (``check_csr``); per call only shapes/dtypes/devices are checked (no device sync).
+    """
+    _check_adapter_args(x, crow, col, val, out_features)
+    which = dispatch.choose("sparse", x.device, x.dtype, impl)
+    x2 = flatten_tokens(x)
+    y = _adapter(x2, crow, col, val, out_features, which, csr_t)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None, impl: Optional[str] = None, csr_t=None) -> torch.Tensor:
+    """``x @ W0^T (+ b) + x @ (M⊙S)^T`` = ``peft_kernels.reference.sparse``; ``(..., d_out)`` in ``x.dtype``."""
+    check_tensor("weight", weight, ndim=2)
+    d_out, d_in = weight.shape
+    check_input(x, d_in)
+    check_csr(crow, col, val, (d_out, d_in), check_values=False)
+    check_bias(bias, d_out)
+    check_same_device(x=x, weight=weight, crow=crow, col=col, val=val, bias=bias)
+    which = dispatch.choose("sparse", x.device, x.dtype, impl)
+    if which == "torch":
+        if csr_t is not None:
+            _check_csr_t(csr_t, col.shape[0], d_in, x.device)
+        return _reference_sparse(x, weight, crow, col, val, bias, check_values=False)
+    x2 = flatten_tokens(x)
+    base = torch.nn.functional.linear(x2, weight.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
+    y = base + _adapter(x2, crow, col, val, d_out, which, csr_t)
+    return y.reshape(*x.shape[:-1], d_out)
+
+
+__all__ = ["SparseAdapterFunction", "csr_transpose", "sparse_adapter", "sparse_linear"]

@@ -1,0 +1,236 @@
+"""Fused LoRA kernels (Triton, run under the interpreter on CPU) against the reference.
+
+GUIDE.md section 3: the kernel and a same-dtype torch run are both compared with an fp64
+reference, for the output and every gradient; awkward shapes, 3-D input, each dtype, bias
+on/off, dropout on/off (the mask regenerated from the seed), r below the 16-wide tl.dot minimum.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close_to_reference, grads, leaf
+from peft_kernels import reference as R
+from peft_kernels.ops import lora as L
+
+D_IN, D_OUT = 123, 77
+
+# (dtype, leading dims, r, bias, dropout, rslora, base): spread over the axes instead of a full
+# product, so every axis value is covered by some case and the interpreter run stays short.
+CASES = [
+    (torch.float32, (37,), 1, True, 0.0, False, "triton"),
+    (torch.float16, (3, 13), 4, False, 0.3, False, "triton"),
+    (torch.bfloat16, (37,), 16, True, 0.3, True, "cublas"),
+    (torch.float32, (2, 19), 33, False, 0.3, False, "triton"),
+    (torch.bfloat16, (3, 13), 4, True, 0.0, False, "triton"),
+    (torch.float16, (37,), 33, True, 0.0, True, "cublas"),
+    (torch.float32, (37,), 16, True, 0.3, False, "cublas"),
+]
+
+
+def _inputs(lead, r, bias, dtype=torch.float64):
+    x = torch.randn(*lead, D_IN, dtype=dtype)
+    W = torch.randn(D_OUT, D_IN, dtype=dtype) / D_IN**0.5
+    A = torch.randn(r, D_IN, dtype=dtype) / D_IN**0.5
+    B = torch.randn(D_OUT, r, dtype=dtype) / r**0.5  # nonzero: PEFT's zero init would hide B's path
+    b = torch.randn(D_OUT, dtype=dtype) if bias else None
+    return x, W, A, B, b
+
+
+def _run(fn, x, W, A, B, b, dtype, go, **kw):
+    """Output and grads (x, A, B, bias) of ``fn`` on fresh leaves cast to ``dtype``."""
+    xs = [leaf(x, dtype), leaf(W, dtype, requires_grad=False), leaf(A, dtype), leaf(B, dtype),
+          None if b is None else leaf(b, dtype)]
+    y = fn(*xs, **kw)
+    g = grads(y, [xs[0], xs[2], xs[3], xs[4]], go.to(dtype))
+    return y, g
+
+
+@pytest.mark.parametrize("dtype,lead,r,bias,p,rslora,base", CASES)
+def test_lora_matches_reference(interpret, dtype, lead, r, bias, p, rslora, base):
+    x, W, A, B, b = _inputs(lead, r, bias)
+    s = R.lora_scaling(r, 8.0, rslora)
+    seed = 1234
+    go = torch.randn(*lead, D_OUT, dtype=torch.float64)
+    kw = dict(scaling=s, dropout_p=p, seed=seed)
+    ref = lambda *t, **k: R.lora(*t, **k)
+    y_exact, g_exact = _run(ref, x, W, A, B, b, torch.float64, go, **kw)
+    y_same, g_same = _run(ref, x, W, A, B, b, dtype, go, **kw)
+    dev = interpret
+    to = lambda t: None if t is None else t.to(dev)
+    y_got, g_got = _run(lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base=base),
+                        to(x), to(W), to(A), to(B), to(b), dtype, go.to(dev), **kw)
+    assert y_got.dtype == dtype and y_got.shape == (*lead, D_OUT)
+    assert_close_to_reference("y", y_got.cpu(), y_same, y_exact)
+    for name, got, same, exact in zip(["dx", "dA", "dB", "dbias"], g_got, g_same, g_exact):
+        if exact is None:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype, name
+        assert_close_to_reference(name, got.cpu(), same, exact)
+
+
+def test_dropout_mask_seeded_and_regenerated_in_backward(interpret):
+    """Same seed -> identical output; other seed -> different; and the dX LoRA term is zero exactly
+    where the reference's mask drops (W0 = 0 isolates it), i.e. backward regenerates forward's mask."""
+    T, r, p = 37, 4, 0.3
+    x, _, A, B, _ = _inputs((T,), r, False, torch.float32)
+    W = torch.zeros(D_OUT, D_IN)
+    dev = interpret
+    run = lambda seed, xx: L.lora_linear(xx, W.to(dev), A.to(dev), B.to(dev), None, 2.0, p, seed, impl="triton")
+    y1, y1b, y2 = run(7, x.to(dev)), run(7, x.to(dev)), run(8, x.to(dev))
+    assert torch.equal(y1, y1b)
+    assert not torch.allclose(y1, y2)
+
+    xl = x.to(dev).requires_grad_()
+    (dx,) = torch.autograd.grad(run(7, xl), [xl], torch.randn(T, D_OUT, device=dev))
+    keep = R.keep_mask(7, p, T, D_IN).to(dev)
+    assert (dx[~keep] == 0).all()
+    assert (dx[keep] != 0).all()
+    assert 0.6 < keep.float().mean().item() < 0.8  # ~ 1 - p kept
+
+
+def test_weight_grad_and_noncontiguous_inputs(interpret):
+    """W0 is frozen in normal use; when it does require grad it still gets the right gradient.
+    Transposed (non-contiguous) x / A / B views give the same result as contiguous ones."""
+    r = 5
+    x, W, A, B, b = _inputs((37,), r, True, torch.float64)
+    go = torch.randn(37, D_OUT, dtype=torch.float64)
+    exact_leaves = [leaf(t) for t in (x, W, A, B, b)]
+    y_exact = R.lora(*exact_leaves, scaling=1.5, dropout_p=0.2, seed=3)
+    g_exact = grads(y_exact, exact_leaves, go)
+    f32 = [leaf(t, torch.float32) for t in (x, W, A, B, b)]
+    y_same = R.lora(*f32, scaling=1.5, dropout_p=0.2, seed=3)
+    g_same = grads(y_same, f32, go.float())
+
+    dev = interpret
+    xt = leaf(x.t().contiguous().to(dev), torch.float32)  # stored (d_in, T); used transposed
+    At = leaf(A.t().contiguous().to(dev), torch.float32)
+    Bt = leaf(B.t().contiguous().to(dev), torch.float32)
+    Wl = leaf(W.to(dev), torch.float32)
+    bl = leaf(b.to(dev), torch.float32)
+    y = L.lora_linear(xt.t(), Wl, At.t(), Bt.t(), bl, 1.5, 0.2, 3, impl="triton")
+    g = grads(y, [xt, Wl, At, Bt, bl], go.float().to(dev))
+    assert_close_to_reference("y", y.cpu(), y_same, y_exact)
+    for name, got, same, exact in zip(["dx", "dW", "dA", "dB", "dbias"], g, g_same, g_exact):
+        if name in ("dx", "dA", "dB"):
+            got = got.t()  # gradient of the stored transposed leaf
+        assert_close_to_reference(name, got.cpu(), same, exact)
+
+
+def test_autocast_and_mixed_dtypes(interpret):
+    """Under autocast the kernel runs in the autocast dtype; fp32 adapter weights with a bf16
+    base get fp32 gradients through the differentiable casts."""
+    r = 8
+    x, W, A, B, b = _inputs((37,), r, True, torch.float32)
+    dev = interpret
+    Al, Bl = leaf(A.to(dev)), leaf(B.to(dev))
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        y = L.lora_linear(x.to(dev), W.to(dev), Al, Bl, b.to(dev), 2.0, impl="triton")
+    assert y.dtype == torch.bfloat16
+    gA, gB = torch.autograd.grad(y.float().sum(), [Al, Bl])
+    assert gA.dtype == torch.float32 and gB.dtype == torch.float32
+
+    exact = [leaf(t.double()) for t in (A, B)]
+    y_exact = R.lora(x.double(), W.double(), exact[0], exact[1], b.double(), 2.0)
+    same = [leaf(t.bfloat16()) for t in (A, B)]
+    y_same = R.lora(x.bfloat16(), W.bfloat16(), same[0], same[1], b.bfloat16(), 2.0)
+    ge, gs = torch.autograd.grad(y_exact.sum(), exact), torch.autograd.grad(y_same.float().sum(), same)
+    assert_close_to_reference("y", y.cpu(), y_same, y_exact)
+    assert_close_to_reference("dA", gA.cpu(), gs[0], ge[0], atol=1e-2)
+    assert_close_to_reference("dB", gB.cpu(), gs[1], ge[1], atol=1e-2)
+
+
+def test_bad_inputs_raise_before_launch(interpret, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a kernel was launched despite bad input")
+
+    monkeypatch.setattr(L.LoRAFunction, "apply", boom)
+    x, W, A, B, b = _inputs((37,), 4, True, torch.float32)
+    dev = interpret
+    x, W, A, B, b = (t.to(dev) for t in (x, W, A, B, b))
+    cases = [
+        (ValueError, "lora_A", dict(lora_A=A[:, :-1])),
+        (ValueError, "lora_B", dict(lora_B=B[:, :-1])),
+        (ValueError, "x", dict(x=x[:, :-1])),
+        (ValueError, "bias", dict(bias=b[:-1])),
+        (TypeError, "x", dict(x=x.to(torch.int32))),
+        (TypeError, "lora_A", dict(lora_A=[[1.0]])),
+        (ValueError, "dropout_p", dict(dropout_p=1.0)),
+        (ValueError, "seed", dict(seed=-1)),
+        (ValueError, "device", dict(weight=W.to("meta"))),
+        (ValueError, "r <= 256", dict(lora_A=torch.randn(257, D_IN), lora_B=torch.randn(D_OUT, 257))),
+    ]
+    for exc, word, override in cases:
+        args = dict(x=x, weight=W, lora_A=A, lora_B=B, bias=b, dropout_p=0.0, seed=0)
+        args.update(override)
+        with pytest.raises(exc, match=word):
+            L.lora_linear(**args, impl="triton")
+    with pytest.raises(ValueError, match="base"):
+        L.lora_linear(x, W, A, B, impl="triton", base="cutlass")
+
+
+def test_base_env_and_empty_input(interpret, monkeypatch):
+    monkeypatch.setenv(L.BASE_ENV, "cublas")
+    assert L.base_mode() == "cublas"
+    assert L.base_mode("triton") == "triton"
+    monkeypatch.setenv(L.BASE_ENV, "nope")
+    with pytest.raises(ValueError, match=L.BASE_ENV):
+        L.base_mode()
+    monkeypatch.delenv(L.BASE_ENV)
+    assert L.base_mode() == L.DEFAULT_BASE
+
+    dev = interpret
+    x = torch.randn(0, D_IN, device=dev, requires_grad=True)
+    A = torch.randn(3, D_IN, device=dev, requires_grad=True)
+    B = torch.randn(D_OUT, 3, device=dev, requires_grad=True)
+    y = L.lora_linear(x, torch.randn(D_OUT, D_IN, device=dev), A, B, impl="triton")
+    assert y.shape == (0, D_OUT)
+    dA, dB = torch.autograd.grad(y.sum(), [A, B])
+    assert (dA == 0).all() and (dB == 0).all()
+
+
+def test_torch_compile_fullgraph(interpret):
+    """The launchers are custom ops with fake kernels: Dynamo traces the whole layer (fwd+bwd)
+    without a graph break and gives the eager result."""
+    r = 4
+    x, W, A, B, b = _inputs((37,), r, True, torch.float32)
+    dev = interpret
+    x, W, b = x.to(dev), W.to(dev), b.to(dev)
+
+    def f(x, A, B):
+        return L.lora_linear(x, W, A, B, b, 2.0, 0.1, 11, impl="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    Ae, Be = leaf(A.to(dev)), leaf(B.to(dev))
+    Ac, Bc = leaf(A.to(dev)), leaf(B.to(dev))
+    ye, yc = f(x, Ae, Be), compiled(x, Ac, Bc)
+    torch.testing.assert_close(yc, ye)
+    ge = torch.autograd.grad(ye.sum(), [Ae, Be])
+    gc = torch.autograd.grad(yc.sum(), [Ac, Bc])
+    for a, c in zip(ge, gc):
+        torch.testing.assert_close(c, a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [16, 64, 256])
+@pytest.mark.parametrize("base", ["triton", "cublas"])
+def test_lora_large_gpu(r, base):
+    """Realistic sizes on a GPU: autotuned tiles, the r = 256 register budget, both bases."""
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    T, d_in, d_out = 1000, 1024 + 7, 2048 + 3
+    x = torch.randn(T, d_in, device=dev, dtype=torch.float64)
+    W = torch.randn(d_out, d_in, device=dev, dtype=torch.float64) / d_in**0.5
+    A = torch.randn(r, d_in, device=dev, dtype=torch.float64) / d_in**0.5
+    B = torch.randn(d_out, r, device=dev, dtype=torch.float64) / r**0.5
+    b = torch.randn(d_out, device=dev, dtype=torch.float64)
+    go = torch.randn(T, d_out, device=dev, dtype=torch.float64)
+    kw = dict(scaling=2.0, dropout_p=0.05, seed=99)
+    y_exact, g_exact = _run(R.lora, x, W, A, B, b, torch.float64, go, **kw)
+    y_same, g_same = _run(R.lora, x, W, A, B, b, dtype, go, **kw)
+    y_got, g_got = _run(lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base=base),
+                        x, W, A, B, b, dtype, go, **kw)
+    assert_close_to_reference("y", y_got, y_same, y_exact)
+    for name, got, same, exact in zip(["dx", "dA", "dB", "dbias"], g_got, g_same, g_exact):
+        assert_close_to_reference(name, got, same, exact)

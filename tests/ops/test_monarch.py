@@ -1,0 +1,204 @@
+"""Monarch (MoRe) Triton kernels vs the reference (GUIDE.md section 3).
+
+Every case checks the output and every gradient of the kernel, and of the same-dtype torch
+reference, against the float64 reference on the same inputs (``assert_close_to_reference``).
+The cases are spread so that together they cover blk_r in {1, 3, 4, 16}, nblocks in
+{1, 2, 4, 8, 64}, m != n both ways, in_features not divisible by nblocks, fp32/fp16/bf16,
+2-D and 3-D inputs, bias on/off, dropout on/off (same mask regenerated from the seed),
+x with and without grad, and an intermediate split into several launches.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peft_kernels.ops.monarch as monarch_ops
+from helpers import assert_close_to_reference, grads, leaf
+from peft_kernels.ops.monarch import monarch_linear
+from peft_kernels.reference.monarch import monarch, monarch_dims
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _make(lead, n, m, N, r, bias):
+    """fp64 master inputs; random (never zero) W2 so every gradient path carries signal."""
+    p, s = monarch_dims(n, m, N)
+    x = torch.randn(*lead, n, dtype=torch.float64)
+    weight = torch.randn(m, n, dtype=torch.float64) / n**0.5
+    W1 = torch.randn(N, r, p, dtype=torch.float64) / p**0.5
+    W2 = torch.randn(N, s, r, dtype=torch.float64) / r**0.5
+    b = torch.randn(m, dtype=torch.float64) if bias else None
+    dy = torch.randn(*lead, m, dtype=torch.float64)
+    return x, weight, W1, W2, b, dy
+
+
+def _run(fn, x, weight, W1, W2, b, dy, dtype, dropout_p, seed, x_grad=True):
+    """Output and grads (x, W1, W2, bias) of ``fn`` on leaf copies of the inputs cast to dtype."""
+    xs = leaf(x, dtype, requires_grad=x_grad)
+    ws = leaf(weight, dtype, requires_grad=False)
+    W1s, W2s = leaf(W1, dtype), leaf(W2, dtype)
+    bs = leaf(b, dtype) if b is not None else None
+    y = fn(xs, ws, W1s, W2s, bs, dropout_p, seed)
+    return y, grads(y, [xs, W1s, W2s, bs], dy.to(dtype))
+
+
+def _check_case(device, lead, n, m, N, r, dtype, bias, dropout_p, seed=1234, x_grad=True):
+    x, weight, W1, W2, b, dy = (t.to(device) if t is not None else None for t in _make(lead, n, m, N, r, bias))
+    kern = _run(lambda *a: monarch_linear(*a, impl="triton"), x, weight, W1, W2, b, dy, dtype, dropout_p, seed,
+                x_grad)
+    same = _run(monarch, x, weight, W1, W2, b, dy, dtype, dropout_p, seed, x_grad)
+    exact = _run(monarch, x, weight, W1, W2, b, dy, torch.float64, dropout_p, seed, x_grad)
+    assert kern[0].dtype == dtype and kern[0].shape == (*lead, m)
+    assert_close_to_reference("y", kern[0], same[0], exact[0])
+    for name, g, gs, ge in zip(("dx", "dW1", "dW2", "dbias"), kern[1], same[1], exact[1]):
+        if ge is None:
+            assert g is None, f"{name}: expected no gradient"
+            continue
+        assert g.dtype == dtype, f"{name}: dtype {g.dtype}"
+        assert_close_to_reference(name, g, gs, ge)
+
+
+# (leading dims, n, m, nblocks, blk_r, dtype, bias, dropout)
+CASES = [
+    ((37,), 123, 77, 4, 4, F32, True, 0.0),     # n % N != 0, m < n, the MoRe default N = r = 4
+    ((3, 13), 123, 77, 8, 1, F16, False, 0.2),  # rank 1, 3-D input, dropout
+    ((37,), 64, 96, 2, 16, BF16, True, 0.1),    # r = 16, m > n, bias + dropout
+    ((2, 11), 50, 31, 1, 4, BF16, False, 0.0),  # a single block (dense low-rank)
+    ((37,), 77, 123, 8, 16, F32, False, 0.3),   # R = 128: the widest single-launch intermediate
+    ((29,), 123, 77, 4, 4, F16, True, 0.0),
+]
+
+
+@pytest.mark.parametrize("lead,n,m,N,r,dtype,bias,dropout_p", CASES)
+def test_monarch_matches_reference(interpret, lead, n, m, N, r, dtype, bias, dropout_p):
+    _check_case(interpret, lead, n, m, N, r, dtype, bias, dropout_p)
+
+
+def test_monarch_without_input_grad(interpret):
+    """The NEED_DX=False kernel variant (first layer of a model: x needs no grad)."""
+    _check_case(interpret, (37,), 123, 77, 4, 4, F32, True, 0.1, x_grad=False)
+
+
+@pytest.mark.parametrize("lead,n,m,N,r,dtype", [
+    ((21,), 123, 77, 8, 3, F32),   # R = 24 in chunks of 16: a block's rows split across launches
+    ((5,), 130, 70, 64, 2, BF16),  # nblocks = 64: R = 128 in 8 launches
+])
+def test_monarch_chunked_intermediate(interpret, monkeypatch, lead, n, m, N, r, dtype):
+    """An intermediate wider than MAX_R_CHUNK runs as several additive launches."""
+    monkeypatch.setattr(monarch_ops, "MAX_R_CHUNK", 16)
+    _check_case(interpret, lead, n, m, N, r, dtype, bias=True, dropout_p=0.25, seed=2**40 + 3)
+
+
+def test_monarch_mixed_dtypes_and_weight_grad(interpret):
+    """bf16 activations with fp32 adapter factors (factors are cast to x's dtype as in the
+    reference; their grads come back in fp32), and a base weight that requires grad."""
+    x, weight, W1, W2, b, dy = (t.to(interpret) for t in _make((2, 9), 123, 77, 4, 4, True))
+
+    def run(fn, act_dtype, fac_dtype):
+        xs, ws, bs = leaf(x, act_dtype), leaf(weight, act_dtype), leaf(b, act_dtype)
+        W1s, W2s = leaf(W1, fac_dtype), leaf(W2, fac_dtype)
+        y = fn(xs, ws, W1s, W2s, bs, 0.1, 99)
+        return [y, *grads(y, [xs, ws, W1s, W2s, bs], dy.to(act_dtype))]
+
+    kern = run(lambda *a: monarch_linear(*a, impl="triton"), BF16, F32)
+    same = run(monarch, BF16, F32)
+    exact = run(monarch, torch.float64, torch.float64)
+    for name, g, gs, ge in zip(("y", "dx", "dweight", "dW1", "dW2", "dbias"), kern, same, exact):
+        assert g.dtype == gs.dtype, f"{name}: dtype {g.dtype} != reference {gs.dtype}"
+        assert_close_to_reference(name, g, gs, ge)
+
+
+def test_monarch_torch_compile_fullgraph(interpret):
+    """The launchers are custom ops with fake implementations: Dynamo traces without a graph break
+    and the compiled forward/backward equal eager bit for bit."""
+    x, weight, W1, W2, b, dy = (t.float().to(interpret) for t in _make((6,), 40, 24, 4, 4, True))
+
+    def f(xs, ws, W1s, W2s, bs, dropout_p, seed):
+        return monarch_linear(xs, ws, W1s, W2s, bs, dropout_p, seed, impl="triton")
+
+    eager = _run(f, x, weight, W1, W2, b, dy, F32, 0.1, 5)
+    comp = _run(torch.compile(f, backend="aot_eager", fullgraph=True), x, weight, W1, W2, b, dy, F32, 0.1, 5)
+    assert torch.equal(eager[0], comp[0])
+    assert all(torch.equal(g, gc) for g, gc in zip(eager[1], comp[1]))
+
+
+def test_monarch_deterministic_and_seeded(interpret):
+    """Same seed -> bitwise-equal output and gradients (no atomics); another seed -> another mask."""
+    x, weight, W1, W2, b, dy = (t.to(interpret) for t in _make((19,), 40, 24, 4, 4, True))
+    fn = lambda *a: monarch_linear(*a, impl="triton")  # noqa: E731
+    y1, g1 = _run(fn, x, weight, W1, W2, b, dy, F32, 0.5, 7)
+    y2, g2 = _run(fn, x, weight, W1, W2, b, dy, F32, 0.5, 7)
+    y3, _ = _run(fn, x, weight, W1, W2, b, dy, F32, 0.5, 8)
+    assert torch.equal(y1, y2)
+    assert all(torch.equal(a, c) for a, c in zip(g1, g2))
+    assert not torch.equal(y1, y3)
+
+
+def test_monarch_zero_tokens(interpret):
+    x = torch.randn(0, 40, device=interpret, requires_grad=True)
+    weight = torch.randn(24, 40, device=interpret)
+    p, s = monarch_dims(40, 24, 4)
+    W1 = torch.randn(4, 4, p, device=interpret, requires_grad=True)
+    W2 = torch.randn(4, s, 4, device=interpret, requires_grad=True)
+    y = monarch_linear(x, weight, W1, W2, impl="triton")
+    assert y.shape == (0, 24)
+    dx, dW1, dW2 = torch.autograd.grad(y.sum(), [x, W1, W2])
+    assert dx.shape == (0, 40) and not dW1.any() and not dW2.any()
+
+
+def test_monarch_default_dispatch_on_cpu_is_reference():
+    """Without a forced impl, CPU tensors take the torch reference (the interpreter is opt-in)."""
+    x, weight, W1, W2, b, _ = _make((5, 3), 20, 12, 2, 4, True)
+    assert torch.equal(monarch_linear(x, weight, W1, W2, b, 0.1, 3), monarch(x, weight, W1, W2, b, 0.1, 3))
+
+
+def test_monarch_custom_ops_opcheck(interpret):
+    """Schemas, fake (meta) implementations and torch.compile tracing of the launchers."""
+    x, weight, W1, W2, b, dy = (t.float().to(interpret) for t in _make((17,), 40, 24, 4, 4, True))
+    y, y1 = torch.ops.peft_kernels.monarch_fwd(x, weight, W1, W2, b, 0.1, 5)
+    torch.library.opcheck(torch.ops.peft_kernels.monarch_fwd.default, (x, weight, W1, W2, b, 0.1, 5),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.peft_kernels.monarch_bwd.default, (dy, x, weight, W1, W2, y1, 0.1, 5, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# --- bad input: a clear error naming the argument, raised before any launch -------------------
+
+
+def _good():
+    p, s = monarch_dims(40, 24, 4)
+    return dict(x=torch.randn(6, 40), weight=torch.randn(24, 40), W1=torch.randn(4, 4, p),
+                W2=torch.randn(4, s, 4), bias=torch.randn(24))
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(x=torch.randn(6, 41)), ValueError, "x"),
+    (dict(W1=torch.randn(4, 4, 11)), ValueError, "W1"),
+    (dict(W1=torch.randn(4, 11)), ValueError, "W1"),
+    (dict(W2=torch.randn(4, 6, 5)), ValueError, "W2"),
+    (dict(W1=torch.randn(41, 4, 1), W2=torch.randn(41, 1, 4)), ValueError, "nblocks"),
+    (dict(W1=torch.randint(0, 3, (4, 4, 10))), TypeError, "W1"),
+    (dict(bias=torch.randn(25)), ValueError, "bias"),
+    (dict(weight=torch.randn(24, 40, 1)), ValueError, "weight"),
+    (dict(W2=torch.randn(4, 6, 4, device="meta")), ValueError, "same device"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p"),
+    (dict(dropout_p="0.1"), TypeError, "dropout_p"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=1.5), TypeError, "seed"),
+])
+def test_monarch_bad_input_raises_before_launch(monkeypatch, change, exc, match):
+    def no_launch(*a, **k):
+        raise AssertionError("a kernel was launched before validation")
+
+    monkeypatch.setattr(monarch_ops.MonarchFunction, "apply", no_launch)
+    kwargs = {**_good(), **change}
+    with pytest.raises(exc, match=match):
+        monarch_linear(impl="triton", **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("N,r", [(4, 4), (4, 32), (64, 64)])
+def test_monarch_gpu_llama_like_shape(dtype, N, r):
+    """A real-size layer on the GPU (compiled kernels, autotuned configs, chunking at N = r = 64)."""
+    _check_case(torch.device("cuda"), (2, 512), 4096, 11008 // 4, N, r, dtype, True, 0.05)

@@ -1,0 +1,244 @@
+"""Sparse adapter kernels (native C++/CUDA and Triton) vs the fp64 reference (GUIDE section 3)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import assert_close_to_reference, grads, leaf
+from peft_kernels import _ext, dispatch
+from peft_kernels.ops import sparse as ops
+from peft_kernels.reference.sparse import csr_rows, sparse, sparse_adapter, sparse_delta_weight
+
+HAS_CPP = _ext.native() is not None and hasattr(torch.ops.peft_kernels, "sparse_spmm")
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason=f"peft_kernels._C sparse ops missing: {_ext.native_error()}")
+
+T_SHAPE = (2, 19)  # 3-D input, 38 tokens
+D_IN, D_OUT = 123, 77
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def random_mask(d_out, d_in, density, gen, index_dtype=torch.int64):
+    """CSR of a random mask with an empty row (0), a fully dense row (1) and sorted columns."""
+    dense = torch.rand(d_out, d_in, generator=gen) < density
+    dense[0] = False
+    if d_out > 1:
+        dense[1] = True
+    crow = torch.zeros(d_out + 1, dtype=torch.int64)
+    crow[1:] = dense.sum(1).cumsum(0)
+    col = dense.nonzero()[:, 1]
+    return crow.to(index_dtype), col.to(index_dtype)
+
+
+def _impl_device(request, impl):
+    """The device an implementation runs on (skipping where it cannot)."""
+    if impl == "cpp":
+        if not HAS_CPP:
+            pytest.skip(f"peft_kernels._C sparse ops missing: {_ext.native_error()}")
+        return torch.device("cpu")
+    if impl == "triton":
+        return request.getfixturevalue("interpret")
+    if not _ext.native_has_cuda():
+        pytest.skip("peft_kernels._C was built without CUDA")
+    return torch.device("cuda")
+
+
+IMPLS = ["cpp", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+assert 150 > 2 * max(ops.SPMM_BLOCK_T, ops.SDDMM_BLOCK_T)  # test_edge_masks spans several token tiles
+
+
+def _check_linear(impl, device, dtype, use_bias, x_shape=(*T_SHAPE, D_IN), d_out=D_OUT, mask=None, density=0.1):
+    d_in = x_shape[-1]
+    g = torch.Generator().manual_seed(1)
+    crow, col = mask if mask is not None else random_mask(d_out, d_in, density, g)
+    nnz = col.shape[0]
+    x = torch.randn(x_shape, generator=g)
+    W = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+    b = torch.randn(d_out, generator=g) if use_bias else None
+    val = torch.randn(nnz, generator=g)
+    dy = torch.randn(*x_shape[:-1], d_out, generator=g)
+    crow, col = crow.to(device), col.to(device)
+
+    def run(fn, dt, dev):
+        xx, vv = leaf(x.to(dev), dt), leaf(val.to(dev), dt)
+        bb = None if b is None else b.to(dev, dt)
+        y = fn(xx, W.to(dev, dt), crow.to(dev), col.to(dev), vv, bb)
+        return [y, *grads(y, [xx, vv], dy.to(dev, dt))]
+
+    exact = run(lambda *a: sparse(*a), torch.float64, "cpu")
+    same = run(lambda *a: sparse(*a), dtype, "cpu")
+    got = run(lambda *a: ops.sparse_linear(*a, impl=impl), dtype, device)
+    for name, k, s, e in zip(("y", "dx", "dval"), got, same, exact):
+        assert k.dtype == dtype
+        assert_close_to_reference(f"{impl}/{dtype}/{name}", k.cpu(), s, e)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,use_bias", [(torch.float32, True), (torch.float16, False), (torch.bfloat16, True)])
+def test_sparse_linear_matches_reference(request, impl, dtype, use_bias):
+    _check_linear(impl, _impl_device(request, impl), dtype, use_bias)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_edge_masks(request, impl):
+    """A single nnz in total; every row empty but one fully dense row; int32 indices; a single token;
+    more tokens than one kernel tile (so the token-tile grids and loops run more than once)."""
+    device = _impl_device(request, impl)
+    d_out, d_in = 13, 29
+    one = (torch.tensor([0] * 6 + [1] * 8), torch.tensor([17]))
+    _check_linear(impl, device, torch.float32, False, x_shape=(1, d_in), d_out=d_out, mask=one)
+    _check_linear(impl, device, torch.bfloat16, False, x_shape=(2, 75, d_in), d_out=d_out, mask=one)
+    dense_row = torch.zeros(d_out + 1, dtype=torch.int32)
+    dense_row[5:] = d_in
+    _check_linear(impl, device, torch.float32, True, x_shape=(3, 67, d_in), d_out=d_out,
+                  mask=(dense_row, torch.arange(d_in, dtype=torch.int32)))
+    _check_linear(impl, device, torch.float16, True, x_shape=(150, d_in), d_out=d_out, density=0.3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sparse_adapter_alone_and_cached_transpose(request, impl):
+    device = _impl_device(request, impl)
+    g = torch.Generator().manual_seed(2)
+    crow, col = random_mask(D_OUT, D_IN, 0.05, g, torch.int32)
+    crow, col = crow.to(device), col.to(device)
+    x = torch.randn(3, 5, D_IN, generator=g)
+    val = torch.randn(col.shape[0], generator=g)
+    dy = torch.randn(3, 5, D_OUT, generator=g)
+
+    def reference(dt):
+        rx, rv = leaf(x, dt), leaf(val, dt)
+        y = sparse_adapter(rx.reshape(-1, D_IN), crow.cpu(), col.cpu(), rv, D_OUT).reshape(3, 5, D_OUT)
+        return [y, *grads(y, [rx, rv], dy.to(dt))]
+
+    exact, same = reference(torch.float64), reference(torch.float32)
+    csr_t = ops.csr_transpose(crow, col, D_IN)
+    for kw in ({}, {"csr_t": csr_t}):
+        xx, vv = leaf(x.to(device)), leaf(val.to(device))
+        y = ops.sparse_adapter(xx, crow, col, vv, D_OUT, impl=impl, **kw)
+        got_g = grads(y, [xx, vv], dy.to(device))
+        for name, k, sd, e in zip(("y", "dx", "dval"), [y, *got_g], same, exact):
+            assert_close_to_reference(f"{impl}/{name}", k.cpu(), sd, e)
+
+
+def test_csr_transpose_is_the_transposed_mask():
+    g = torch.Generator().manual_seed(3)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    val = torch.randn(col.shape[0], generator=g)
+    crow_t, row_t, perm = ops.csr_transpose(crow, col, D_IN)
+    dense = sparse_delta_weight(crow, col, val, (D_OUT, D_IN))
+    dense_t = sparse_delta_weight(crow_t, row_t, val[perm], (D_IN, D_OUT))  # validates sorted/unique too
+    assert torch.equal(dense_t, dense.t())
+
+
+def test_no_dense_weight_sized_tensor_in_a_training_step(request):
+    """Forward + backward allocate nothing of d_out * d_in elements (a dense gradient or delta)."""
+    impls = [i for i in ("cpp", "triton") if i != "cpp" or HAS_CPP]
+    g = torch.Generator().manual_seed(4)
+    crow, col = random_mask(D_OUT, D_IN, 0.05, g)
+    W = torch.randn(D_OUT, D_IN, generator=g)
+    csr_t = ops.csr_transpose(crow, col, D_IN)
+    limit = D_OUT * D_IN
+    assert 37 * max(D_IN, D_OUT) < limit  # so the token-sized tensors cannot trip the check
+
+    class Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                for t in (out if isinstance(out, (tuple, list)) else [out]):
+                    if isinstance(t, torch.Tensor) and t.numel() >= limit:
+                        self.big.append((str(func), tuple(t.shape)))
+            return out
+
+    for impl in impls:
+        dev = request.getfixturevalue("interpret") if impl == "triton" else torch.device("cpu")
+        x = torch.randn(37, D_IN, device=dev, requires_grad=True)
+        val = torch.randn(col.shape[0], device=dev, requires_grad=True)
+        mask = [t.to(dev) for t in (crow, col)]
+        cached = tuple(t.to(dev) for t in csr_t)
+        with Watch() as w:
+            y = ops.sparse_linear(x, W.to(dev), *mask, val, impl=impl, csr_t=cached)
+            y.square().sum().backward()
+        assert x.grad is not None and val.grad is not None
+        assert not w.big, f"{impl}: dense-sized tensors allocated: {w.big}"
+
+
+@needs_cpp
+def test_cpu_default_is_cpp(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    assert dispatch.choose("sparse", torch.device("cpu"), torch.bfloat16) == "cpp"
+    assert dispatch.choose("sparse", torch.device("cpu"), torch.float64) == "torch"
+
+
+@needs_cpp
+def test_native_ops_opcheck_and_compile():
+    g = torch.Generator().manual_seed(5)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    x = torch.randn(37, D_IN, generator=g)
+    val = torch.randn(col.shape[0], generator=g)
+    dy = torch.randn(37, D_OUT, generator=g)
+    torch.library.opcheck(torch.ops.peft_kernels.sparse_spmm.default, (x, crow, col, val, D_OUT))
+    torch.library.opcheck(torch.ops.peft_kernels.sparse_sddmm.default, (dy, x, crow, col))
+    # the whole autograd path traces without graph breaks (fake kernels registered)
+    f = torch.compile(lambda a, v: ops.sparse_adapter(a, crow, col, v, D_OUT, impl="cpp"), backend="aot_eager",
+                      fullgraph=True)
+    xx, vv = leaf(x), leaf(val)
+    y = f(xx, vv)
+    gx, gv = grads(y, [xx, vv], dy)
+    rx, rv = leaf(x), leaf(val)
+    ry = sparse_adapter(rx, crow, col, rv, D_OUT)
+    ex, ev = grads(ry, [rx, rv], dy)
+    for name, k, e in (("y", y, ry), ("dx", gx, ex), ("dval", gv, ev)):
+        assert_close_to_reference(name, k, e, e)
+
+
+def test_triton_ops_opcheck(interpret):
+    g = torch.Generator().manual_seed(6)
+    crow, col = random_mask(11, 17, 0.3, g)
+    x = torch.randn(9, 17, generator=g).to(interpret)
+    val = torch.randn(col.shape[0], generator=g).to(interpret)
+    dy = torch.randn(9, 11, generator=g).to(interpret)
+    crow, col = crow.to(interpret), col.to(interpret)
+    torch.library.opcheck(torch.ops.peft_kernels.sparse_spmm_triton.default, (x, crow, col, val, 11),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.peft_kernels.sparse_sddmm_triton.default, (dy, x, crow, col),
+                          test_utils=("test_schema", "test_faketensor"))
+    rows = csr_rows(crow)
+    assert torch.allclose(torch.ops.peft_kernels.sparse_sddmm_triton(dy, x, crow, col),
+                          (dy[:, rows] * x[:, col]).sum(0), atol=1e-5)
+
+
+def test_bad_arguments_raise_before_launch():
+    g = torch.Generator().manual_seed(7)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    nnz = col.shape[0]
+    x, val, W = torch.randn(5, D_IN), torch.randn(nnz), torch.randn(D_OUT, D_IN)
+    with pytest.raises(ValueError, match="val must have shape"):
+        ops.sparse_adapter(x, crow, col, torch.randn(nnz + 1), D_OUT)
+    with pytest.raises(ValueError, match="crow must have shape"):
+        ops.sparse_adapter(x, crow, col, val, D_OUT + 1)
+    with pytest.raises(TypeError, match="col must have dtype"):
+        ops.sparse_adapter(x, crow, col.float(), val, D_OUT)
+    with pytest.raises(ValueError, match="x must have last dim"):
+        ops.sparse_linear(torch.randn(5, D_IN + 1), W, crow, col, val)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.sparse_linear(x, W, crow, col, val, bias=torch.randn(D_OUT + 1))
+    with pytest.raises(ValueError, match="out_features"):
+        ops.sparse_adapter(x, crow, col, val, -1)
+    with pytest.raises(TypeError, match="csr_t"):
+        ops.sparse_adapter(x, crow, col, val, D_OUT, impl="cpp" if HAS_CPP else "torch", csr_t=(crow,))
+    if HAS_CPP:
+        # the native kernel's own last line of defence (no Python check reads index values per call)
+        with pytest.raises(RuntimeError, match="out of range"):
+            torch.ops.peft_kernels.sparse_spmm(x, crow, torch.full_like(col, D_IN), val, D_OUT)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_larger_shapes_on_gpu(request, impl, dtype):
+    """Many row/token tiles and rows of uneven length at a realistic density."""
+    _check_linear(impl, _impl_device(request, impl), dtype, True, x_shape=(4, 251, 1031), d_out=769, density=0.02)
