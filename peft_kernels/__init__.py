@@ -31,6 +31,9 @@ _LAZY = {
     "adapt": "peft_kernels.adapters",
     "AdaptedModel": "peft_kernels.adapters",
     "from_peft_model": "peft_kernels.adapters",
+    "load_adapted": "peft_kernels.adapters",
+    "load_peft_checkpoint": "peft_kernels.adapters",
+    "CheckpointError": "peft_kernels.adapters",
 }
 
 __all__ = ["dispatch", "reference", "native_error", "__version__", *_LAZY]

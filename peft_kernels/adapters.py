@@ -1,0 +1,907 @@
+"""Switch the kernels on for a model you already train: inject by name, merge, save/load, PEFT interop.
+
+HF PEFT's workflow is the anchor (``get_peft_model`` -> ``adapt``, ``save_pretrained`` -> ``save``,
+``PeftModel.from_pretrained`` -> ``load_adapted``, ``merge_and_unload``), and so is its checkpoint
+layout: a directory with ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
+``base_model.model.<module path>.<adapter param>``. For LoRA the files ARE a PEFT LoRA checkpoint
+(``lora_A.weight`` / ``lora_B.weight``, a plain ``LoraConfig`` json), so PEFT loads what we write
+and we load what PEFT writes. This package's own metadata (family, per-module options, version)
+goes into the safetensors header, and for the other families also into the json.
+
+Loading is all-or-nothing: every problem (missing, unexpected and mis-shaped keys, wrong family,
+changed options) is collected into one :class:`CheckpointError`, and nothing in the model is touched
+until everything has been checked.
+
+GPT-2 style ``transformers`` ``Conv1D`` layers (``x @ W + b`` with W ``(in, out)``) are adapted by
+converting them to an equivalent ``nn.Linear`` (transposed weight); ``merge_and_unload``/``unload``
+turn them back into ``Conv1D`` so the model's own state dict layout is preserved.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraModel).model (your model)
+FORMAT_VERSION = 1
+META_KEY = "peft_kernels"
+
+# method name -> (module, class). Imported lazily: a family whose module is missing only fails
+# when it is asked for.
+FAMILIES = {
+    "lora": ("peft_kernels.modules.lora", "LoRALinear"),
+    "adalora": ("peft_kernels.modules.adalora", "AdaLoRALinear"),
+    "monarch": ("peft_kernels.modules.monarch", "MonarchLinear"),
+    "sparse": ("peft_kernels.modules.sparse", "SparseLinear"),
+    "lily": ("peft_kernels.modules.lily", "LilyLinear"),
+    "moelora": ("peft_kernels.modules.lily", "MoELoRALinear"),
+}
+# Router-mixed adapters have no input-independent dense change (Lily's batch routing depends on
+# the batch, MoE-LoRA routes per token), so they cannot be merged.
+UNMERGEABLE = frozenset({"lily", "moelora"})
+# Options that do not change what a trained adapter computes (or that only pick the initial
+# sparse mask, which the checkpoint's own mask replaces): a checkpoint may differ in them.
+_OPTIONS_NOT_COMPARED = frozenset({"impl", "dropout", "lora_dropout", "seed", "method", "mask", "density", "per_row",
+                                   "scores"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded; the message lists every problem found."""
+
+
+# ----------------------------------------------------------------------------- module discovery
+
+
+def family_class(method: str) -> type:
+    if method not in FAMILIES:
+        raise ValueError(f"method must be one of {sorted(FAMILIES)}, got {method!r}")
+    mod_name, cls_name = FAMILIES[method]
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ImportError(f"adapter family {method!r} needs {mod_name}, which failed to import: {e}") from e
+    return getattr(mod, cls_name)
+
+
+def _is_adapter(m: nn.Module) -> bool:
+    """A module wrapping a frozen base layer (ours, or PEFT's LoraLayer): never adapt inside it."""
+    return "base_layer" in m._modules
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    # Checked by name so this module never imports transformers itself.
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return mod is not None and isinstance(m, getattr(mod, "Conv1D", ()))
+
+
+def _linear_like(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(full name, module)`` of every nn.Linear / Conv1D in model order, outside adapter modules."""
+    out = []
+
+    def walk(prefix: str, m: nn.Module):
+        for child_name, child in m._modules.items():
+            if child is None:
+                continue
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if _is_adapter(child):
+                continue
+            if isinstance(child, nn.Linear) or _is_conv1d(child):
+                out.append((name, child))
+            else:
+                walk(name, child)
+
+    walk("", model)
+    return out
+
+
+def _layer_index(name: str) -> Optional[int]:
+    """The first purely numeric path component (``model.layers.3.self_attn.q_proj`` -> 3)."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _target_matches(target: str, name: str) -> bool:
+    """A target matches the full name, a dotted suffix of it (``q_proj``, ``self_attn.q_proj``), or
+    is a regular expression matching the whole name."""
+    if name == target or name.endswith("." + target):
+        return True
+    try:
+        return re.fullmatch(target, name) is not None
+    except re.error:
+        return False
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    """Names of the model's output projection (excluded by ``"all-linear"``, as in PEFT)."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if out is None:
+        return set()
+    return {n for n, m in model.named_modules() if m is out}
+
+
+def select_modules(model: nn.Module, target_modules, layers: Optional[Iterable[int]] = None) -> list[str]:
+    """Full names of the linear layers ``adapt`` would replace (model order)."""
+    candidates = _linear_like(model)
+    names = [n for n, _ in candidates]
+    if target_modules is None:
+        raise ValueError("target_modules is required: a list of names/regexes, one regex string, or 'all-linear'")
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        excluded = _output_layer_names(model)
+        chosen = [n for n in names if n not in excluded]
+    elif isinstance(target_modules, str):
+        # PEFT's rule for a single string: a regex over the full name.
+        chosen = [n for n in names if re.fullmatch(target_modules, n)]
+        if not chosen:
+            raise ValueError(f"target_modules regex {target_modules!r} matches no linear layer; "
+                             f"{_describe_available(names)}")
+    else:
+        targets = list(target_modules)
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise TypeError(f"target_modules must be a non-empty list of strings, got {target_modules!r}")
+        unmatched = [t for t in targets if not any(_target_matches(t, n) for n in names)]
+        if unmatched:
+            raise ValueError(f"target_modules {unmatched} match no linear layer (nn.Linear or Conv1D) of "
+                             f"{type(model).__name__}; {_describe_available(names)}")
+        chosen = [n for n in names if any(_target_matches(t, n) for t in targets)]
+    if layers is not None:
+        wanted = {int(i) for i in ([layers] if isinstance(layers, int) else layers)}
+        found = {_layer_index(n) for n in chosen} - {None}
+        missing = sorted(wanted - found)
+        if missing:
+            raise ValueError(f"layers {missing} hold none of the targeted modules; targeted layers are "
+                             f"{sorted(found) or 'none (no numeric index in the module names)'}")
+        chosen = [n for n in chosen if _layer_index(n) in wanted]
+    if not chosen:
+        raise ValueError(f"no linear layer selected; {_describe_available(names)}")
+    return chosen
+
+
+def _describe_available(names: Sequence[str]) -> str:
+    if not names:
+        return "the model has no nn.Linear/Conv1D layers outside adapters"
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return f"available linear names: {short} (e.g. full name {names[0]!r})"
+
+
+# ----------------------------------------------------------------------------- module surgery
+
+
+def _conv1d_to_linear(conv: nn.Module) -> nn.Linear:
+    """GPT-2's Conv1D computes ``x @ W + b`` with W ``(in, out)``: the same as Linear with W^T."""
+    w = conv.weight
+    lin = nn.Linear(conv.nx, conv.nf, bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+    lin.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+    if conv.bias is not None:
+        lin.bias = conv.bias
+    return lin
+
+
+def _linear_to_conv1d(lin: nn.Linear, requires_grad: bool) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(lin.out_features, lin.in_features)
+    conv.weight = nn.Parameter(lin.weight.detach().t().contiguous(), requires_grad=requires_grad)
+    if lin.bias is not None:
+        conv.bias = lin.bias
+    else:
+        conv.bias = None
+    return conv
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _adapter_items(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The adapter's own persistent state: everything in its state dict not under ``base_layer.``
+    (the live Parameter/buffer objects, so shared tensors can be recognised by identity)."""
+    for k, t in module.state_dict(keep_vars=True).items():
+        if not k.startswith("base_layer."):
+            yield k, t
+
+
+def _build_modules(method: str, linears: dict[str, nn.Linear], options: dict,
+                   per_module: Optional[dict[str, dict]] = None) -> dict[str, nn.Module]:
+    """Build (not install) the adapter modules. ``per_module`` overrides options per name."""
+    cls = family_class(method)
+    if method == "lily":
+        build_lily = getattr(importlib.import_module(FAMILIES["lily"][0]), "build_lily")
+        built = build_lily(dict(linears), **options)
+        return {n: built[n] for n in linears}
+    out = {}
+    for name, lin in linears.items():
+        opts = per_module[name] if per_module is not None else options
+        out[name] = cls.from_linear(lin, **opts)
+    return out
+
+
+def _snapshot_requires_grad(model: nn.Module) -> dict[int, tuple[nn.Parameter, bool]]:
+    return {id(p): (p, p.requires_grad) for p in model.parameters()}
+
+
+def _restore_requires_grad(snapshot) -> None:
+    for p, flag in snapshot.values():
+        p.requires_grad_(flag)
+
+
+def _freeze_all_but_adapters(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in modules.values():
+        for k, p in m.named_parameters():
+            if not k.startswith("base_layer."):
+                p.requires_grad_(True)
+
+
+def _install(model: nn.Module, method: str, options: dict, modules: dict[str, nn.Module],
+             conv1d: dict[str, bool], snapshot) -> "AdaptedModel":
+    for name, m in modules.items():
+        _set_submodule(model, name, m)
+    _freeze_all_but_adapters(model, modules)
+    return AdaptedModel(model, method, options, list(modules), conv1d=conv1d, requires_grad_snapshot=snapshot)
+
+
+def _base_linears(model: nn.Module, names: Sequence[str], snapshot: dict,
+                  error_cls: type = TypeError) -> tuple[dict[str, nn.Linear], dict]:
+    """The nn.Linear to wrap for each name (Conv1D converted: a transposed copy of the weight, the
+    bias shared); also ``{Conv1D name: its weight's requires_grad}`` to restore it on unload. The
+    Conv1D weight leaves ``snapshot`` so nothing keeps the replaced weight alive."""
+    linears, conv1d = {}, {}
+    for name in names:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"the model has no module {name!r}") from None
+        if _is_conv1d(m):
+            linears[name] = _conv1d_to_linear(m)
+            conv1d[name] = m.weight.requires_grad
+            snapshot.pop(id(m.weight), None)
+        elif isinstance(m, nn.Linear):
+            linears[name] = m
+        else:
+            raise error_cls(f"{name!r} is a {type(m).__name__}, not an nn.Linear or transformers Conv1D")
+    return linears, conv1d
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: Optional[Iterable[int]] = None,
+          **method_options) -> "AdaptedModel":
+    """Replace the matching linear layers of ``model`` in place and freeze everything else.
+
+    ``target_modules``: names matching the last component(s) of a module path (``"q_proj"``,
+    ``"self_attn.q_proj"``), full names, or regexes over the full name; a single string is a regex
+    (PEFT's rule); ``"all-linear"`` takes every linear but the output layer. ``layers`` keeps only
+    modules whose path holds one of these integer indices (``model.layers.3.mlp.up_proj`` -> 3).
+    ``method_options`` go to the family's ``from_linear`` (``build_lily`` for Lily).
+    """
+    if isinstance(model, AdaptedModel):
+        raise TypeError("model is already an AdaptedModel; pass adapted.model to adapt more layers")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    family_class(method)  # fail early on an unknown or missing family
+    names = select_modules(model, target_modules, layers)
+    snapshot = _snapshot_requires_grad(model)
+    linears, conv1d = _base_linears(model, names, snapshot)
+    try:
+        modules = _build_modules(method, linears, method_options)
+    except BaseException:
+        _restore_requires_grad(snapshot)  # from_linear may already have frozen some base layers
+        raise
+    return _install(model, method, method_options, modules, conv1d, snapshot)
+
+
+def _json_safe(options: dict) -> dict:
+    """Options for the json: tensors (a sparse ``mask=``/``scores=``) are described, not stored; the
+    mask itself travels in the weights file and the per-module configs rebuild the shapes."""
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = f"<tensor {tuple(v.shape)} {v.dtype}>"
+        elif isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v):
+            out[k] = f"<{len(v)} tensors>"
+        else:
+            out[k] = v
+    return out
+
+
+class AdaptedModel(nn.Module):
+    """Handle over a model whose linear layers were replaced by adapter modules.
+
+    Calling it calls the model; attributes it lacks are looked up on the model (``adapted.config``).
+    """
+
+    def __init__(self, model: nn.Module, method: str, options: dict, names: Sequence[str],
+                 conv1d: Optional[dict[str, bool]] = None, requires_grad_snapshot=None):
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.options = dict(options)
+        self._names = list(names)
+        self._conv1d = dict(conv1d or {})  # Conv1D name -> its weight's original requires_grad
+        self._snapshot = requires_grad_snapshot or {}
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- inspection
+    def adapted_modules(self) -> dict[str, nn.Module]:
+        return {n: self.model.get_submodule(n) for n in self._names}
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters to hand to an optimizer (shared ones once)."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def count_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` element counts, shared parameters counted once."""
+        params = list(self.model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> str:
+        trainable, total = self.count_parameters()
+        line = (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        print(line)
+        return line
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, adapted={len(self._names)} modules"
+
+    # -- merging
+    def _check_mergeable(self) -> None:
+        if self.method in UNMERGEABLE:
+            raise ValueError(f"{self.method} adapters route per batch/token and have no input-independent "
+                             "dense change: they cannot be merged (keep the adapter modules for inference)")
+
+    def merge(self) -> None:
+        """Add every adapter's dense change into its base weight (forward == base layer alone)."""
+        self._check_mergeable()
+        for m in self.adapted_modules().values():
+            if not m.merged:
+                m.merge()
+
+    def unmerge(self) -> None:
+        for m in self.adapted_modules().values():
+            if m.merged:
+                m.unmerge()
+
+    def _restore_layer(self, name: str, linear: nn.Linear) -> None:
+        new = _linear_to_conv1d(linear, self._conv1d[name]) if name in self._conv1d else linear
+        _set_submodule(self.model, name, new)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Replace every adapter by a plain layer holding the merged weight; returns the model."""
+        self._check_mergeable()
+        for name, m in self.adapted_modules().items():
+            self._restore_layer(name, m.to_linear())
+        self._names = []
+        return self.model
+
+    def unload(self) -> nn.Module:
+        """Remove the adapters without merging, restoring the original layers and trainability."""
+        for name, m in self.adapted_modules().items():
+            if getattr(m, "merged", False):
+                m.unmerge()
+            self._restore_layer(name, m.base_layer)
+        self._names = []
+        _restore_requires_grad(self._snapshot)
+        return self.model
+
+    # -- checkpoints
+    def adapter_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """``(state, shared)``: checkpoint key -> live tensor, each tensor once; ``shared`` maps the
+        keys of tensors seen again (Lily's shared projectors) to the key they are stored under."""
+        return _adapter_state(self.adapted_modules())
+
+    def _metadata(self) -> dict:
+        from . import __version__
+
+        return {
+            "format_version": FORMAT_VERSION,
+            "version": __version__,
+            "family": self.method,
+            # the implementation choice belongs to the machine that runs, not to the checkpoint
+            "options": _json_safe({k: v for k, v in self.options.items() if k != "impl"}),
+            "target_modules": list(self._names),
+            "modules": {n: _module_config(m) for n, m in self.adapted_modules().items()},
+            "conv1d": sorted(self._conv1d),
+        }
+
+    def save(self, directory: Union[str, os.PathLike], peft_format: Optional[bool] = None,
+             is_main_process: bool = True) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (temp file, then rename).
+
+        For LoRA the default (``peft_format=None``) writes a plain PEFT LoRA checkpoint that
+        ``peft.PeftModel.from_pretrained`` loads; ``peft_format=False`` writes this package's
+        json instead. Other families cannot be written in PEFT's format.
+
+        Under FSDP2 the adapter parameters are sharded and gathering them is a collective: call
+        ``save`` on every rank with ``is_main_process=(rank == 0)`` (PEFT's argument); only that
+        rank writes. Under DDP calling it on rank 0 alone is enough.
+        """
+        if peft_format is None:
+            peft_format = self.method == "lora"
+        if peft_format and self.method != "lora":
+            raise ValueError(f"peft_format=True needs method='lora', this model uses {self.method!r}")
+        if not self._names:
+            raise ValueError("no adapter modules left (after merge_and_unload/unload): nothing to save")
+        state, shared = self.adapter_state()
+        meta = self._metadata()
+        meta["shared"] = shared
+        try:
+            meta_json = json.dumps(meta, sort_keys=True)
+        except TypeError as e:
+            raise TypeError(f"adapter options must be JSON-serialisable to be saved: {e}") from None
+        tensors = {k: _to_saveable(t) for k, t in state.items()}
+        config = _peft_lora_config(meta) if peft_format else {META_KEY: meta}
+        if not is_main_process:
+            return
+        os.makedirs(directory, exist_ok=True)
+        from safetensors.torch import save as st_save
+
+        _atomic_write(os.path.join(directory, WEIGHTS_NAME), st_save(tensors, metadata={META_KEY: meta_json}))
+        _atomic_write(os.path.join(directory, CONFIG_NAME), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+    def load(self, directory: Union[str, os.PathLike]) -> "AdaptedModel":
+        """Load adapter weights saved from a model adapted the same way (our format or PEFT LoRA)."""
+        meta, tensors = read_checkpoint(directory)
+        if "peft" in meta:
+            meta = _with_peft_module_options(meta, tensors)
+        _load_into(self.method, self.adapted_modules(), meta, tensors, str(directory))
+        return self
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory) -> "AdaptedModel":
+        return load_adapted(model, directory)
+
+
+def _module_config(m: nn.Module) -> dict:
+    cfg = dict(m.adapter_config())
+    return {k: v for k, v in cfg.items() if k != "impl"}
+
+
+def _adapter_state(modules: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    state, shared, seen = {}, {}, {}
+    for name, m in modules.items():
+        for k, t in _adapter_items(m):
+            key = f"{PREFIX}{name}.{k}"
+            if id(t) in seen:
+                shared[key] = seen[id(t)]
+            else:
+                seen[id(t)] = key
+                state[key] = t
+    return state, shared
+
+
+def _to_saveable(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if hasattr(t, "full_tensor"):  # an FSDP2-sharded DTensor: gather the whole tensor
+        t = t.full_tensor()
+    return t.to("cpu").contiguous().clone()
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write to a temp file in the same directory, then rename over ``path`` (never half a file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- PEFT LoRA configs
+
+
+def _peft_lora_config(meta: dict) -> dict:
+    """A ``peft.LoraConfig`` json for our LoRA modules (only fields PEFT >= 0.9 knows, so it loads
+    without "unexpected keyword" warnings)."""
+    mods = meta["modules"]
+    names = meta["target_modules"]
+    rs = {n: int(c["r"]) for n, c in mods.items()}
+    alphas = {n: float(c.get("alpha", 16.0)) for n, c in mods.items()}
+    drops = {float(c.get("dropout", 0.0)) for c in mods.values()}
+    rsl = {bool(c.get("use_rslora", False)) for c in mods.values()}
+    if len(rsl) > 1:
+        raise ValueError("PEFT's LoraConfig has one use_rslora for all modules; these modules mix both")
+    # the most common r/alpha is the default; the others go to PEFT's rank/alpha patterns, keyed by
+    # full module name (PEFT matches a pattern key against the end of the module name)
+    r0, a0 = _most_common([rs[n] for n in names]), _most_common([alphas[n] for n in names])
+    a0_json = int(a0) if float(a0).is_integer() else a0
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": False,
+        "r": r0,
+        "lora_alpha": a0_json,
+        "lora_dropout": max(drops) if drops else 0.0,
+        "use_rslora": rsl.pop() if rsl else False,
+        # full module names: PEFT adapts a module when a list entry equals its name (or a suffix),
+        # so exactly these modules get LoRA even when a layer subset was chosen
+        "target_modules": list(names),
+        "bias": "none",
+        "fan_in_fan_out": bool(meta.get("conv1d")),
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {n: r for n, r in rs.items() if r != r0},
+        "alpha_pattern": {n: (int(a) if float(a).is_integer() else a) for n, a in alphas.items() if a != a0},
+        "use_dora": False,
+    }
+
+
+def _most_common(values: list):
+    """The most frequent value; ties go to the one seen first (deterministic configs)."""
+    return max(dict.fromkeys(values), key=values.count)
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    # PEFT's rule (peft.utils.other.get_pattern_key): a key matches the end of the dotted name
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _meta_from_peft_config(cfg: dict, keys: Iterable[str], where: str) -> dict:
+    """Our metadata for a checkpoint written by HF PEFT (a LoraConfig json + its tensor keys)."""
+    problems = []
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{where}: adapter_config.json has peft_type {cfg.get('peft_type')!r} and no "
+                              f"'{META_KEY}' section; only PEFT LoRA checkpoints (peft_type 'LORA') can be read")
+    if cfg.get("use_dora"):
+        problems.append("use_dora=true (DoRA) is not supported")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        problems.append(f"bias={cfg.get('bias')!r}/lora_bias={cfg.get('lora_bias')!r}: only bias='none' is supported")
+    if cfg.get("modules_to_save"):
+        problems.append(f"modules_to_save={cfg['modules_to_save']!r} is not supported")
+    names, odd = [], []
+    for k in keys:
+        if not k.startswith(PREFIX):
+            odd.append(k)
+            continue
+        body = k[len(PREFIX):]
+        if body.endswith(".lora_A.weight"):
+            names.append(body[: -len(".lora_A.weight")])
+        elif not body.endswith(".lora_B.weight"):
+            odd.append(k)
+    if odd:
+        problems.append(f"keys that are not LoRA Linear weights (embedding/conv LoRA, DoRA magnitudes, biases "
+                        f"or trained modules are not supported): {sorted(odd)}")
+    if problems:
+        raise CheckpointError(f"{where}: cannot load this PEFT checkpoint:\n  - " + "\n  - ".join(problems))
+    return {"format_version": FORMAT_VERSION, "family": "lora", "peft": cfg, "target_modules": sorted(names),
+            "modules": None, "shared": {}}
+
+
+def _with_peft_module_options(meta: dict, tensors: dict) -> dict:
+    """Fill ``modules`` of a PEFT checkpoint's metadata: r from each lora_A's shape (PEFT's
+    rank_pattern), alpha from alpha_pattern or lora_alpha."""
+    cfg, per_module = meta["peft"], {}
+    for n in meta["target_modules"]:
+        a = tensors.get(f"{PREFIX}{n}.lora_A.weight")
+        r = a.shape[0] if a is not None and a.dim() == 2 else _pattern_value(cfg.get("rank_pattern"), n, cfg.get("r", 8))
+        per_module[n] = _peft_module_options(cfg, n, r)
+    return dict(meta, modules=per_module)
+
+
+def _peft_module_options(cfg: dict, name: str, r: int) -> dict:
+    alpha = _pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8))
+    return {"r": int(r), "alpha": float(alpha), "dropout": float(cfg.get("lora_dropout", 0.0) or 0.0),
+            "use_rslora": bool(cfg.get("use_rslora", False))}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_checkpoint(directory) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and parse a checkpoint directory: ``(metadata, tensors)``; one clear error if unreadable."""
+    directory = str(directory)
+    cfg_path = os.path.join(directory, CONFIG_NAME)
+    w_path = os.path.join(directory, WEIGHTS_NAME)
+    missing = [p for p in (cfg_path, w_path) if not os.path.isfile(p)]
+    if missing:
+        raise CheckpointError(f"{directory}: not an adapter checkpoint, missing {', '.join(missing)}")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot parse adapter config: {e}") from e
+    from safetensors import safe_open
+    from safetensors.torch import load as st_load
+
+    try:
+        with open(w_path, "rb") as f:
+            blob = f.read()
+        tensors = st_load(blob)
+        with safe_open(w_path, framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{w_path}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from e
+    meta = cfg.get(META_KEY) if isinstance(cfg, dict) else None
+    if meta is None and META_KEY in header:
+        try:
+            meta = json.loads(header[META_KEY])
+        except ValueError as e:
+            raise CheckpointError(f"{w_path}: unreadable '{META_KEY}' metadata: {e}") from e
+    if meta is None:
+        meta = _meta_from_peft_config(cfg, tensors.keys(), directory)
+    return meta, tensors
+
+
+def _compare_options(want: dict, have: dict) -> list[str]:
+    diffs = []
+    for k in sorted(set(want) | set(have)):
+        if k in _OPTIONS_NOT_COMPARED:
+            continue
+        if want.get(k) != have.get(k):
+            diffs.append(f"{k}: checkpoint {want.get(k)!r} vs model {have.get(k)!r}")
+    return diffs
+
+
+def _validate(method: str, modules: dict[str, nn.Module], meta: dict, tensors: dict[str, torch.Tensor],
+              where: str) -> dict[str, torch.Tensor]:
+    """Check everything; returns live tensor -> checkpoint tensor pairs keyed by our key. Raises one
+    CheckpointError listing every problem, having changed nothing."""
+    problems = []
+    fam = meta.get("family")
+    if fam != method:
+        raise CheckpointError(f"{where}: checkpoint holds {fam!r} adapters but the model uses {method!r}; "
+                              "a checkpoint only loads into the family that saved it")
+    ck_names, names = list(meta.get("target_modules") or []), list(modules)
+    miss_m = sorted(set(names) - set(ck_names))
+    extra_m = sorted(set(ck_names) - set(names))
+    if miss_m:
+        problems.append(f"adapted modules absent from the checkpoint: {miss_m}")
+    if extra_m:
+        problems.append(f"checkpoint modules not adapted in this model: {extra_m}")
+    ck_mods = meta.get("modules") or {}
+    for n in names:
+        if n in ck_mods:
+            diffs = _compare_options(ck_mods[n], _module_config(modules[n]))
+            if diffs:
+                problems.append(f"options of {n} differ: " + "; ".join(diffs))
+    state, shared = _adapter_state(modules)
+    ck_shared = dict(meta.get("shared") or {})
+    # resolve every key the model expects (shared ones included) to a checkpoint tensor
+    expected = dict(state)
+    expected.update({k: state[v] for k, v in shared.items()})
+    available = set(tensors) | set(ck_shared)
+    missing = sorted(set(expected) - available)
+    unexpected = sorted(available - set(expected))
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    pairs = {}
+    for key, live in state.items():
+        src_key = ck_shared.get(key, key)
+        if src_key not in tensors:
+            continue
+        src = tensors[src_key]
+        if tuple(src.shape) != tuple(live.shape):
+            problems.append(f"shape mismatch for {key}: checkpoint {tuple(src.shape)} vs model {tuple(live.shape)}")
+        elif src.is_floating_point() != live.is_floating_point():
+            problems.append(f"dtype mismatch for {key}: checkpoint {src.dtype} vs model {live.dtype}")
+        else:
+            pairs[key] = src
+    problems += _check_sparse_masks(modules, pairs)
+    if problems:
+        raise CheckpointError(f"{where}: cannot load adapter checkpoint ({len(problems)} problem(s)); "
+                              "the model was not changed:\n  - " + "\n  - ".join(problems))
+    return pairs
+
+
+def _check_sparse_masks(modules: dict[str, nn.Module], pairs: dict[str, torch.Tensor]) -> list[str]:
+    """A sparse adapter's mask arrives as index buffers: check them as CSR before anything is copied
+    (an out-of-range column would otherwise surface later, inside a kernel)."""
+    from .reference.sparse import check_csr
+
+    problems = []
+    for name, m in modules.items():
+        keys = [f"{PREFIX}{name}.{k}" for k in ("crow", "col", "values")]
+        if not (isinstance(getattr(m, "crow", None), torch.Tensor) and keys[0] in pairs and keys[1] in pairs):
+            continue
+        crow, col = pairs[keys[0]], pairs[keys[1]]
+        val = pairs.get(keys[2], torch.empty(col.shape[0] if col.dim() == 1 else 0))
+        try:
+            check_csr(crow, col, val, (m.out_features, m.in_features))
+        except (ValueError, TypeError) as e:
+            problems.append(f"invalid sparse mask for {name}: {e}")
+    return problems
+
+
+def _load_into(method: str, modules: dict[str, nn.Module], meta: dict, tensors: dict, where: str) -> None:
+    merged = [n for n, m in modules.items() if getattr(m, "merged", False)]
+    if merged:
+        raise CheckpointError(f"{where}: cannot load into merged adapters {merged} (their old change is in the "
+                              "base weights); call unmerge() first")
+    pairs = _validate(method, modules, meta, tensors, where)
+    state, _ = _adapter_state(modules)
+    with torch.no_grad():
+        for key, src in pairs.items():
+            state[key].copy_(src.to(state[key].dtype))
+    for m in modules.values():
+        # modules that cache something derived from their buffers (e.g. a sparse mask's transpose)
+        hook = getattr(m, "_adapter_state_loaded", None)
+        if callable(hook):
+            hook()
+
+
+def load_adapted(model: nn.Module, directory) -> AdaptedModel:
+    """Adapt a fresh ``model`` as the checkpoint in ``directory`` says and load its weights.
+
+    Reads our format and HF PEFT LoRA checkpoints. On any error the model is left unchanged.
+    """
+    if isinstance(model, AdaptedModel):
+        raise TypeError("model is already adapted; use adapted.load(directory)")
+    where = str(directory)
+    meta, tensors = read_checkpoint(directory)
+    method = meta.get("family")
+    if method not in FAMILIES:
+        raise CheckpointError(f"{where}: unknown adapter family {method!r} (known: {sorted(FAMILIES)})")
+    names = list(meta.get("target_modules") or [])
+    if not names:
+        raise CheckpointError(f"{where}: the checkpoint names no adapted modules")
+    snapshot = _snapshot_requires_grad(model)
+    try:
+        linears, conv1d = _base_linears(model, names, snapshot, error_cls=CheckpointError)
+        options = dict(meta.get("options") or {})
+        if "peft" in meta:
+            meta = _with_peft_module_options(meta, tensors)
+            per_module = meta["modules"]
+            options = dict(per_module[names[0]])
+        elif method == "lily":
+            per_module = None
+        else:
+            per_module = meta.get("modules")
+            if per_module is None or set(per_module) != set(names):
+                raise CheckpointError(f"{where}: metadata lacks the per-module options of {names}")
+        modules = _build_modules(method, linears, options, per_module)
+        modules = _apply_checkpoint_masks(method, modules, linears, per_module, tensors)
+        _validate(method, modules, meta, tensors, where)
+    except BaseException:
+        _restore_requires_grad(snapshot)
+        raise
+    adapted = _install(model, method, options, modules, conv1d, snapshot)
+    _load_into(method, modules, meta, tensors, where)
+    return adapted
+
+
+def _apply_checkpoint_masks(method, modules, linears, per_module, tensors):
+    """A sparse checkpoint's mask may hold another nnz than a fresh module draws from its density:
+    rebuild such modules on the checkpoint's own ``(crow, col)`` so the shapes agree. A mask the
+    module rejects is left for ``_validate`` to report with everything else."""
+    if method != "sparse":
+        return modules
+    cls = family_class("sparse")
+    for name in list(modules):
+        crow, col = tensors.get(f"{PREFIX}{name}.crow"), tensors.get(f"{PREFIX}{name}.col")
+        live = dict(_adapter_items(modules[name]))
+        if crow is None or col is None or "col" not in live or tuple(col.shape) == tuple(live["col"].shape):
+            continue
+        device = linears[name].weight.device
+        try:
+            modules[name] = cls.from_linear(linears[name], **dict(per_module[name], mask=(crow.to(device),
+                                                                                        col.to(device))))
+        except (ValueError, TypeError):
+            pass
+    return modules
+
+
+def load_peft_checkpoint(model: nn.Module, directory) -> AdaptedModel:
+    """Load an HF PEFT LoRA checkpoint directory (``save_pretrained`` output) into ``model``."""
+    meta, _ = read_checkpoint(directory)
+    if meta.get("family") != "lora":
+        raise CheckpointError(f"{directory}: not a LoRA checkpoint (family {meta.get('family')!r})")
+    return load_adapted(model, directory)
+
+
+# ----------------------------------------------------------------------------- live PEFT models
+
+
+def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
+    """Convert a live HF PEFT LoRA model in place: every PEFT ``LoraLayer`` becomes a ``LoRALinear``
+    holding the same weights; returns an AdaptedModel over the unwrapped base model. Do not use the
+    PEFT wrapper afterwards."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    cls = family_class("lora")
+    configs = getattr(peft_model, "peft_config", None) or getattr(base, "peft_config", None) or {}
+    problems, plan = [], []
+    for name, m in base.named_modules():
+        if type(m).__name__ == "ModulesToSaveWrapper":
+            problems.append(f"{name}: modules_to_save is not supported")
+        if not isinstance(m, LoraLayer):
+            continue
+        adapters = list(m.lora_A.keys())
+        if len(adapters) != 1:
+            problems.append(f"{name}: exactly one LoRA adapter is supported, found {adapters}")
+            continue
+        a = adapters[0]
+        if getattr(m, "merged", False):
+            problems.append(f"{name}: the adapter is merged; call unmerge_adapter() first")
+        if getattr(m, "use_dora", {}).get(a, False):
+            problems.append(f"{name}: DoRA is not supported")
+        if getattr(m, "lora_bias", {}).get(a, False):
+            problems.append(f"{name}: lora_bias is not supported")
+        base_layer = m.get_base_layer()
+        if not (isinstance(base_layer, nn.Linear) or _is_conv1d(base_layer)):
+            problems.append(f"{name}: LoRA on {type(base_layer).__name__} is not supported (Linear/Conv1D only)")
+            continue
+        drop = m.lora_dropout[a]
+        cfg = configs.get(a)
+        use_rslora = bool(getattr(cfg, "use_rslora", False))
+        plan.append((name, m, a, base_layer, {
+            "r": int(m.r[a]), "alpha": float(m.lora_alpha[a]),
+            "dropout": float(drop.p) if isinstance(drop, nn.Dropout) else 0.0, "use_rslora": use_rslora}))
+    if problems:
+        raise ValueError("cannot convert this PEFT model:\n  - " + "\n  - ".join(problems))
+    if not plan:
+        raise ValueError("the model holds no PEFT LoRA layers")
+    snapshot = _snapshot_requires_grad(base)
+    modules, conv1d = {}, {}
+    for name, m, a, base_layer, opts in plan:
+        lin = base_layer
+        if _is_conv1d(base_layer):
+            lin = _conv1d_to_linear(base_layer)
+            conv1d[name] = base_layer.weight.requires_grad
+            snapshot.pop(id(base_layer.weight), None)
+        new = cls.from_linear(lin, **opts)
+        new.to(device=m.lora_A[a].weight.device)
+        with torch.no_grad():
+            new.lora_A.weight.copy_(m.lora_A[a].weight)
+            new.lora_B.weight.copy_(m.lora_B[a].weight)
+        if not math.isclose(new.scaling, float(m.scaling[a]), rel_tol=1e-12):
+            # e.g. a scaling changed by hand with PEFT's set_scale: r/alpha/rslora do not describe it
+            raise ValueError(f"{name}: PEFT scaling {m.scaling[a]} differs from what r={opts['r']}, "
+                             f"alpha={opts['alpha']}, use_rslora={opts['use_rslora']} give ({new.scaling})")
+        modules[name] = new
+    if hasattr(base, "peft_config"):
+        try:
+            del base.peft_config  # set by PEFT's injection; the model is no longer a PEFT model
+        except AttributeError:
+            pass
+    options = dict(plan[0][4])
+    return _install(base, "lora", options, modules, conv1d, snapshot)
+
+
+__all__ = ["adapt", "AdaptedModel", "CheckpointError", "load_adapted", "load_peft_checkpoint", "from_peft_model",
+           "read_checkpoint", "select_modules", "family_class", "FAMILIES", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -1,0 +1,475 @@
+"""Whole-model use: inject by name, freeze, train, merge, save/load, bad checkpoints, checkpointing.
+
+Models are HF transformers models built from tiny configs (never downloaded). Everything runs on
+the CPU torch path (the default dispatch on CPU).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from peft_kernels.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdaptedModel, CheckpointError, adapt,  # noqa: E402
+                                   load_adapted, select_modules)
+
+VOCAB = 128
+
+# small options per family: enough rank to learn a fixed batch in a few steps
+FAMILY_OPTIONS = {
+    "lora": dict(r=4, alpha=8.0),
+    "adalora": dict(r=4, alpha=8.0),
+    "monarch": dict(nblocks=4, blk_r=4),
+    "sparse": dict(density=0.05, per_row=True, lora_r=2),  # RoSA: per-row mask + a LoRA beside it
+    "lily": dict(r=4, num_experts=2),
+    "moelora": dict(r=4, num_experts=2),
+}
+MODULE_OF = {"lora": "lora", "adalora": "adalora", "monarch": "monarch", "sparse": "sparse", "lily": "lily",
+             "moelora": "lily"}
+MERGEABLE = ["lora", "adalora", "monarch", "sparse"]
+
+
+def need_family(method: str) -> None:
+    """Skip (naming the missing file) when a family's module has not been written yet."""
+    try:
+        importlib.import_module(f"peft_kernels.modules.{MODULE_OF[method]}")
+    except ImportError as e:
+        pytest.skip(f"peft_kernels/modules/{MODULE_OF[method]}.py is not importable: {e}")
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                                  vocab_size=VOCAB, max_position_embeddings=32)
+    return transformers.BertModel(cfg).eval()
+
+
+def batch(seed: int = 1, b: int = 2, t: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (b, t), generator=g)
+
+
+def randomize_adapters(adapted: AdaptedModel, seed: int = 3, std: float = 0.2) -> None:
+    """Give every adapter parameter non-trivial values (fresh adapters are the identity change)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapted.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def model_snapshot(model: nn.Module) -> dict:
+    """Everything a failed load must not change: structure, values and trainability."""
+    return {
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+
+
+def assert_same_snapshot(a: dict, b: dict) -> None:
+    assert a["modules"] == b["modules"]
+    assert a["grad"] == b["grad"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_select_by_name_suffix_regex_layers_and_errors():
+    model = tiny_llama()
+    assert select_modules(model, ["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert select_modules(model, ["self_attn.o_proj"], layers=[1]) == ["model.layers.1.self_attn.o_proj"]
+    assert select_modules(model, r"model\.layers\.0\.mlp\.(up|down)_proj") == [
+        "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]
+    assert select_modules(model, [r".*\.1\.mlp\.gate_proj"]) == ["model.layers.1.mlp.gate_proj"]
+    everything = select_modules(model, "all-linear")
+    assert len(everything) == 14 and "lm_head" not in everything  # 7 per layer, output layer left out
+    with pytest.raises(ValueError, match=r"\['qproj'\] match no linear layer.*available linear names: .*q_proj"):
+        adapt(model, "lora", target_modules=["q_proj", "qproj"])
+    with pytest.raises(ValueError, match=r"layers \[5\] hold none"):
+        adapt(model, "lora", target_modules=["q_proj"], layers=[0, 5])
+    with pytest.raises(ValueError, match="method must be one of"):
+        adapt(model, "dora", target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="target_modules is required"):
+        adapt(model, "lora")
+    # none of the failed calls touched the model
+    assert not any(hasattr(m, "base_layer") for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_adapt_freezes_and_counts(capsys):
+    model = tiny_llama()
+    adapted = adapt(model, "lora", target_modules=["q_proj", "v_proj"], layers=[1], r=4, alpha=8.0)
+    mods = adapted.adapted_modules()
+    assert list(mods) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    names = {n for n, _ in adapted.named_trainable_parameters()}
+    assert names == {f"{m}.{p}" for m in mods for p in ("lora_A.weight", "lora_B.weight")}
+    trainable, total = adapted.count_parameters()
+    expect = sum(4 * (m.in_features + m.out_features) for m in mods.values())
+    assert trainable == expect and total == sum(p.numel() for p in model.parameters())
+    line = adapted.print_trainable_parameters()
+    assert line in capsys.readouterr().out and f"trainable params: {expect:,d}" in line
+    # the handle calls the model and forwards attribute lookups to it
+    assert adapted.config is model.config
+    ids = batch()
+    torch.testing.assert_close(adapted(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    # unload restores the original layers and their trainability
+    base = adapted.unload()
+    assert not any(hasattr(m, "base_layer") for m in base.modules())
+    assert all(p.requires_grad for p in base.parameters())
+
+
+# ----------------------------------------------------------------------------- every family
+
+
+@pytest.mark.parametrize("method", list(FAMILY_OPTIONS))
+def test_family_trains_merges_saves_and_loads(method, tmp_path):
+    """Per family: a few AdamW steps lower the loss on a fixed batch; merged == unmerged (where a
+    family can merge); save -> load into a fresh model reproduces the outputs exactly."""
+    need_family(method)
+    model = tiny_llama()
+    adapted = adapt(model, method, target_modules=["q_proj", "v_proj", "down_proj"], **FAMILY_OPTIONS[method])
+    ids = batch()
+    adapted.train()
+    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = adapted(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, f"{method}: loss did not decrease: {losses}"
+    # frozen weights got no gradient
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+    adapted.eval()
+    ref = adapted(input_ids=ids).logits.detach()
+    if method in MERGEABLE:
+        adapted.merge()
+        assert all(m.merged for m in adapted.adapted_modules().values())
+        torch.testing.assert_close(adapted(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+        adapted.merge()  # a second merge is a no-op
+        adapted.unmerge()
+        torch.testing.assert_close(adapted(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+    else:
+        with pytest.raises(ValueError, match="cannot be merged"):
+            adapted.merge()
+
+    adapted.save(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp files left behind
+    fresh = load_adapted(tiny_llama(seed=0), tmp_path)
+    assert fresh.method == method and list(fresh.adapted_modules()) == list(adapted.adapted_modules())
+    torch.testing.assert_close(fresh(input_ids=ids).logits, ref, rtol=0, atol=0)
+    # loading into an already adapted (differently initialised) model works too
+    other = adapt(tiny_llama(seed=0), method, target_modules=["q_proj", "v_proj", "down_proj"],
+                  **FAMILY_OPTIONS[method]).eval()
+    other.load(tmp_path)
+    torch.testing.assert_close(other(input_ids=ids).logits, ref, rtol=0, atol=0)
+
+    if method in MERGEABLE:
+        plain = adapted.merge_and_unload()
+        assert not any(hasattr(m, "base_layer") for m in plain.modules())
+        assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+        torch.testing.assert_close(plain(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_lily_shared_projectors_saved_once(tmp_path):
+    need_family("lily")
+    adapted = adapt(tiny_llama(), "lily", target_modules=["q_proj", "v_proj"], r=4, num_experts=2)
+    randomize_adapters(adapted)
+    state, shared = adapted.adapter_state()
+    ids = {id(t) for t in state.values()}
+    assert len(ids) == len(state), "a tensor was stored twice"
+    assert shared, "Lily's HPs are shared across layers, so some keys must be aliases"
+    adapted.save(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(tmp_path, WEIGHTS_NAME), framework="pt") as f:
+        assert set(f.keys()) == set(state)
+    fresh = load_adapted(tiny_llama(), tmp_path)
+    # the sharing structure survives the round trip: the aliased keys point at one Parameter again
+    fs, fshared = fresh.adapter_state()
+    assert fshared == shared
+    adapted.eval()
+    x = batch()
+    torch.testing.assert_close(fresh(input_ids=x).logits, adapted(input_ids=x).logits, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+
+
+def _saved_lora(tmp_path):
+    adapted = adapt(tiny_llama(), "lora", target_modules=["q_proj", "v_proj"], r=4, alpha=8.0)
+    randomize_adapters(adapted)
+    adapted.save(tmp_path)
+    return adapted
+
+
+def _rewrite_weights(tmp_path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(tmp_path, WEIGHTS_NAME)
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)  # no metadata: the json is PEFT's, the loader falls back to it
+
+
+KEY_Q0A = f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"
+KEY_V1B = f"{PREFIX}model.layers.1.self_attn.v_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize("defect", ["missing_and_unexpected", "wrong_shape", "wrong_family", "truncated",
+                                    "bad_json", "wrong_alpha", "no_weights_file"])
+def test_bad_checkpoint_one_clear_error_model_unchanged(defect, tmp_path):
+    _saved_lora(tmp_path)
+    if defect == "missing_and_unexpected":
+        def edit(t):
+            del t[KEY_Q0A], t[KEY_V1B]
+            t[f"{PREFIX}model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 64)
+        _rewrite_weights(tmp_path, edit)
+        match = r"missing keys \(2\).*q_proj\.lora_A.*v_proj\.lora_B(.|\n)*unexpected keys.*up_proj"
+    elif defect == "wrong_shape":
+        _rewrite_weights(tmp_path, lambda t: t.__setitem__(KEY_Q0A, torch.zeros(5, 64)))
+        match = r"shape mismatch for .*q_proj\.lora_A\.weight: checkpoint \(5, 64\) vs model \(4, 64\)"
+    elif defect == "wrong_family":
+        need_family("monarch")
+        adapt(tiny_llama(), "monarch", target_modules=["q_proj", "v_proj"], nblocks=4, blk_r=4).save(tmp_path)
+        match = r"checkpoint holds 'monarch' adapters but the model uses 'lora'"
+    elif defect == "truncated":
+        path = os.path.join(tmp_path, WEIGHTS_NAME)
+        data = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+        match = r"corrupt or truncated safetensors file"
+    elif defect == "no_weights_file":
+        os.remove(os.path.join(tmp_path, WEIGHTS_NAME))
+        match = r"not an adapter checkpoint, missing .*adapter_model\.safetensors"
+    elif defect == "bad_json":
+        with open(os.path.join(tmp_path, CONFIG_NAME), "w") as f:
+            f.write("{not json")
+        match = r"cannot parse adapter config"
+    else:
+        cfg = json.load(open(os.path.join(tmp_path, CONFIG_NAME)))
+        cfg["lora_alpha"] = 3
+        json.dump(cfg, open(os.path.join(tmp_path, CONFIG_NAME), "w"))
+        _rewrite_weights(tmp_path, lambda t: None)  # drop our metadata so the json is what counts
+        match = r"options of model\.layers\.0\.self_attn\.q_proj differ: alpha: checkpoint 3\.0 vs model 8\.0"
+
+    # into an adapted model: one error naming the problem(s), nothing changed
+    target = adapt(tiny_llama(seed=5), "lora", target_modules=["q_proj", "v_proj"], r=4, alpha=8.0)
+    randomize_adapters(target, seed=9)
+    before = model_snapshot(target.model)
+    with pytest.raises(CheckpointError, match=match) as info:
+        target.load(tmp_path)
+    msg = str(info.value)
+    lines = msg.split("\n  - ")[1:]
+    assert len(lines) == len(set(lines)), f"a problem was listed twice: {msg}"
+    assert_same_snapshot(before, model_snapshot(target.model))
+    # into a fresh model: no adapter injected, requires_grad untouched
+    # (a fresh model takes the checkpoint's family and alpha: nothing to disagree with)
+    if defect not in ("wrong_alpha", "wrong_family"):
+        fresh = tiny_llama(seed=5)
+        before = model_snapshot(fresh)
+        with pytest.raises(CheckpointError):
+            load_adapted(fresh, tmp_path)
+        assert_same_snapshot(before, model_snapshot(fresh))
+
+
+# ----------------------------------------------------------------------------- other architectures
+
+
+def test_gpt2_conv1d_adapt_merge_save_load(tmp_path):
+    """GPT-2's Conv1D layers are adapted through an equivalent Linear and restored on unload."""
+    model = tiny_gpt2()
+    ids = batch(t=9)
+    base_out = model(input_ids=ids).logits.detach()
+    adapted = adapt(model, "lora", target_modules=["c_attn", "c_fc"], r=4, alpha=8.0)
+    torch.testing.assert_close(adapted(input_ids=ids).logits, base_out, rtol=1e-5, atol=1e-5)
+    randomize_adapters(adapted)
+    ref = adapted(input_ids=ids).logits.detach()
+    adapted.save(tmp_path)
+    cfg = json.load(open(os.path.join(tmp_path, CONFIG_NAME)))
+    assert cfg["fan_in_fan_out"] is True  # what PEFT expects for Conv1D targets
+    fresh = load_adapted(tiny_gpt2(), tmp_path)
+    torch.testing.assert_close(fresh(input_ids=ids).logits, ref, rtol=0, atol=0)
+    plain = adapted.merge_and_unload()
+    conv1d = transformers.pytorch_utils.Conv1D
+    assert isinstance(plain.transformer.h[0].attn.c_attn, conv1d)
+    assert isinstance(plain.transformer.h[1].mlp.c_fc, conv1d)
+    # unload without merging gives back the original Conv1D layers, trainable again
+    again = adapt(tiny_gpt2(), "lora", target_modules=["c_attn"], r=4, alpha=8.0)
+    randomize_adapters(again)
+    restored = again.unload()
+    assert isinstance(restored.transformer.h[0].attn.c_attn, conv1d)
+    assert all(p.requires_grad for p in restored.parameters())
+    torch.testing.assert_close(restored(input_ids=ids).logits, base_out, rtol=0, atol=0)
+    # the merged model's state dict keeps GPT-2's layout (loadable into a fresh GPT2LMHeadModel)
+    reloaded = tiny_gpt2(seed=7)
+    reloaded.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bert_adapt_train_save_load(tmp_path):
+    need_family("monarch")
+    model = tiny_bert()
+    ids = batch(t=9)
+    adapted = adapt(model, "monarch", target_modules=["query", "value"], layers=[0], nblocks=4, blk_r=4)
+    assert list(adapted.adapted_modules()) == ["encoder.layer.0.attention.self.query",
+                                               "encoder.layer.0.attention.self.value"]
+    randomize_adapters(adapted)
+    ref = adapted(input_ids=ids).last_hidden_state.detach()
+    adapted.save(tmp_path)
+    fresh = load_adapted(tiny_bert(), tmp_path)
+    torch.testing.assert_close(fresh(input_ids=ids).last_hidden_state, ref, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+
+def _block_grads(block, x, pos, use_checkpoint: bool):
+    def run(h):
+        out = block(h, position_embeddings=pos)
+        return out[0] if isinstance(out, tuple) else out
+
+    torch.manual_seed(123)  # the modules draw their dropout seeds from torch's CPU generator
+    out = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if use_checkpoint else run(x)
+    params = [p for p in block.parameters() if p.requires_grad]
+    return out.detach(), torch.autograd.grad(out.square().sum(), [x, *params])
+
+
+def test_gradient_checkpointing_replays_dropout_masks():
+    need_family("lora")
+    model = tiny_llama()
+    adapted = adapt(model, "lora", target_modules="all-linear", r=4, alpha=8.0, dropout=0.3)
+    randomize_adapters(adapted)
+    adapted.train()
+    block = model.model.layers[0]
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    pos = model.model.rotary_emb(x, torch.arange(7)[None].expand(2, 7))
+    out_plain, g_plain = _block_grads(block, x, pos, use_checkpoint=False)
+    out_ckpt, g_ckpt = _block_grads(block, x, pos, use_checkpoint=True)
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
+    for a, b in zip(g_ckpt, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # dropout really was active: a different seed gives a different output
+    torch.manual_seed(999)
+    out_other = block(x, position_embeddings=pos)
+    out_other = out_other[0] if isinstance(out_other, tuple) else out_other
+    assert not torch.allclose(out_other, out_plain)
+
+
+def test_hf_gradient_checkpointing_whole_model():
+    """transformers' own ``gradient_checkpointing_enable`` on an adapted model gives the same grads."""
+    need_family("lora")
+    ids = batch()
+
+    def run(ckpt: bool):
+        model = tiny_llama()
+        adapted = adapt(model, "lora", target_modules=["q_proj", "up_proj"], r=4, alpha=8.0, dropout=0.2)
+        randomize_adapters(adapted)
+        if ckpt:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls = []
+        first = next(iter(adapted.adapted_modules().values()))
+        first.register_forward_hook(lambda *_: calls.append(1))
+        adapted.train()
+        torch.manual_seed(5)
+        adapted(input_ids=ids, labels=ids).loss.backward()
+        # with checkpointing the layer's forward runs again during backward
+        assert len(calls) == (2 if ckpt else 1)
+        return {n: p.grad.clone() for n, p in adapted.named_trainable_parameters()}
+
+    plain, ckpt = run(False), run(True)
+    assert plain.keys() == ckpt.keys() and plain
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_sparse_checkpoint_with_invalid_mask_is_rejected(tmp_path):
+    need_family("sparse")
+    # an explicit mask (a tensor option) for one module: saved through the weights, not the json
+    mask = torch.rand(32, 64, generator=torch.Generator().manual_seed(4)) < 0.03
+    adapted = adapt(tiny_llama(), "sparse", target_modules=["model.layers.1.self_attn.v_proj"], mask=mask)
+    randomize_adapters(adapted)
+    adapted.save(tmp_path)
+    fresh = load_adapted(tiny_llama(), tmp_path)
+    module = fresh.adapted_modules()["model.layers.1.self_attn.v_proj"]
+    torch.testing.assert_close(module.delta_weight() != 0, mask, rtol=0, atol=0)
+    ids = batch()
+    torch.testing.assert_close(fresh(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=0)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(tmp_path, WEIGHTS_NAME)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    key = f"{PREFIX}model.layers.1.self_attn.v_proj.col"
+    tensors[key] = tensors[key].clone()
+    tensors[key][0] = 10_000  # a column far outside d_in
+    save_file(tensors, path, metadata=meta)
+    before = model_snapshot(adapted.model)
+    with pytest.raises(CheckpointError, match=r"invalid sparse mask for model\.layers\.1\.self_attn\.v_proj: col"):
+        adapted.load(tmp_path)
+    assert_same_snapshot(before, model_snapshot(adapted.model))
+
+
+def test_lora_native_format_and_no_load_into_merged(tmp_path):
+    adapted = adapt(tiny_llama(), "lora", target_modules=["o_proj"], r=4, alpha=8.0)
+    randomize_adapters(adapted)
+    adapted.save(tmp_path, peft_format=False)
+    cfg = json.load(open(os.path.join(tmp_path, CONFIG_NAME)))
+    assert "peft_type" not in cfg and cfg["peft_kernels"]["family"] == "lora"
+    assert cfg["peft_kernels"]["modules"]["model.layers.0.self_attn.o_proj"]["r"] == 4
+    ids = batch()
+    fresh = load_adapted(tiny_llama(), tmp_path)
+    torch.testing.assert_close(fresh(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="peft_format=True needs method='lora'"):
+        AdaptedModel(fresh.model, "monarch", {}, []).save(tmp_path, peft_format=True)
+    # loading into merged adapters would leave their old change inside the base weights
+    fresh.merge()
+    before = model_snapshot(fresh.model)
+    with pytest.raises(CheckpointError, match="call unmerge"):
+        fresh.load(tmp_path)
+    assert_same_snapshot(before, model_snapshot(fresh.model))
+
+
+def test_sparse_mask_with_other_nnz_than_density_gives_is_rebuilt(tmp_path):
+    """When the saved density no longer reproduces the mask's nnz (e.g. a mask chosen by hand), the
+    loader rebuilds the module on the checkpoint's own (crow, col)."""
+    need_family("sparse")
+    adapted = adapt(tiny_llama(), "sparse", target_modules=["model.layers.0.self_attn.q_proj"], density=0.05)
+    module = adapted.adapted_modules()["model.layers.0.self_attn.q_proj"]
+    module.density = 0.01  # the config now describes a 5x smaller mask than the one saved
+    randomize_adapters(adapted)
+    adapted.save(tmp_path)
+    fresh = load_adapted(tiny_llama(), tmp_path)
+    got = fresh.adapted_modules()["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(got.col, module.col) and torch.equal(got.crow, module.crow)
+    ids = batch()
+    torch.testing.assert_close(fresh(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=0)

@@ -1,0 +1,162 @@
+"""HF PEFT interop for LoRA, both ways, on tiny locally built models (no downloads).
+
+- PEFT writes (``save_pretrained``) -> we load (``load_peft_checkpoint`` / ``load_adapted``);
+- we write (``AdaptedModel.save``) -> PEFT loads (``PeftModel.from_pretrained``);
+- a live PEFT model is converted in place (``from_peft_model``).
+Each compares logits with the PEFT model's own, bit for bit where the math is the same.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from peft_kernels.adapters import (CONFIG_NAME, AdaptedModel, CheckpointError, adapt, from_peft_model,  # noqa: E402
+                                   load_adapted, load_peft_checkpoint)
+from peft_kernels.modules.lora import LoRALinear  # noqa: E402
+
+VOCAB = 128
+TOL = dict(rtol=1e-5, atol=1e-5)  # same math, different op order (fused vs two matmuls)
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def randomize(params, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def peft_lora(model, **cfg):
+    """A PEFT LoRA model with non-trivial adapter weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(model, peft.LoraConfig(**cfg))
+    randomize([p for n, p in pm.named_parameters() if "lora_" in n])
+    return pm.eval()
+
+
+@pytest.mark.parametrize("variant", ["plain", "patterns_rslora_layers"])
+def test_peft_checkpoint_loads_into_our_modules(variant, tmp_path):
+    if variant == "plain":
+        cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.1)
+    else:  # per-module ranks/alphas, rsLoRA and a layer subset: everything that changes scaling or shapes
+        cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"], use_rslora=True,
+                   rank_pattern={"o_proj": 2}, alpha_pattern={"up_proj": 5}, layers_to_transform=[1])
+    pm = peft_lora(tiny_llama(), **cfg)
+    expected = pm(input_ids=IDS).logits.detach()
+    pm.save_pretrained(tmp_path)
+
+    adapted = load_peft_checkpoint(tiny_llama(), tmp_path).eval()
+    assert isinstance(adapted, AdaptedModel) and adapted.method == "lora"
+    mods = adapted.adapted_modules()
+    assert all(isinstance(m, LoRALinear) for m in mods.values())
+    peft_names = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+                        if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert sorted(mods) == peft_names
+    if variant != "plain":
+        o = mods["model.layers.1.self_attn.o_proj"]
+        u = mods["model.layers.1.mlp.up_proj"]
+        assert (o.r, u.alpha, o.use_rslora) == (2, 5.0, True)
+    torch.testing.assert_close(adapted(input_ids=IDS).logits, expected, **TOL)
+    if variant == "plain":  # loading the same directory into an already adapted model works as well
+        again = adapt(tiny_llama(), "lora", target_modules=list(mods), r=4, alpha=8.0, dropout=0.1).eval()
+        again.load(tmp_path)
+        torch.testing.assert_close(again(input_ids=IDS).logits, expected, **TOL)
+
+
+def test_our_checkpoint_loads_in_peft(tmp_path):
+    adapted = adapt(tiny_llama(), "lora", target_modules=["k_proj", "gate_proj"], layers=[0], r=4, alpha=12.0)
+    randomize(adapted.trainable_parameters())
+    adapted.eval()
+    expected = adapted(input_ids=IDS).logits.detach()
+    adapted.save(tmp_path)
+    cfg = peft.LoraConfig.from_pretrained(str(tmp_path))  # a valid PEFT LoraConfig, no warnings needed
+    assert (cfg.peft_type, cfg.r, cfg.lora_alpha, cfg.bias) == (peft.PeftType.LORA, 4, 12, "none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. "unexpected keyword arguments" or missing keys
+        pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    lora_layers = sorted(n for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert lora_layers == ["base_model.model.model.layers.0.mlp.gate_proj", "base_model.model.model.layers.0.self_attn.k_proj"]
+    torch.testing.assert_close(pm(input_ids=IDS).logits, expected, **TOL)
+    # the json is still readable by us after PEFT read it, and our metadata rides in the safetensors header
+    again = load_adapted(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(again(input_ids=IDS).logits, expected, rtol=0, atol=0)
+
+
+def test_mixed_ranks_written_as_rank_pattern(tmp_path):
+    model = tiny_llama()
+    a = adapt(model, "lora", target_modules=["q_proj"], r=4, alpha=8.0)
+    # swap one layer for a rank-2 module with another alpha, as a loaded PEFT rank_pattern would give
+    name = "model.layers.1.self_attn.q_proj"
+    base = a.adapted_modules()[name].base_layer
+    model.model.layers[1].self_attn.q_proj = LoRALinear.from_linear(base, r=2, alpha=3.0)
+    randomize(a.trainable_parameters())
+    a.eval()
+    expected = a(input_ids=IDS).logits.detach()
+    a.save(tmp_path)
+    cfg = json.load(open(os.path.join(tmp_path, CONFIG_NAME)))
+    assert cfg["rank_pattern"] == {name: 2} and cfg["alpha_pattern"] == {name: 3}
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    torch.testing.assert_close(pm(input_ids=IDS).logits, expected, **TOL)
+
+
+def test_from_live_peft_model_converts_in_place():
+    pm = peft_lora(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
+    expected = pm(input_ids=IDS).logits.detach()
+    peft_weights = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
+    adapted = from_peft_model(pm).eval()
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in adapted.model.modules())
+    mods = adapted.adapted_modules()
+    assert len(mods) == 4 and all(isinstance(m, LoRALinear) and m.dropout == 0.05 for m in mods.values())
+    for name, m in mods.items():
+        torch.testing.assert_close(m.lora_A.weight, peft_weights[f"base_model.model.{name}.lora_A.default.weight"],
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(adapted(input_ids=IDS).logits, expected, **TOL)
+    assert {n for n, _ in adapted.named_trainable_parameters()} == {
+        f"{n}.{w}.weight" for n in mods for w in ("lora_A", "lora_B")}
+
+
+def test_gpt2_conv1d_round_trips_with_peft(tmp_path):
+    pm = peft_lora(tiny_gpt2(), r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    expected = pm(input_ids=IDS).logits.detach()
+    pm.save_pretrained(tmp_path / "peft")
+    ours = load_peft_checkpoint(tiny_gpt2(), tmp_path / "peft").eval()
+    torch.testing.assert_close(ours(input_ids=IDS).logits, expected, **TOL)
+    ours.save(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(back(input_ids=IDS).logits, expected, **TOL)
+    live = from_peft_model(peft_lora(tiny_gpt2(), r=4, lora_alpha=8, target_modules=["c_fc"], fan_in_fan_out=True))
+    assert len(live.adapted_modules()) == 2
+
+
+def test_unsupported_peft_features_are_clear_errors(tmp_path):
+    pm = peft_lora(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    with pytest.raises(ValueError, match="DoRA is not supported"):
+        from_peft_model(pm)
+    pm.save_pretrained(tmp_path)
+    fresh = tiny_llama()
+    with pytest.raises(CheckpointError, match=r"use_dora=true \(DoRA\) is not supported"):
+        load_peft_checkpoint(fresh, tmp_path)
+    assert not any(hasattr(m, "base_layer") for m in fresh.modules())
