@@ -1,0 +1,6 @@
+"""``python -m peft_kernels`` = the ``peft-kernels`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""The layer benchmark: every family, shape and configuration against the frozen base linear.
+
+For each (family, shape) the frozen base ``x @ W^T`` (gradient to the input only) is timed first;
+then each variant's forward, backward and forward+backward are timed in the same process and
+divided by the base's. Backward is timed on a retained graph (``backward(retain_graph=True)``);
+where a variant cannot retain its graph the figure is ``fwd+bwd - fwd`` and the row says so.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import cases as C
+from .meta import stamp
+from .timing import keep_freed_memory, peak_memory_bytes, saved_bytes, time_ms
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class BenchResult:
+    meta: dict
+    settings: dict
+    rows: list = field(default_factory=list)
+
+
+def kernel_impl(family: str, device: torch.device, dtype: torch.dtype, impl: Optional[str]) -> tuple:
+    """``(impl, None)`` the fused path will use here, or ``(None, reason)`` when it cannot run."""
+    from peft_kernels import dispatch
+
+    try:
+        importlib.import_module(C.FAMILY_SPECS[family].op_module)
+    except Exception as e:  # noqa: BLE001 - a missing or broken op module is reported in the table
+        return None, f"{C.FAMILY_SPECS[family].op_module} not importable ({type(e).__name__}: {e})"
+    try:
+        return dispatch.choose(family, device, dtype, impl), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"{type(e).__name__}: {e}"
+
+
+def measure(fwd, params: Sequence[torch.Tensor], setup: C.Setup, reps: int, stat: str = "median",
+            clock: str = "wall") -> dict:
+    """fwd / bwd / fwd+bwd milliseconds, peak memory of one step, bytes saved for backward."""
+    device, x, dy = setup.device, setup.x, setup.dy
+    grads = [x, *params]
+
+    def step():
+        fwd().backward(dy)
+
+    fwd_ms = time_ms(fwd, device, grads, reps, stat, clock)
+    fb_ms = time_ms(step, device, grads, reps, stat, clock)
+    bwd_note = "retained graph"
+    y = fwd()
+    try:
+        bwd_ms = time_ms(lambda: y.backward(dy, retain_graph=True), device, grads, reps, stat, clock)
+    except RuntimeError:
+        bwd_ms, bwd_note = max(fb_ms - fwd_ms, 0.0), "fwd+bwd minus fwd"
+    del y
+    peak = peak_memory_bytes(step, device, grads)
+    try:
+        saved = saved_bytes(fwd, exclude=[x, setup.weight, *params])
+    except Exception:  # noqa: BLE001 - a variant that refuses saved-tensor hooks still has its timings
+        saved = None
+    for t in grads:
+        t.grad = None
+    return {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwdbwd_ms": fb_ms, "bwd_method": bwd_note,
+            "peak_mib": None if peak is None else peak / MiB, "saved_mib": None if saved is None else saved / MiB}
+
+
+def _jobs(families, shapes, sweep: bool, device: torch.device):
+    """Every (family, shape, config, variant) to run, base first per (family, shape)."""
+    jobs = []
+    for fam in families:
+        spec = C.FAMILY_SPECS[fam]
+        for shape in shapes:
+            jobs.append((fam, shape, None, None))
+            for cfg in spec.configs(sweep):
+                for var in spec.variants:
+                    if not var.applies(cfg):
+                        continue
+                    if var.gpu_only and device.type != "cuda":
+                        continue
+                    jobs.append((fam, shape, cfg, var))
+    return jobs
+
+
+def _row(fam, shape, tokens, dtype, cfg_label, variant, impl=None, **extra) -> dict:
+    return {"family": fam, "shape": f"{shape[0]}x{shape[1]}", "d_in": shape[0], "d_out": shape[1],
+            "tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "config": cfg_label,
+            "variant": variant, "impl": impl, "fwd_ms": None, "bwd_ms": None, "fwdbwd_ms": None,
+            "fwd_ratio": None, "bwd_ratio": None, "fwdbwd_ratio": None, "peak_mib": None,
+            "saved_mib": None, "target": None, "meets_target": None, "status": "ok", **extra}
+
+
+def _error_text(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:200]
+
+
+def run_bench(families: Iterable[str] = C.FAMILIES, shapes: Optional[Sequence[tuple]] = None,
+              tokens: Optional[int] = None, dtype: Optional[torch.dtype] = None, device=None,
+              sweep: bool = False, impl: Optional[str] = None, reps: int = 5,
+              progress: bool = True, threads: Optional[int] = None, stat: str = "median",
+              clock: str = "wall") -> BenchResult:
+    """Run the layer benchmark; device-dependent defaults (GPU: GUIDE's shapes, T=8192, bf16).
+
+    On the CPU torch runs single-threaded unless ``threads`` says otherwise: the CPU run measures
+    relative costs, and one thread is immune to the barrier stalls that make multi-threaded
+    timings on a shared machine swing by 10-100x (seen while writing this: median of 5 moved
+    from 0.2 ms to 30 ms for the same 256x256 linear with 2 threads on a loaded 2-core box).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if clock == "thread" and (threads or 1) > 1:
+        raise ValueError("clock='thread' counts only the calling thread's CPU time; use it with threads=1")
+    saved_threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads or 1)
+        keep_freed_memory()
+    try:
+        return _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, stat, clock)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, stat, clock) -> BenchResult:
+    on_gpu = device.type == "cuda"
+    families = list(families)
+    shapes = [tuple(s) for s in (shapes or (C.GPU_SHAPES if on_gpu else C.CPU_SHAPES))]
+    tokens = tokens or (C.GPU_TOKENS if on_gpu else C.CPU_TOKENS)
+    dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+    settings = {"families": families, "shapes": [f"{a}x{b}" for a, b in shapes], "tokens": tokens,
+                "dtype": str(dtype).replace("torch.", ""), "device": str(device), "sweep": sweep,
+                "impl": impl or "dispatch default",
+                "timer": ("triton.testing.do_bench median" if on_gpu else
+                          f"{'time.perf_counter' if clock == 'wall' else 'thread CPU time'} {stat} of >= {reps} calls, {torch.get_num_threads()} torch thread(s)"),
+                "ratio": "variant time / frozen base time (x @ W^T, grad to input only), same process"}
+    result = BenchResult(meta=stamp(device), settings=settings)
+
+    impls = {fam: kernel_impl(fam, device, dtype, impl) for fam in families}
+    jobs = _jobs(families, shapes, sweep, device)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc="peft-kernels bench", unit="case", disable=not progress,
+               mininterval=0.5, dynamic_ncols=True)
+    setup, base, current = None, None, None
+    try:
+        for fam, shape, cfg, var in jobs:
+            spec = C.FAMILY_SPECS[fam]
+            if current != (fam, shape):  # new (family, shape): fresh tensors, base timed first
+                setup = base = None
+                gc.collect()
+                if on_gpu:
+                    torch.cuda.empty_cache()
+                setup = C.make_setup(shape[0], shape[1], tokens, dtype, device)
+                current = (fam, shape)
+            if var is None:
+                bar.set_postfix_str(f"{fam} {shape[0]}x{shape[1]} base", refresh=False)
+                w = setup.weight
+                row = _row(fam, shape, tokens, dtype, "-", "frozen base", impl="torch")
+                try:
+                    base = measure(lambda: F.linear(setup.x, w), [], setup, reps, stat, clock)
+                    row.update(base, fwd_ratio=1.0, bwd_ratio=1.0, fwdbwd_ratio=1.0)
+                except Exception as e:  # noqa: BLE001
+                    row["status"] = f"error: {_error_text(e)}"
+                result.rows.append(row)
+                bar.update(1)
+                continue
+            label = spec.label(cfg)
+            bar.set_postfix_str(f"{fam} {shape[0]}x{shape[1]} {label} {var.name}", refresh=False)
+            name, row_impl = var.name, None
+            builder = var.build
+            if var.name == C.KERNEL:
+                row_impl, reason = impls[fam]
+                name = f"{C.KERNEL}[{row_impl}]" if row_impl else C.KERNEL
+                if row_impl is None:
+                    result.rows.append(_row(fam, shape, tokens, dtype, label, name, status=f"n/a: {reason}"))
+                    bar.update(1)
+                    continue
+                builder = (lambda b, i: (lambda s, c: b(s, c, impl=i)))(var.build, row_impl)
+            elif var.name == C.REFERENCE and impls[fam][0] == "torch":
+                # the fused path already runs the reference here; one row is enough
+                bar.update(1)
+                continue
+            row = _row(fam, shape, tokens, dtype, label, name, impl=row_impl or "torch")
+            try:
+                fwd, params = builder(setup, cfg)
+                m = measure(fwd, params, setup, reps, stat, clock)
+                row.update(m)
+                if base is not None:
+                    row.update(fwd_ratio=m["fwd_ms"] / base["fwd_ms"], bwd_ratio=m["bwd_ms"] / base["bwd_ms"],
+                               fwdbwd_ratio=m["fwdbwd_ms"] / base["fwdbwd_ms"])
+                if var.name == C.KERNEL:
+                    tgt = C.target_for(fam, cfg, shape, tokens, dtype, device)
+                    if tgt is not None and row["fwdbwd_ratio"] is not None:
+                        row.update(target=tgt, meets_target=bool(row["fwdbwd_ratio"] <= tgt))
+                del fwd, params
+            except ImportError as e:
+                row["status"] = f"n/a: {_error_text(e)}"
+            except Exception as e:  # noqa: BLE001 - one failing competitor must not sink the table
+                row["status"] = f"error: {_error_text(e)}"
+                if on_gpu:
+                    torch.cuda.empty_cache()
+            result.rows.append(row)
+            bar.update(1)
+    finally:
+        bar.close()
+    return result

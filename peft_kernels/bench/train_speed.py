@@ -1,0 +1,297 @@
+"""Fine-tuning throughput of a Llama-style causal LM: the frozen floor, peft_kernels, HF PEFT.
+
+The model is built from a config with random weights (``transformers`` ``LlamaConfig`` /
+``AutoModelForCausalLM.from_config``; nothing is downloaded). Adapters go on every linear layer
+except the output head. One step = forward with the LM loss, backward, and AdamW on the adapter
+parameters; tokens/s = batch * seq * steps / time of the timed steps after the warm-up steps.
+The floor is the frozen model's forward+backward with the gradient reaching the input embeddings
+only: no adapter can train faster than that.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .meta import stamp
+from .timing import keep_freed_memory
+
+GiB = 1024 ** 3
+
+# A ~1.1B Llama (TinyLlama's shape; GUIDE.md's end-to-end anchor) and a model small enough that a
+# CPU step takes milliseconds.
+MODELS = {
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                     num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                     rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+
+# Adapter options per family, the same for peft_kernels and HF PEFT where PEFT has the method.
+FAMILY_OPTIONS = {
+    "lora": lambda a: dict(r=a.r, alpha=2 * a.r, dropout=a.dropout),
+    "monarch": lambda a: dict(nblocks=4, blk_r=4, dropout=a.dropout),
+    "sparse": lambda a: dict(density=0.01),
+    "lily": lambda a: dict(r=a.r, num_experts=4, routing="batch"),
+}
+
+
+@dataclass
+class TrainSpeedSettings:
+    model: str = "tiny"
+    families: Sequence[str] = ("lora",)
+    seq: int = 128
+    batch: int = 2
+    steps: int = 3
+    warmup: int = 1
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    r: int = 16
+    dropout: float = 0.0
+    impl: Optional[str] = None
+    threads: Optional[int] = None  # CPU: torch threads while timing (None -> 1, see layer.run_bench)
+
+
+@dataclass
+class TrainSpeedResult:
+    meta: dict
+    settings: dict
+    rows: list = field(default_factory=list)
+
+
+def load_config(model: str):
+    """``tiny`` / ``llama-1b`` or a path to an HF ``config.json`` (or a directory holding one)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if model in MODELS:
+        return LlamaConfig(**MODELS[model])
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    if not os.path.isfile(path):
+        raise ValueError(f"--model must be one of {sorted(MODELS)} or a path to an HF config json, got {model!r}")
+    with open(path) as f:
+        d = json.load(f)
+    d.pop("architectures", None)
+    model_type = d.pop("model_type", "llama")
+    return AutoConfig.for_model(model_type, **d)
+
+
+def build_model(config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config)
+    model.to(dtype=dtype)
+    model.config.use_cache = False
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def linear_targets(model: nn.Module) -> list:
+    """Name suffixes of every nn.Linear except the output head (HF PEFT's ``all-linear``)."""
+    out_head = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and m is not out_head}
+    return sorted(names)
+
+
+def _randomize_trainable(params) -> None:
+    """Adapters start with a zero factor; time on random values (zeros can run faster)."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def _time_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> tuple:
+    for _ in range(n_warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+    return elapsed, peak
+
+
+def _floor_step(model, ids):
+    emb = model.get_input_embeddings()
+
+    def step():
+        x = emb(ids).detach().requires_grad_(True)  # the gradient reaches the embeddings, no weight grads
+        model(inputs_embeds=x, labels=ids).loss.backward()
+
+    return step
+
+
+def _train_step(model, params, ids):
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _kernels_model(config, fam: str, opts: dict, s: TrainSpeedSettings, device: torch.device):
+    from peft_kernels.adapters import adapt
+
+    model = build_model(config, s.dtype, device)
+    if s.impl:
+        opts = {**opts, "impl": s.impl}
+    handle = adapt(model, method=fam, target_modules=linear_targets(model), **opts)
+    params = list(handle.trainable_parameters())
+    return handle, params
+
+
+def _peft_model(config, fam: str, opts: dict, s: TrainSpeedSettings, device: torch.device):
+    import peft
+
+    model = build_model(config, s.dtype, device)
+    targets = linear_targets(model)
+    if fam == "lora":
+        cfg = peft.LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=opts["dropout"],
+                              target_modules=targets)
+    elif fam == "lily":
+        cfg = peft.LilyConfig(r=opts["r"], num_B=opts["num_experts"], scaling=1.0, target_modules=targets)
+    else:
+        raise ImportError(f"HF PEFT has no {fam} tuner to compare with")
+    pm = peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    return pm, params
+
+
+def _variants(s: TrainSpeedSettings):
+    yield "frozen model (floor)", None, None
+    for fam in s.families:
+        yield f"peft_kernels {fam}", fam, _kernels_model
+        if fam in ("lora", "lily"):
+            yield f"HF PEFT {fam}", fam, _peft_model
+
+
+def run_train_speed(s: TrainSpeedSettings, progress: bool = True) -> TrainSpeedResult:
+    """Time the floor and every (family, implementation) on fresh models built from one config."""
+    device = torch.device(s.device)
+    saved_threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(s.threads or 1)
+        keep_freed_memory()
+    try:
+        return _run(s, device, progress)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSpeedResult:
+    config = load_config(s.model)
+    tokens = s.batch * s.seq
+    settings = {"model": s.model, "families": list(s.families), "seq": s.seq, "batch": s.batch,
+                "steps": s.steps, "warmup": s.warmup, "dtype": str(s.dtype).replace("torch.", ""),
+                "device": str(device), "torch_threads": torch.get_num_threads(), "r": s.r, "dropout": s.dropout, "impl": s.impl or "dispatch default",
+                "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+                "step": "forward (LM loss) + backward + AdamW on adapter parameters; floor: no optimizer, "
+                        "gradient to the input embeddings only"}
+    result = TrainSpeedResult(meta=stamp(device), settings=settings)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (s.batch, s.seq), generator=g).to(device)
+    variants = list(_variants(s))
+    from tqdm.auto import tqdm
+
+    floor_tps, peft_tps = None, {}
+    for name, fam, maker in tqdm(variants, desc="peft-kernels train-speed", unit="model", disable=not progress):
+        row = {"variant": name, "family": fam or "-", "trainable_params": 0, "step_ms": None,
+               "tokens_per_s": None, "slowdown_vs_floor": None, "speedup_vs_peft": None, "peak_gib": None,
+               "status": "ok"}
+        model = params = step = None
+        try:
+            if maker is None:
+                model = build_model(config, s.dtype, device)
+                step = _floor_step(model, ids)
+            else:
+                opts = FAMILY_OPTIONS[fam](s)
+                model, params = maker(config, fam, opts, s, device)
+                _randomize_trainable(params)
+                row["trainable_params"] = sum(p.numel() for p in {id(p): p for p in params}.values())
+                step = _train_step(model, params, ids)
+            elapsed, peak = _time_steps(step, s.warmup, s.steps, device)
+            tps = tokens * s.steps / elapsed
+            row.update(step_ms=1e3 * elapsed / s.steps, tokens_per_s=tps, peak_gib=peak)
+            if maker is None:
+                floor_tps = tps
+            elif name.startswith("HF PEFT"):
+                peft_tps[fam] = tps
+        except ImportError as e:
+            row["status"] = f"n/a: {type(e).__name__}: {e}"[:200]
+        except Exception as e:  # noqa: BLE001 - one failing variant must not sink the comparison
+            row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        finally:
+            # drop every reference (the step closure holds the model and optimizer) before the
+            # next model is built, or its peak memory would include this one
+            model = params = step = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        result.rows.append(row)
+    for row in result.rows:
+        if row["tokens_per_s"] and floor_tps:
+            row["slowdown_vs_floor"] = floor_tps / row["tokens_per_s"]
+        fam = row["family"]
+        if row["variant"].startswith("peft_kernels") and row["tokens_per_s"] and peft_tps.get(fam):
+            row["speedup_vs_peft"] = row["tokens_per_s"] / peft_tps[fam]
+    return result
+
+
+TRAIN_COLUMNS = (
+    ("variant", "variant", None), ("trainable", "trainable_params", ","), ("step ms", "step_ms", ".1f"),
+    ("tokens/s", "tokens_per_s", ",.0f"), ("x floor", "slowdown_vs_floor", ".2f"),
+    ("vs HF PEFT", "speedup_vs_peft", ".2f"), ("peak GiB", "peak_gib", ".2f"),
+)
+
+
+def train_speed_text(result: TrainSpeedResult) -> str:
+    from .meta import stamp_line
+    from .report import format_table
+
+    s = result.settings
+    out = [f"peft-kernels train-speed | {stamp_line(result.meta)}",
+           f"model={s['model']} (hidden {s['hidden_size']}, {s['num_hidden_layers']} layers) "
+           f"batch={s['batch']} seq={s['seq']} dtype={s['dtype']} steps={s['steps']} (+{s['warmup']} warm-up)",
+           f"step: {s['step']}",
+           "x floor = floor tokens/s / variant tokens/s; vs HF PEFT = tokens/s over HF PEFT's, same family"]
+    if result.meta.get("note"):
+        out.append(f"NOTE: {result.meta['note']}")
+    ok = [r for r in result.rows if r["status"] == "ok"]
+    out.append(format_table(ok, TRAIN_COLUMNS if any(r["peak_gib"] for r in ok) else TRAIN_COLUMNS[:-1]))
+    for r in result.rows:
+        if r["status"] != "ok":
+            out.append(f"  [{r['variant']}] {r['status']}")
+    return "\n".join(out)
+
+
+def write_train_speed(result: TrainSpeedResult, out_dir: str) -> list:
+    from .report import write_csv, write_json
+
+    os.makedirs(out_dir, exist_ok=True)
+    return [write_csv(os.path.join(out_dir, "train_speed.csv"), result.rows, result.meta, result.settings),
+            write_json(os.path.join(out_dir, "train_speed.json"),
+                       {"meta": result.meta, "settings": result.settings, "rows": result.rows})]

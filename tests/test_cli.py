@@ -1,0 +1,223 @@
+"""The ``peft-kernels`` command: bench / train-speed / info on the CPU, argument errors, and the
+benchmark's competitor baselines computing the same function as the references (a timing
+comparison between different functions would be meaningless)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peft_kernels import reference as R
+from peft_kernels.bench import cases as C
+from peft_kernels.bench.timing import saved_bytes, time_ms
+from peft_kernels.cli import main
+
+STAMP_KEYS = ("device", "torch", "triton", "git_commit", "date_utc")
+
+
+def _read_csv(path):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    comments = {l[2:].split(":", 1)[0]: l.split(":", 1)[1].strip() for l in lines if l.startswith("# ")}
+    rows = list(csv.DictReader(l for l in lines if not l.startswith("#")))
+    return comments, rows
+
+
+def test_bench_cpu_writes_table_csv_json_png(tmp_path, capsys):
+    out = tmp_path / "bo"
+    rc = main(["bench", "--shapes", "40x24,24x56", "--tokens", "19", "--reps", "1", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for fam in C.FAMILIES:
+        assert f"== {fam} ==" in text
+    for needle in ("frozen base", "peft_kernels", "HF PEFT", "torch two-bmm", "torch densified",
+                   "torch per-expert", "f+b x", "GPU figures need a GPU"):
+        assert needle in text, needle
+
+    meta = json.loads((out / "bench.json").read_text())
+    for k in STAMP_KEYS:
+        assert meta["meta"][k] and meta["meta"][k] != "", k
+    assert meta["meta"]["torch"] == torch.__version__
+    assert "GPU" in meta["meta"]["note"]
+    rows = meta["rows"]
+    # every family: a base row with ratio 1 and at least two measured competitors per shape
+    for fam in C.FAMILIES:
+        for shape in ("40x24", "24x56"):
+            fam_rows = [r for r in rows if r["family"] == fam and r["shape"] == shape]
+            base = [r for r in fam_rows if r["variant"] == "frozen base"]
+            assert len(base) == 1 and base[0]["fwdbwd_ratio"] == 1.0 and base[0]["fwdbwd_ms"] > 0
+            ok = [r for r in fam_rows if r["variant"] != "frozen base" and r["status"] == "ok"]
+            assert len(ok) >= 2, (fam, shape, [(r["variant"], r["status"]) for r in fam_rows])
+            for r in ok:
+                assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["fwdbwd_ms"] > 0
+                assert r["fwdbwd_ratio"] == pytest.approx(r["fwdbwd_ms"] / base[0]["fwdbwd_ms"])
+                assert r["saved_mib"] >= 0
+
+    comments, csv_rows = _read_csv(out / "bench.csv")
+    for k in STAMP_KEYS:
+        assert comments.get(k), k
+    assert len(csv_rows) == len(rows)
+
+    from PIL import Image
+
+    for fam in C.FAMILIES:
+        png = out / f"bench_{fam}.png"
+        assert png.is_file() and png.stat().st_size > 1000
+        info = json.loads(Image.open(png).info["Description"])
+        assert info["git_commit"] == meta["meta"]["git_commit"] and info["device"] == meta["meta"]["device"]
+
+
+def test_train_speed_tiny(tmp_path, capsys):
+    rc = main(["train-speed", "--model", "tiny", "--family", "lora", "--seq", "16", "--batch", "1",
+               "--steps", "1", "--warmup", "0", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "frozen model (floor)" in text and "peft_kernels lora" in text and "HF PEFT lora" in text
+    data = json.loads((tmp_path / "train_speed.json").read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    for name in ("frozen model (floor)", "peft_kernels lora", "HF PEFT lora"):
+        assert rows[name]["status"] == "ok", rows[name]["status"]
+        assert rows[name]["tokens_per_s"] > 0
+    # both adapters train the same parameter count on the same targets
+    assert rows["peft_kernels lora"]["trainable_params"] == rows["HF PEFT lora"]["trainable_params"] > 0
+    for k in STAMP_KEYS:
+        assert data["meta"][k], k
+
+
+def test_train_speed_bad_model_path(tmp_path, capsys):
+    rc = main(["train-speed", "--model", str(tmp_path / "nope.json"), "--out", str(tmp_path), "--no-progress"])
+    assert rc == 2
+    assert "--model must be one of" in capsys.readouterr().err
+
+
+def test_info_via_python_m():
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, "-m", "peft_kernels", "info"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert f"torch {torch.__version__}" in p.stdout
+    assert "device=cpu" in p.stdout and "lora: default ->" in p.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--family", "lora,foo"], "unknown family 'foo'"),
+    (["bench", "--shapes", "4096by4096"], "malformed shape '4096by4096'"),
+    (["bench", "--shapes", "0x16"], "malformed shape '0x16'"),
+    (["bench", "--dtype", "int8"], "unknown dtype 'int8'"),
+    (["bench", "--tokens", "-3"], "expected a positive integer"),
+    (["train-speed", "--family", "adalora"], "unknown family 'adalora'"),
+    (["train-speed", "--dropout", "1.5"], "expected a probability"),
+    (["bench", "--clock", "thread", "--threads", "2"], "--clock thread"),
+    ([], "required"),
+])
+def test_bad_arguments_give_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------- the baselines compute the reference's function
+def _setup(d_in=37, d_out=23, T=11):
+    return C.make_setup(d_in, d_out, T, torch.float64, torch.device("cpu"))
+
+
+def test_monarch_two_bmm_matches_reference():
+    s = _setup()
+    for r in (1, 3):
+        W1, W2 = C._monarch_params(s, dict(nblocks=4, blk_r=r, dropout=0.0))
+        got = C.monarch_two_bmm(s.x, W1, W2, s.d_out)
+        torch.testing.assert_close(got, R.monarch_adapter(s.x, W1, W2, s.d_out))
+
+
+def test_sparse_baselines_match_reference():
+    s = _setup()
+    cfg = dict(density=0.1)
+    crow, col, val = C._sparse_params(s, cfg)
+    R.check_csr(crow, col, val, (s.d_out, s.d_in))
+    want = R.sparse(s.x, s.weight, crow, col, val)
+    for build in (C.sparse_densified, C.sparse_torch_csr):
+        fwd, _ = build(s, cfg)
+        torch.testing.assert_close(fwd(), want)
+
+
+def test_lily_per_expert_matches_reference():
+    s = _setup()
+    cfg = dict(r=5, E=3, routing="token")
+    fwd, (lp, router, hp) = C.lily_torch_per_expert(s, cfg)
+    torch.testing.assert_close(fwd(), R.lily(s.x, s.weight, lp, router, hp, routing="token"))
+
+
+@pytest.mark.parametrize("builder, ref_builder", [(C.lora_torch, C.lora_reference), (C.lora_peft, C.lora_reference),
+                                                  (C.lily_peft, C.lily_reference)])
+def test_peft_and_torch_baselines_match_reference(builder, ref_builder):
+    s = _setup()
+    cfg = dict(r=4, dropout=0.0) if "lora" in builder.__name__ else dict(r=4, E=3, routing="batch")
+    fwd, params = builder(s, cfg)
+    _, ref_params = ref_builder(s, cfg)
+    if builder is C.lily_peft:  # PEFT stores B as (E*r, d_out) and the router as (E, r)
+        A, Bw, router = params
+        lp, hp = A, Bw.detach().reshape(cfg["E"], cfg["r"], s.d_out).transpose(1, 2)
+        want = R.lily(s.x, s.weight, lp, router, hp, routing="batch")
+    elif builder is C.lora_peft:
+        A, B = params
+        want = R.lora(s.x, s.weight, A, B, scaling=2.0)
+    else:  # _lora_params draws from a fixed generator: the reference's factors hold the same values
+        want = R.lora(s.x, s.weight, *ref_params[:2], scaling=2.0)
+    torch.testing.assert_close(fwd(), want)
+
+
+def test_saved_bytes_and_timer():
+    s = _setup()
+    w = s.weight
+    # the frozen base keeps only the input (excluded) for backward: nothing extra
+    assert saved_bytes(lambda: torch.nn.functional.linear(s.x, w), exclude=[s.x, w]) == 0
+    fwd, params = C.lora_torch(s, dict(r=4, dropout=0.5))
+    # dropout keeps its mask / dropped input (T x d_in) for backward
+    assert saved_bytes(fwd, exclude=[s.x, w, *params]) >= s.x.numel()
+    assert time_ms(lambda: fwd().sum().backward(), torch.device("cpu"), [s.x, *params], reps=2) > 0
+    assert time_ms(fwd, torch.device("cpu"), reps=2, stat="min", clock="thread") > 0
+    with pytest.raises(ValueError, match="stat"):
+        time_ms(fwd, torch.device("cpu"), stat="mean")
+    with pytest.raises(ValueError, match="clock"):
+        time_ms(fwd, torch.device("cpu"), clock="process")
+
+
+def test_targets_only_for_the_issue_setting():
+    cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+    lora = dict(r=16, dropout=0.0)
+    assert C.target_for("lora", lora, (4096, 4096), 8192, bf16, cuda) == 1.10
+    assert C.target_for("lora", lora, (4096, 11008), 8192, bf16, cuda) == 1.06
+    assert C.target_for("lora", dict(r=64, dropout=0.0), (4096, 4096), 8192, bf16, cuda) is None
+    assert C.target_for("lora", lora, (4096, 4096), 8192, bf16, cpu) is None
+    assert C.target_for("lora", lora, (4096, 4096), 4096, bf16, cuda) is None
+    assert C.target_for("sparse", dict(density=0.05), (4096, 4096), 8192, bf16, cuda) == 1.35
+    assert C.target_for("lily", dict(r=16, E=4, routing="batch"), (4096, 4096), 8192, bf16, cuda) == 1.10
+
+
+def test_report_marks_targets_and_failures(tmp_path):
+    from peft_kernels.bench.layer import BenchResult, _row
+    from peft_kernels.bench.meta import stamp
+    from peft_kernels.bench.report import bench_text, write_bench
+
+    res = BenchResult(meta=stamp(torch.device("cpu")),
+                      settings={"families": ["lora"], "shapes": ["4096x4096"], "tokens": 8192, "dtype": "bfloat16",
+                                "device": "cuda", "timer": "t", "ratio": "r"})
+    shape = (4096, 4096)
+    base = _row("lora", shape, 8192, torch.bfloat16, "-", "frozen base", fwd_ms=0.3, bwd_ms=0.4, fwdbwd_ms=0.7,
+                fwd_ratio=1.0, bwd_ratio=1.0, fwdbwd_ratio=1.0, peak_mib=300.0)
+    kern = _row("lora", shape, 8192, torch.bfloat16, "r=16 drop=0", "peft_kernels[triton]", fwd_ms=0.33,
+                bwd_ms=0.45, fwdbwd_ms=0.80, fwd_ratio=1.1, bwd_ratio=1.12, fwdbwd_ratio=1.14, peak_mib=310.0,
+                target=1.10, meets_target=False)
+    broken = _row("lora", shape, 8192, torch.bfloat16, "r=16 drop=0", "torch.compile", status="error: boom")
+    res.rows += [base, kern, broken]
+    text = bench_text(res)
+    assert "NO" in text and "1.10" in text and "error: boom" in text and "peak MiB" in text
+    paths = write_bench(res, str(tmp_path))
+    assert any(p.endswith("bench_lora.png") for p in paths)
