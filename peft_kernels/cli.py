@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._argtypes import dropout_value, nonneg_int, positive_int
+
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -44,36 +46,6 @@ def shape_list(text: str) -> list:
                 f"malformed shape {item!r}: expected D_INxD_OUT with positive integers, e.g. 4096x11008")
         shapes.append((int(parts[0]), int(parts[1])))
     return shapes
-
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def dropout_value(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {v}")
-    return v
 
 
 def dtype_value(text: str) -> torch.dtype:

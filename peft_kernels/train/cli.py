@@ -19,62 +19,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from .._argtypes import csv_list, fraction, nonneg_int, positive_float, positive_int, positive_int_list
+
 FAMILIES = ("lora", "adalora", "moelora", "monarch", "sparse", "lily")
-
-
-# ---- argument types ----------------------------------------------------------------------------
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"fraction must be in (0, 1], got {v}")
-    return v
-
-
-def _pos_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
-    return v
-
-
-def _csv(text: str) -> list:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return items
-
-
-def _int_csv(text: str) -> list:
-    out = []
-    for t in _csv(text):
-        out.append(_pos_int(t))
-    return out
 
 
 # ---- shared pieces -----------------------------------------------------------------------------
@@ -83,18 +30,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="local HF model folder (default: the embedded all-MiniLM-L6-v2)")
     g.add_argument("--data", default=None, help="JSONL of {\"text\", \"label\"} rows (default: the embedded task)")
     g.add_argument("--eval-data", default=None, help="JSONL for evaluation (default: 20%% split of --data)")
-    g.add_argument("--targets", type=_csv, default=None,
+    g.add_argument("--targets", type=csv_list, default=None,
                    help="comma-separated target module names (default: the attention query/value projections)")
-    g.add_argument("--max-length", type=_pos_int, default=64, help="tokens per example (truncation)")
-    g.add_argument("--batch-size", type=_pos_int, default=16)
-    g.add_argument("--limit-train", type=_pos_int, default=None, help="use only the first N training rows")
-    g.add_argument("--limit-eval", type=_pos_int, default=None, help="use only the first N evaluation rows")
+    g.add_argument("--max-length", type=positive_int, default=64, help="tokens per example (truncation)")
+    g.add_argument("--batch-size", type=positive_int, default=16)
+    g.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training rows")
+    g.add_argument("--limit-eval", type=positive_int, default=None, help="use only the first N evaluation rows")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     g.add_argument("--seed", type=int, default=0)
     c = p.add_argument_group("Fisher calibration (FLoE)")
     c.add_argument("--calib-method", choices=FAMILIES, default="moelora",
                    help="adapters used for calibration (FLoE's low-rank experts by default)")
-    c.add_argument("--calib-batches", type=_pos_int, default=8, help="calibration batches")
+    c.add_argument("--calib-batches", type=positive_int, default=8, help="calibration batches")
     c.add_argument("--granularity", choices=("layer", "module"), default="layer",
                    help="score whole blocks (layer) or single modules")
 
@@ -342,8 +289,8 @@ def register(subparsers) -> None:
                                           "table and the selected layers.")
     _add_common(s)
     sel = s.add_mutually_exclusive_group()
-    sel.add_argument("--fraction", type=_fraction, default=0.25, help="fraction of layers to keep (FLoE: 0.25)")
-    sel.add_argument("--k", type=_pos_int, default=None, help="number of layers to keep")
+    sel.add_argument("--fraction", type=fraction, default=0.25, help="fraction of layers to keep (FLoE: 0.25)")
+    sel.add_argument("--k", type=positive_int, default=None, help="number of layers to keep")
     s.add_argument("--json", default=None, help="also write the report as JSON here")
     s.set_defaults(func=_friendly(cmd_select, "select"))
 
@@ -353,31 +300,31 @@ def register(subparsers) -> None:
     _add_common(f)
     f.add_argument("--method", choices=FAMILIES, default="lora", help="adapter family to train")
     sel = f.add_mutually_exclusive_group()
-    sel.add_argument("--fraction", type=_fraction, default=None,
+    sel.add_argument("--fraction", type=fraction, default=None,
                      help="fraction of layers to adapt (default 0.25; 1.0 for adalora)")
-    sel.add_argument("--k", type=_pos_int, default=None, help="number of layers to adapt")
-    f.add_argument("--r", type=_pos_int, default=8, help="rank (lora, moelora)")
-    f.add_argument("--alpha", type=_pos_float, default=16.0)
+    sel.add_argument("--k", type=positive_int, default=None, help="number of layers to adapt")
+    f.add_argument("--r", type=positive_int, default=8, help="rank (lora, moelora)")
+    f.add_argument("--alpha", type=positive_float, default=16.0)
     f.add_argument("--dropout", type=float, default=0.0)
-    f.add_argument("--num-experts", type=_pos_int, default=4, help="experts per layer (moelora)")
-    f.add_argument("--init-r", type=_pos_int, default=12, help="AdaLoRA initial rank")
-    f.add_argument("--target-r", type=_nonneg_int, default=8, help="AdaLoRA average final rank")
+    f.add_argument("--num-experts", type=positive_int, default=4, help="experts per layer (moelora)")
+    f.add_argument("--init-r", type=positive_int, default=12, help="AdaLoRA initial rank")
+    f.add_argument("--target-r", type=nonneg_int, default=8, help="AdaLoRA average final rank")
     r = f.add_argument_group("rank search (Bayesian optimisation, optuna TPE)")
     r.add_argument("--rank-search", action="store_true", help="search per-layer ranks before training")
-    r.add_argument("--trials", type=_pos_int, default=6)
-    r.add_argument("--budget", type=_pos_int, default=None, help="adapter parameter budget")
-    r.add_argument("--rank-choices", type=_int_csv, default=[2, 4, 8, 16])
-    r.add_argument("--probe-steps", type=_pos_int, default=15)
-    r.add_argument("--search-timeout", type=_pos_float, default=None, help="seconds")
+    r.add_argument("--trials", type=positive_int, default=6)
+    r.add_argument("--budget", type=positive_int, default=None, help="adapter parameter budget")
+    r.add_argument("--rank-choices", type=positive_int_list, default=[2, 4, 8, 16])
+    r.add_argument("--probe-steps", type=positive_int, default=15)
+    r.add_argument("--search-timeout", type=positive_float, default=None, help="seconds")
     t = f.add_argument_group("training")
-    t.add_argument("--steps", type=_pos_int, default=100)
-    t.add_argument("--lr", type=_pos_float, default=None,
+    t.add_argument("--steps", type=positive_int, default=100)
+    t.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate (default 1e-2; 5e-2 for adalora, whose E starts at zero and A/B small)")
-    t.add_argument("--grad-accum", type=_pos_int, default=1)
-    t.add_argument("--warmup", type=_nonneg_int, default=10)
+    t.add_argument("--grad-accum", type=positive_int, default=1)
+    t.add_argument("--warmup", type=nonneg_int, default=10)
     t.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    t.add_argument("--eval-every", type=_nonneg_int, default=25)
-    t.add_argument("--checkpoint-every", type=_nonneg_int, default=0)
+    t.add_argument("--eval-every", type=nonneg_int, default=25)
+    t.add_argument("--checkpoint-every", type=nonneg_int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/run/checkpoint.pt")
     t.add_argument("--output", default="peft_kernels_out", help="where adapters, head and summary go")
     t.add_argument("--no-progress", action="store_true")
