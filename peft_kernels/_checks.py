@@ -101,11 +101,20 @@ def check_bias(bias, out_features: int) -> None:
         check_tensor("bias", bias, shape=(out_features,))
 
 
-def check_seed(seed) -> int:
+def check_seed(seed):
+    """A dropout seed: an int in [0, 2**63), or a one-element integer tensor (returned as is).
+
+    A tensor is checked by dtype and size only, never read (no ``.item()``): the modules pass the
+    seed they draw as a tensor so that ``torch.compile`` does not graph-break on it, and its value
+    is read only inside the custom ops (or used with tensor ops on the torch path)."""
     if isinstance(seed, torch.Tensor):
-        seed = int(seed.item())
+        if seed.dtype == torch.bool or seed.dtype.is_floating_point or seed.dtype.is_complex:
+            raise TypeError(f"seed must be an integer tensor, got dtype {seed.dtype}")
+        if seed.numel() != 1:
+            raise ValueError(f"seed must hold exactly one element, got shape {tuple(seed.shape)}")
+        return seed
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        raise TypeError(f"seed must be an int or a one-element integer tensor, got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     return seed

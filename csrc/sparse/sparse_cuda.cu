@@ -11,7 +11,7 @@
 // Kept deliberately simple (one output element per thread in the SpMM, one warp per nonzero
 // in the SDDMM); see peft_kernels/ops/sparse.py for what to measure first on an H100.
 #ifdef PEFT_KERNELS_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -122,7 +122,7 @@ at::Tensor sparse_spmm_cuda(const at::Tensor& x, const at::Tensor& crow, const a
   const at::Tensor crowc = crow.contiguous(), colc = col.contiguous(), valc = val.contiguous();
   const dim3 block(kTile, kRowsPerPass);
   const dim3 grid(static_cast<unsigned int>((N + kTile - 1) / kTile), static_cast<unsigned int>((T + kTile - 1) / kTile));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_spmm_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(crowc.scalar_type(), "sparse_spmm_cuda_index", [&] {
       spmm_kernel<scalar_t, index_t><<<grid, block, 0, stream>>>(
@@ -150,7 +150,7 @@ at::Tensor sparse_sddmm_cuda(const at::Tensor& dy, const at::Tensor& x, const at
   const at::Tensor dyt = dy.t().contiguous();  // (N, T)
   const at::Tensor xt = x.t().contiguous();    // (K, T)
   const at::Tensor crowc = crow.contiguous(), colc = col.contiguous();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_sddmm_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(crowc.scalar_type(), "sparse_sddmm_cuda_index", [&] {
       sddmm_kernel<scalar_t, index_t><<<static_cast<unsigned int>(N), kSddmmWarps * 32, 0, stream>>>(

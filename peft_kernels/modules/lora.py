@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -43,11 +43,15 @@ class _AdapterLinear(nn.Module):
         self._merged = False
 
     # -- forward helpers
-    def _dropout_and_seed(self) -> tuple[float, int]:
+    def _dropout_and_seed(self) -> tuple[float, Union[int, torch.Tensor]]:
         """Dropout only in training mode; the seed comes from torch's default CPU generator so
-        ``torch.manual_seed`` reproduces it and activation checkpointing replays it."""
+        ``torch.manual_seed`` reproduces it and activation checkpointing replays it. It stays a
+        one-element int64 CPU tensor (read only inside the custom ops): an ``.item()`` here would
+        graph-break ``torch.compile`` once per adapted layer. Under Inductor (not ``aot_eager``)
+        the draw is lowered to Inductor's own RNG unless ``torch._inductor.config.fallback_random``:
+        still reproducible with ``torch.manual_seed``, but not the seed eager mode draws."""
         if self.training and self.dropout > 0.0:
-            return self.dropout, int(torch.randint(0, 2**62, (1,)).item())
+            return self.dropout, torch.randint(0, 2**62, (1,))
         return 0.0, 0
 
     # -- merge protocol

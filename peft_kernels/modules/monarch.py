@@ -74,8 +74,9 @@ class MonarchLinear(nn.Module):
             return self.base_layer(x)
         p = self.dropout if self.training else 0.0
         # drawn from torch's default CPU generator so torch.manual_seed reproduces it and
-        # torch.utils.checkpoint's RNG-state replay regenerates the same mask
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0.0 else 0
+        # torch.utils.checkpoint's RNG-state replay regenerates the same mask; kept a one-element
+        # tensor (read only inside the custom ops) so torch.compile does not graph-break on it
+        seed = torch.randint(0, 2**62, (1,)) if p > 0.0 else 0
         return monarch_linear(x, self.base_layer.weight, self.W1, self.W2, self.base_layer.bias,
                               dropout_p=p, seed=seed, impl=self.impl)
 

@@ -4,15 +4,17 @@ Layout of the work (T tokens, d_in -> d_out, rank r):
 
 forward
   1. ``_lora_down_kernel``: ``xa = dropout(x) @ A^T`` in fp32, ``(T, r)``. The dropout mask is
-     Philox from ``(seed, row * d_in + col)`` generated in-kernel and never stored.
+     the shared spec of ``reference._philox`` (one Philox-4x32-10 per 8 elements of the
+     ``(T, d_in)`` input, ``_dropout.dropout_keep_tile``) generated in-kernel and never stored.
   2. ``_lora_gemm_kernel``: the base GEMM ``x @ W0^T`` whose accumulator also receives
      ``(s * xa) @ B^T`` and the bias in the epilogue: the output is written once.
 backward
   3. ``_lora_bwd_gb_kernel``: one pass over dY gives ``g = dY @ B`` ``(T, r)`` and
      ``dB = s * dY^T @ xa`` (accumulated across token blocks with fp32 atomics).
-  4. ``_lora_gemm_kernel`` again: ``dX = dY @ W0 + mask * (s / (1 - p)) * (g @ A)``, the LoRA term
+  4. ``_lora_gemm_kernel`` again: ``dX = dY @ W0 + mask * (s * k) * (g @ A)``, the LoRA term
      (with the regenerated mask, same offsets as forward) folded into the epilogue.
-  5. ``_lora_bwd_da_kernel``: ``dA = s / (1 - p) * g^T @ (mask * x)``, mask regenerated.
+  5. ``_lora_bwd_da_kernel``: ``dA = s * k * g^T @ (mask * x)``, mask regenerated.
+(``k = keep_scale(p)``: ``1 / (1 - p)`` for the rate quantised to 16 bits, see ``reference._philox``.)
 Saved for backward: x, A, B, W0 (references), xa ``(T, r)`` fp32 and the seed; nothing of
 size ``T x d_out``.
 
@@ -24,13 +26,17 @@ H100 is UNMEASURED (no GPU in the session that wrote this); the default is the i
 not a measured choice.
 
 Dropout scaling is applied to the fp32 accumulators (``xa``, ``dA``) or folded into ``g``
-instead of to ``x``: ``(mask * x) @ A^T / (1 - p)`` is the same product with one rounding less.
+instead of to ``x``: ``k * ((mask * x) @ A^T)`` is the same product with one rounding less.
 
 Not yet measured, seen only by compiling for sm_90 without a GPU (``triton.compile`` of an
 ``ASTSource`` with ``GPUTarget("cuda", 90, 32)``): without dropout the GEMM uses wgmma and spills
-no more than a plain tutorial GEMM of the same tile; with dropout the Philox mask in the dX
-epilogue (one Philox-4x32-10 per element, fixed by the shared mask spec) spills heavily on
-128x256 / 128x128 tiles, so the autotuner should land on 64x128 there.
+no more than a plain tutorial GEMM of the same tile. The dropout mask is computed three times over
+``T x d_in`` (down-projection, dX epilogue, dA); with the old spec (one Philox-4x32-10, ~100 integer
+ops, per element) that was predicted to break the "+0.03x for dropout" target and spilled heavily
+in the dX epilogue on 128x256 / 128x128 tiles. The current spec runs one Philox per 8 elements
+(~15 integer ops per element in all, ~7x fewer). Compiled for sm_90 (ptxas -v, bf16), the dX
+epilogue's spill stores fell from 1612 to 44 bytes at 128x128x64 (8 warps) and from 10272 to 2564 at
+128x256x64; ``ops/_dropout.py`` has the details. Time on an H100 is UNMEASURED.
 """
 from __future__ import annotations
 
@@ -42,7 +48,8 @@ import torch
 from .. import dispatch
 from .._checks import check_choice
 from ..reference.lora import check_lora_args, lora as lora_reference
-from ..reference._philox import drop_threshold
+from ..reference._philox import drop_threshold, keep_scale
+from ._dropout import dropout_keep_tile
 from ._triton import HAS_TRITON, tl, triton
 
 BASE_ENV = "PEFT_KERNELS_LORA_BASE"
@@ -104,15 +111,6 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _keep_mask(seed, rows, cols, ncols, threshold):
-    """Dropout keep-mask of the (rows x cols) tile, identical to ``reference._philox.keep_mask``:
-    Philox word of the int64 linear offset ``row * ncols + col``, kept iff ``word >> 1 >= threshold``."""
-    lin = rows[:, None].to(tl.int64) * ncols + cols[None, :].to(tl.int64)
-    word = tl.randint(seed, lin)
-    return (word >> 1).to(tl.int32) >= threshold
-
-
-@triton.jit
 def _lora_down_kernel(
     # pointers
     x_ptr, a_ptr, xa_ptr,
@@ -140,7 +138,7 @@ def _lora_down_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, offs_t, offs_k, K, threshold)
+            keep = dropout_keep_tile(seed, offs_t, k0, K, threshold, BLOCK_K)
             x = tl.where(keep, x, tl.zeros_like(x))
         a_t = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                       mask=k_ok[:, None] & r_ok[None, :], other=0.0)
@@ -169,7 +167,7 @@ def _lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One kernel for three jobs: the forward (x @ W0^T + s xa B^T + b), the dX backward
-    (dY @ W0 + mask * s/(1-p) * g A) and, with HAS_GEMM=False / HAS_C=True, the add-only LoRA pass
+    (dY @ W0 + mask * s * keep_scale * g A) and, with HAS_GEMM=False / HAS_C=True, the add-only LoRA pass
     of the cuBLAS-base path. Output written once, in the output dtype."""
     # grouped tile order so consecutive programs reuse the same W0 columns from L2
     pid = tl.program_id(0)
@@ -219,7 +217,7 @@ def _lora_gemm_kernel(
         left = (left.to(tl.float32) * scale).to(right.dtype)
         lora = _mma(left, right, lora, DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = _keep_mask(seed, offs_m, offs_n, N, threshold)
+        keep = dropout_keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N)
         acc += tl.where(keep, lora, tl.zeros_like(lora))
     else:
         acc = lora
@@ -278,7 +276,7 @@ def _lora_bwd_da_kernel(
     M, K, R, rows_per_split,
     # strides
     stride_gm, stride_gr, stride_xm, stride_xk, stride_dar, stride_dak,
-    # dropout and scaling (s / (1 - p))
+    # dropout and scaling (s * keep_scale(p))
     scale, seed, threshold,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -303,7 +301,7 @@ def _lora_bwd_da_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, offs_m, offs_k, K, threshold)
+            keep = dropout_keep_tile(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_K)
             x = tl.where(keep, x, tl.zeros_like(x))
         g_t = tl.load(g_ptr + offs_r[:, None] * stride_gr + rows[None, :] * stride_gm,
                       mask=r_ok[:, None] & m_ok[None, :], other=0.0)
@@ -334,11 +332,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _dropout_args(p: float, seed: int) -> tuple[bool, int, int, float]:
-    """(HAS_DROPOUT, seed, integer threshold, 1 / (1 - p))."""
+def _dropout_args(p: float, seed: torch.Tensor) -> tuple[bool, int, int, float]:
+    """(HAS_DROPOUT, seed, integer threshold, keep scale ~ 1 / (1 - p)) of the shared mask spec
+    (``reference._philox``). Runs inside the custom ops only: the seed arrives as a one-element
+    CPU tensor and is read here, where Dynamo does not trace."""
     if p == 0.0:
         return False, 0, 0, 1.0
-    return True, int(seed), drop_threshold(p), 1.0 / (1.0 - p)
+    return True, int(seed.item()), drop_threshold(p), keep_scale(p)
+
+
+def _seed_tensor(seed) -> torch.Tensor:
+    """The seed as the one-element int64 tensor the custom ops take (an int is wrapped; a tensor
+    from a module is passed through without being read, so no graph break)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(torch.int64)
+    return torch.tensor([seed], dtype=torch.int64)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -363,14 +371,14 @@ class _DeviceGuard:
 
 
 @torch.library.custom_op("peft_kernels::lora_down", mutates_args=())
-def _lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def _lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     """xa = dropout(x) @ A^T in fp32, (T, r)."""
     T, K = x.shape
     r = lora_A.shape[0]
     xa = torch.empty((T, r), device=x.device, dtype=torch.float32)
     if T == 0:
         return xa
-    has_drop, seed, thr, keep_scale = _dropout_args(dropout_p, seed)
+    has_drop, seed, thr, kscale = _dropout_args(dropout_p, seed)
     r_pad = _r_pad(r)
     block_t, block_k, warps = _small_blocks(r_pad)
     with _DeviceGuard(x.device):
@@ -378,7 +386,7 @@ def _lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: in
             x, lora_A, xa,
             T, K, r,
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
-            seed, thr, keep_scale,
+            seed, thr, kscale,
             HAS_DROPOUT=has_drop, R_PAD=r_pad, DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_T=block_t, BLOCK_K=block_k, num_warps=warps,
         )
@@ -393,7 +401,7 @@ def _(x, lora_A, dropout_p, seed):
 @torch.library.custom_op("peft_kernels::lora_gemm", mutates_args=())
 def _lora_gemm(x: Optional[torch.Tensor], w: Optional[torch.Tensor], c: Optional[torch.Tensor],
                left: torch.Tensor, right: torch.Tensor, bias: Optional[torch.Tensor],
-               scale: float, dropout_p: float, seed: int, out_dtype: torch.dtype) -> torch.Tensor:
+               scale: float, dropout_p: float, seed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """out (M, N) = [x @ w] [+ c] + scale * dropout_mask(M, N) * (left @ right) [+ bias].
 
     ``w`` and ``right`` are read through their strides, so transposed views (W0^T, B^T) cost
@@ -465,14 +473,14 @@ def _(dy, lora_B, xa):
 
 
 @torch.library.custom_op("peft_kernels::lora_bwd_da", mutates_args=())
-def _lora_bwd_da(g: torch.Tensor, x: torch.Tensor, scale: float, dropout_p: float, seed: int) -> torch.Tensor:
-    """dA = scale / (1 - p) * g^T @ (mask * x), fp32 (r, d_in)."""
+def _lora_bwd_da(g: torch.Tensor, x: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """dA = scale * keep_scale(p) * g^T @ (mask * x), fp32 (r, d_in)."""
     M, K = x.shape
     r = g.shape[1]
     da = torch.zeros((r, K), device=x.device, dtype=torch.float32)
     if M == 0:
         return da
-    has_drop, seed, thr, keep_scale = _dropout_args(dropout_p, seed)
+    has_drop, seed, thr, kscale = _dropout_args(dropout_p, seed)
     r_pad = _r_pad(r)
     block_m, block_k, warps = _small_blocks(r_pad)
     k_blocks = triton.cdiv(K, block_k)
@@ -486,7 +494,7 @@ def _lora_bwd_da(g: torch.Tensor, x: torch.Tensor, scale: float, dropout_p: floa
             g, x, da,
             M, K, r, rows_per_split,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-            scale * keep_scale, seed, thr,
+            scale * kscale, seed, thr,
             HAS_DROPOUT=has_drop, R_PAD=r_pad, DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
         )
@@ -518,19 +526,20 @@ class LoRAFunction(torch.autograd.Function):
         xa = _lora_down(x, lora_A, dropout_p, seed)
         b_t = lora_B.t()  # (r, d_out) view, read through strides
         if base == "triton":
-            y = _lora_gemm(x, weight.t(), None, xa, b_t, bias, scaling, 0.0, 0, x.dtype)
+            y = _lora_gemm(x, weight.t(), None, xa, b_t, bias, scaling, 0.0, seed, x.dtype)
         else:
             y0 = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-            y = _lora_gemm(None, None, y0, xa, b_t, None, scaling, 0.0, 0, x.dtype)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.base = scaling, dropout_p, seed, base
+            y = _lora_gemm(None, None, y0, xa, b_t, None, scaling, 0.0, seed, x.dtype)
+        # the seed is a tensor: saved like one, so compiled autograd carries it to backward
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+        ctx.scaling, ctx.dropout_p, ctx.base = scaling, dropout_p, base
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, xa = ctx.saved_tensors
-        s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
         dy = dy.contiguous()
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dx = dw = da = db = dbias = None
@@ -538,12 +547,11 @@ class LoRAFunction(torch.autograd.Function):
         if need_b:
             db = (db32 * s).to(lora_B.dtype)
         if need_x:
-            keep_scale = 1.0 / (1.0 - p)
+            s_keep = s * keep_scale(p)  # the mask's scale rides on the LoRA scale (1.0 when p == 0)
             if ctx.base == "triton":
-                dx = _lora_gemm(dy, weight, None, g, lora_A, None, s * keep_scale, p, seed, dy.dtype)
+                dx = _lora_gemm(dy, weight, None, g, lora_A, None, s_keep, p, seed, dy.dtype)
             else:
-                dx = _lora_gemm(None, None, torch.mm(dy, weight), g, lora_A, None, s * keep_scale, p, seed,
-                                dy.dtype)
+                dx = _lora_gemm(None, None, torch.mm(dy, weight), g, lora_A, None, s_keep, p, seed, dy.dtype)
         if need_a:
             da = _lora_bwd_da(g, x, s, p, seed).to(lora_A.dtype)
         if need_w:
@@ -568,7 +576,7 @@ def lora_linear(
     bias: Optional[torch.Tensor] = None,
     scaling: float = 1.0,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     impl: Optional[str] = None,
     *,
     base: Optional[str] = None,
@@ -578,10 +586,10 @@ def lora_linear(
     ``impl`` picks ``triton`` / ``torch`` (default: dispatch). ``base`` (``triton``/``cublas``,
     default ``PEFT_KERNELS_LORA_BASE`` or ``triton``) picks who runs the base GEMM on the Triton
     path. Under autocast the Triton path casts every operand to the autocast dtype first (the
-    casts are differentiable, so fp32 adapter weights get fp32 gradients)."""
+    casts are differentiable, so fp32 adapter weights get fp32 gradients). ``seed`` is an int or a
+    one-element integer tensor; a tensor is never read here (only inside the custom ops, or by
+    tensor ops on the torch path), so ``torch.compile`` traces dropout without a graph break."""
     check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed)
-    if isinstance(seed, torch.Tensor):
-        seed = int(seed.item())
     dropout_p = float(dropout_p)
     scaling = float(scaling)
     d_out, d_in = weight.shape
@@ -596,6 +604,7 @@ def lora_linear(
     if chosen == "torch":
         return lora_reference(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
     mode = base_mode(base)
+    seed = _seed_tensor(seed)
     with torch.autocast(x.device.type, enabled=False):
         cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, lora_A, lora_B, bias)]
         x2 = cast[0].reshape(-1, d_in)

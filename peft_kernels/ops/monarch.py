@@ -35,7 +35,7 @@ GPU (small T), each split recomputes stage 1 for its tile (x re-read, from L2) a
 slice of the output columns; at T = 8192 the launcher picks few or no splits.
 
 Backward, two kernels per chunk, grid (token tiles, column splits) each:
-1. over the output columns: ``G = dY * mask / (1-p)`` with the mask regenerated from the seed
+1. over the output columns: ``G = dY * mask * keep_scale(p)`` with the mask regenerated from the seed
    (never stored); partial ``dY1 = G @ B2`` per column split (fp32, summed by torch when split)
    and the partial ``dW2`` tile ``Y1^T G`` stored at the pattern positions;
 2. over the chunk's input columns: ``dX += dY1 @ B1`` (``dX`` starts as the cuBLAS ``dY @ W0``)
@@ -46,8 +46,9 @@ The weight gradients are reduced deterministically: every token tile writes its 
 finishes the reduction. The partial buffers hold ``cdiv(T, 64) * R * (p + s)`` fp32 values
 (~16 MB at T = 8192, r = 4, n = m = 4096).
 
-Dropout mask: ``tl.randint(seed, t*m + c)`` over the flattened ``(T, m)`` adapter output, kept iff
-``(word >> 1) >= int(p * 2**31)``, identical to ``reference._philox``.
+Dropout mask: the shared spec of ``reference._philox`` over the ``(T, m)`` adapter output (one
+``tl.randint4x`` per 8 output columns, ``_dropout.dropout_keep_tile``): every output-column tile
+starts at a multiple of BLOCK_M (a power of two >= 16), so it covers whole 8-column counters.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ from .. import dispatch
 from .._checks import check_bias, check_dropout, check_input, check_same_device, check_seed, check_tensor
 from ..reference.monarch import check_monarch_factors
 from ..reference.monarch import monarch as monarch_reference
-from ..reference._philox import drop_threshold
+from ..reference._philox import drop_threshold, keep_scale
+from ._dropout import dropout_keep_tile
 from ._triton import HAS_TRITON, tl, triton
 
 # ------------------------------------------------------------------------------------------------
@@ -178,10 +180,11 @@ def _w2_tile(i_f, l_f, f_ok, cols, col_ok, N, s, r):
 
 
 @triton.jit
-def _keep_scale(x, offs, seed, threshold, scale):
-    """Inverted dropout with the shared counter-based mask (``reference._philox``)."""
-    word = tl.randint(seed, offs)
-    keep = (word >> 1).to(tl.int32) >= threshold
+def _keep_scale(x, rows, col0, ncols, seed, threshold, scale, BLOCK_COLS: tl.constexpr):
+    """Inverted dropout of the tile ``rows`` x ``[col0, col0 + BLOCK_COLS)`` of a ``(T, ncols)``
+    tensor with the shared counter-based mask (``reference._philox``; col0 is a multiple of
+    BLOCK_COLS, hence of 8, as the mask helper needs)."""
+    keep = dropout_keep_tile(seed, rows, col0, ncols, threshold, BLOCK_COLS)
     return tl.where(keep, x * scale, 0.0)
 
 
@@ -244,7 +247,7 @@ def _monarch_fwd_kernel(
         offs = rows64[:, None] * m + cols[None, :]
         msk = row_ok[:, None] & col_ok[None, :]
         if HAS_DROPOUT:
-            out = _keep_scale(out, offs, seed, threshold, scale)
+            out = _keep_scale(out, rows, m0, m, seed, threshold, scale, BLOCK_M)
         y = tl.load(Y + offs, mask=msk, other=0.0)
         tl.store(Y + offs, _to(y.to(tl.float32) + out, dtype, INTERP_BF16), mask=msk)
 
@@ -293,7 +296,7 @@ def _monarch_bwd_dy1_kernel(
         offs = rows64[:, None] * m + cols[None, :]
         g = tl.load(DY + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            g = _keep_scale(g.to(tl.float32), offs, seed, threshold, scale)  # the forward's mask
+            g = _keep_scale(g.to(tl.float32), rows, m0, m, seed, threshold, scale, BLOCK_M)  # the forward's mask
         g = _to(g, dtype, INTERP_BF16)
         w_offs, w_ok = _w2_tile(i_f, l_f, f_ok, cols, col_ok, N, s, r)
         w = _to(tl.load(W2 + w_offs, mask=w_ok, other=0.0), dtype, INTERP_BF16)
@@ -389,7 +392,7 @@ def _num_splits(token_tiles: int, ncols: int, block: int, device: torch.device) 
 
 def _dropout_args(dropout_p: float):
     if dropout_p > 0.0:
-        return drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+        return drop_threshold(dropout_p), keep_scale(dropout_p)
     return 0, 1.0
 
 
@@ -403,8 +406,10 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 @torch.library.custom_op("peft_kernels::monarch_fwd", mutates_args=())
 def _monarch_fwd(x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
-                 bias: Optional[torch.Tensor], dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, Y1flat)``: ``y = x2 @ W0^T + b + dropout(monarch(x2))`` and the fp32 intermediate."""
+                 bias: Optional[torch.Tensor], dropout_p: float,
+                 seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, Y1flat)``: ``y = x2 @ W0^T + b + dropout(monarch(x2))`` and the fp32 intermediate.
+    ``seed`` is a one-element int tensor, read here (Dynamo does not trace custom-op bodies)."""
     x2 = x2.contiguous()
     W1 = W1.contiguous()
     W2 = W2.contiguous()
@@ -420,6 +425,7 @@ def _monarch_fwd(x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: t
     if T == 0:
         return y, y1
     threshold, scale = _dropout_args(dropout_p)
+    seed = int(seed.item()) if dropout_p > 0.0 else 0
     RB, chunks = _chunks(N, r, p, n)
 
     def grid(meta):
@@ -446,7 +452,7 @@ def _(x2, weight, W1, W2, bias, dropout_p, seed):
 
 @torch.library.custom_op("peft_kernels::monarch_bwd", mutates_args=())
 def _monarch_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
-                 y1: torch.Tensor, dropout_p: float, seed: int,
+                 y1: torch.Tensor, dropout_p: float, seed: torch.Tensor,
                  need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dW1, dW2)``; ``dx`` is an empty ``(0,)`` tensor when ``need_dx`` is False."""
     x2 = x2.contiguous()
@@ -470,6 +476,7 @@ def _monarch_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, W1: 
     p2 = torch.zeros((tiles, N * s * r), device=x2.device, dtype=torch.float32)
     if T > 0:
         threshold, scale = _dropout_args(dropout_p)
+        seed = int(seed.item()) if dropout_p > 0.0 else 0
         RB, chunks = _chunks(N, r, p, n)
         # split the output columns only when the whole intermediate is one chunk, so the (splits,
         # T, R) partial-dY1 buffer stays small
@@ -519,21 +526,21 @@ class MonarchFunction(torch.autograd.Function):
     def forward(ctx, x, weight, W1, W2, bias, dropout_p, seed):
         m, n = weight.shape
         x2 = x.reshape(-1, n)
-        y, y1 = torch.ops.peft_kernels.monarch_fwd(x2, weight, W1, W2, bias, float(dropout_p), int(seed))
-        ctx.save_for_backward(x2, weight, W1, W2, y1)
+        y, y1 = torch.ops.peft_kernels.monarch_fwd(x2, weight, W1, W2, bias, float(dropout_p), seed)
+        # the seed is a tensor: saved like one, so compiled autograd carries it to backward
+        ctx.save_for_backward(x2, weight, W1, W2, y1, seed)
         ctx.dropout_p = float(dropout_p)
-        ctx.seed = int(seed)
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], m)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, W1, W2, y1 = ctx.saved_tensors
+        x2, weight, W1, W2, y1, seed = ctx.saved_tensors
         m = weight.shape[0]
         dy2 = dy.reshape(-1, m)
         need_dx = ctx.needs_input_grad[0]
-        dx, dW1, dW2 = torch.ops.peft_kernels.monarch_bwd(dy2, x2, weight, W1, W2, y1, ctx.dropout_p, ctx.seed,
+        dx, dW1, dW2 = torch.ops.peft_kernels.monarch_bwd(dy2, x2, weight, W1, W2, y1, ctx.dropout_p, seed,
                                                           need_dx)
         grad_x = dx.view(ctx.x_shape) if need_dx else None
         grad_w = (dy2.float().t() @ x2.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
@@ -558,14 +565,17 @@ def monarch_linear(
     W2: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     impl: Optional[str] = None,
 ) -> torch.Tensor:
     """MoRe linear ``x @ W0^T + b + dropout(monarch(x))`` -> ``(..., m)`` in ``x.dtype``.
 
     ``weight`` ``(m, n)`` is the frozen base, ``W1`` ``(N, r, ceil(n/N))``, ``W2`` ``(N, s, r)``
     (see ``reference.monarch.monarch_dims``). ``impl`` forces ``"triton"`` or ``"torch"``;
-    by default ``dispatch.choose`` picks (Triton on CUDA, the reference elsewhere)."""
+    by default ``dispatch.choose`` picks (Triton on CUDA, the reference elsewhere). ``seed`` is an
+    int or a one-element integer tensor (what the module draws); a tensor is never read here, only
+    inside the custom ops or by tensor ops on the torch path, so ``torch.compile`` does not
+    graph-break on dropout."""
     # validate everything before any launch (same checks, same messages as the reference)
     check_tensor("weight", weight, ndim=2)
     m, n = weight.shape
@@ -578,6 +588,10 @@ def monarch_linear(
     which = dispatch.choose("monarch", x.device, x.dtype, impl)
     if which == "torch":
         return monarch_reference(x, weight, W1, W2, bias, dropout_p, seed)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(1).to(torch.int64)
+    else:
+        seed = torch.tensor([seed], dtype=torch.int64)
     return MonarchFunction.apply(x, weight, W1, W2, bias, dropout_p, seed)
 
 

@@ -81,6 +81,7 @@ def test_dropout_mask_seeded_and_regenerated_in_backward(interpret):
     y1, y1b, y2 = run(7, x.to(dev)), run(7, x.to(dev)), run(8, x.to(dev))
     assert torch.equal(y1, y1b)
     assert not torch.allclose(y1, y2)
+    assert torch.equal(run(torch.tensor([7]), x.to(dev)), y1)  # a tensor seed (the modules') = the int
 
     xl = x.to(dev).requires_grad_()
     (dx,) = torch.autograd.grad(run(7, xl), [xl], torch.randn(T, D_OUT, device=dev))
@@ -158,6 +159,8 @@ def test_bad_inputs_raise_before_launch(interpret, monkeypatch):
         (TypeError, "lora_A", dict(lora_A=[[1.0]])),
         (ValueError, "dropout_p", dict(dropout_p=1.0)),
         (ValueError, "seed", dict(seed=-1)),
+        (TypeError, "seed", dict(seed=torch.tensor([1.0]))),  # a tensor seed: integer dtype
+        (ValueError, "seed", dict(seed=torch.tensor([1, 2]))),  # ... and exactly one element
         (ValueError, "device", dict(weight=W.to("meta"))),
         (ValueError, "r <= 256", dict(lora_A=torch.randn(257, D_IN), lora_B=torch.randn(D_OUT, 257))),
     ]
@@ -211,6 +214,23 @@ def test_torch_compile_fullgraph(interpret):
     gc = torch.autograd.grad(yc.sum(), [Ac, Bc])
     for a, c in zip(ge, gc):
         torch.testing.assert_close(c, a)
+
+
+def test_custom_ops_opcheck(interpret):
+    """Schemas and fake kernels of the launchers; the seed is a one-element int64 CPU tensor (read
+    only inside the op), whatever device the data is on."""
+    r = 4
+    x, W, A, B, _ = (t.float().to(interpret) if t is not None else None for t in _inputs((19,), r, False))
+    seed = torch.tensor([2**40 + 3])
+    xa = L._lora_down(x, A, 0.2, seed)
+    dy = torch.randn(19, D_OUT, device=interpret)
+    g, _ = L._lora_bwd_gb(dy, B, xa)
+    for op, args in [
+        (torch.ops.peft_kernels.lora_down.default, (x, A, 0.2, seed)),
+        (torch.ops.peft_kernels.lora_gemm.default, (dy, W, None, g, A, None, 1.5, 0.2, seed, torch.float32)),
+        (torch.ops.peft_kernels.lora_bwd_da.default, (g, x, 1.5, 0.2, seed)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.gpu

@@ -132,6 +132,8 @@ def test_monarch_deterministic_and_seeded(interpret):
     assert torch.equal(y1, y2)
     assert all(torch.equal(a, c) for a, c in zip(g1, g2))
     assert not torch.equal(y1, y3)
+    y4, g4 = _run(fn, x, weight, W1, W2, b, dy, F32, 0.5, torch.tensor([7]))  # the modules' tensor seed
+    assert torch.equal(y4, y1) and all(torch.equal(a, c) for a, c in zip(g4, g1))
 
 
 def test_monarch_zero_tokens(interpret):
@@ -155,10 +157,11 @@ def test_monarch_default_dispatch_on_cpu_is_reference():
 def test_monarch_custom_ops_opcheck(interpret):
     """Schemas, fake (meta) implementations and torch.compile tracing of the launchers."""
     x, weight, W1, W2, b, dy = (t.float().to(interpret) for t in _make((17,), 40, 24, 4, 4, True))
-    y, y1 = torch.ops.peft_kernels.monarch_fwd(x, weight, W1, W2, b, 0.1, 5)
-    torch.library.opcheck(torch.ops.peft_kernels.monarch_fwd.default, (x, weight, W1, W2, b, 0.1, 5),
+    seed = torch.tensor([5])  # the ops take the seed as a one-element int64 CPU tensor
+    y, y1 = torch.ops.peft_kernels.monarch_fwd(x, weight, W1, W2, b, 0.1, seed)
+    torch.library.opcheck(torch.ops.peft_kernels.monarch_fwd.default, (x, weight, W1, W2, b, 0.1, seed),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.peft_kernels.monarch_bwd.default, (dy, x, weight, W1, W2, y1, 0.1, 5, True),
+    torch.library.opcheck(torch.ops.peft_kernels.monarch_bwd.default, (dy, x, weight, W1, W2, y1, 0.1, seed, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -185,6 +188,8 @@ def _good():
     (dict(dropout_p="0.1"), TypeError, "dropout_p"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(seed=1.5), TypeError, "seed"),
+    (dict(seed=torch.tensor([True])), TypeError, "seed"),
+    (dict(seed=torch.zeros(2, dtype=torch.int64)), ValueError, "seed"),
 ])
 def test_monarch_bad_input_raises_before_launch(monkeypatch, change, exc, match):
     def no_launch(*a, **k):

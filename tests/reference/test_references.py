@@ -138,37 +138,107 @@ def test_lily_token_equals_expert_loop():
 
 # ---------------------------------------------------------------- dropout
 
-def test_dropout_mask_deterministic_and_rate():
-    m1 = R.keep_mask(123, 0.3, 200, 300)
-    m2 = R.keep_mask(123, 0.3, 200, 300)
-    m3 = R.keep_mask(124, 0.3, 200, 300)
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_dropout_mask_deterministic_and_rate(p):
+    rows, cols = 200, 301  # cols not a multiple of 8: the last counter of each row is partly unused
+    m1 = R.keep_mask(123, p, rows, cols)
+    m2 = R.keep_mask(123, p, rows, cols)
+    m3 = R.keep_mask(124, p, rows, cols)
+    assert m1.shape == (rows, cols) and m1.dtype == torch.bool
     assert torch.equal(m1, m2) and not torch.equal(m1, m3)
-    assert abs(m1.float().mean().item() - 0.7) < 0.01
+    # kept fraction within 5 binomial standard deviations of 1 - p (plus the 16-bit quantisation)
+    tol = 5 * math.sqrt(p * (1 - p) / (rows * cols)) + 2**-16
+    assert abs(m1.float().mean().item() - (1 - p)) < tol
+    # rows are independent streams, not copies of one another (counters never overlap)
+    assert not torch.equal(m1[0], m1[1])
     assert R.keep_mask(1, 0.0, 10, 10).all()
 
 
+def test_dropout_mask_follows_the_spec():
+    """The vectorised mask equals the spec in _philox's docstring written out element by element:
+    counter row * ceil(cols / 8) + col // 8, half (col & 1) of word (col & 7) >> 1, kept iff >= threshold."""
+    rows, cols, p = 3, 21, 0.4
+    for seed in (7, 2**40 + 5):
+        thr = R._philox.drop_threshold(p)
+        groups = -(-cols // 8)
+        want = torch.zeros(rows, cols, dtype=torch.bool)
+        for r in range(rows):
+            for c in range(cols):
+                words = R._philox.philox4x32(seed, torch.tensor([r * groups + (c >> 3)]))
+                j = c & 7
+                half = (int(words[j >> 1]) >> (16 * (j & 1))) & 0xFFFF
+                want[r, c] = half >= thr
+        assert torch.equal(R.keep_mask(seed, p, rows, cols), want)
+
+
+def test_drop_threshold_and_scale():
+    """16-bit threshold: within 1e-5 of p, never 0 (keep everything) or 65536 (keep nothing) for
+    p > 0, and the kept scale is 1 / (1 - threshold / 65536) so the mask is unbiased."""
+    from peft_kernels.reference._philox import drop_threshold, keep_scale
+
+    assert drop_threshold(0.0) == 0 and keep_scale(0.0) == 1.0
+    assert drop_threshold(0.25) == 16384 and keep_scale(0.25) == 4 / 3
+    for p in torch.linspace(2**-17, 1 - 2**-17, 1001, dtype=torch.float64).tolist() + [0.05, 0.1, 0.3, 0.9]:
+        thr = drop_threshold(p)
+        assert 1 <= thr <= 65535 and abs(thr / 65536 - p) < 1e-5, p
+        assert keep_scale(p) == 1.0 / (1.0 - thr / 65536)
+    assert drop_threshold(1e-12) == 1  # a tiny p still drops something
+    assert drop_threshold(1 - 1e-12) == 65535 and math.isfinite(keep_scale(1 - 1e-12))
+    assert (~R.keep_mask(3, 1e-12, 512, 512)).any()  # ~4 of 262144 dropped at rate 2**-16
+    assert R.keep_mask(3, 1 - 1e-12, 512, 512).any()  # ~4 kept
+    # unbiased: the mean of dropout(ones) is 1 up to sampling noise
+    for p in (0.1, 0.9):
+        y = R.apply_dropout(torch.ones(400, 500, dtype=D), p, 11)
+        thr = drop_threshold(p)
+        tol = 5 * math.sqrt(thr / (65536 - thr) / y.numel())
+        assert abs(y.mean().item() - 1.0) < tol
+
+
 def test_dropout_scales_kept_elements():
+    from peft_kernels.reference._philox import keep_scale
+
     x = torch.randn(50, 40, dtype=D)
-    y = R.apply_dropout(x, 0.25, 9)
-    keep = R.keep_mask(9, 0.25, 50, 40)
-    torch.testing.assert_close(y[keep], x[keep] / 0.75)
-    assert (y[~keep] == 0).all()
+    for p in (0.25, 0.1):
+        y = R.apply_dropout(x, p, 9)
+        keep = R.keep_mask(9, p, 50, 40)
+        torch.testing.assert_close(y[keep], x[keep] * keep_scale(p), rtol=0, atol=0)
+        assert (y[~keep] == 0).all()
+
+
+def test_tensor_seed_equals_int_seed():
+    """A one-element int64 tensor seed (what the modules draw) gives the int seed's mask, big seeds
+    included, and the references accept it without reading it."""
+    for seed in (0, 9, 2**40 + 7, 2**62 - 1):
+        for t in (torch.tensor([seed]), torch.tensor(seed)):
+            assert torch.equal(R.keep_mask(t, 0.3, 13, 77), R.keep_mask(seed, 0.3, 13, 77))
+    x, W, A, B = rnd(5, 7, requires_grad=False), rnd(6, 7), rnd(2, 7), rnd(6, 2)
+    seed = 2**61 + 3
+    assert torch.equal(R.lora(x, W, A, B, dropout_p=0.4, seed=torch.tensor([seed])),
+                       R.lora(x, W, A, B, dropout_p=0.4, seed=seed))
 
 
 def test_philox_matches_triton(interpret):
+    """``philox4x32`` is ``tl.randint4x``: all four words, int64 counters past 2**32, big seeds."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _rand_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        tl.store(out_ptr + offs, tl.randint(seed, offs).to(tl.int64), mask=offs < n)
+    def _rand_kernel(out_ptr, seed, base, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        w0, w1, w2, w3 = tl.randint4x(seed, base + offs.to(tl.int64))
+        ok = offs < n
+        tl.store(out_ptr + offs, w0.to(tl.int64), mask=ok)
+        tl.store(out_ptr + n + offs, w1.to(tl.int64), mask=ok)
+        tl.store(out_ptr + 2 * n + offs, w2.to(tl.int64), mask=ok)
+        tl.store(out_ptr + 3 * n + offs, w3.to(tl.int64), mask=ok)
 
-    n = 777
-    for seed in (0, 42, 2**33 + 5):
-        out = torch.empty(n, dtype=torch.int64, device=interpret)
-        _rand_kernel[(triton.cdiv(n, 128),)](out, seed, n, BLOCK=128)
-        assert torch.equal(out.cpu() & 0xFFFFFFFF, R.philox_uint32(seed, torch.arange(n)))
+    n = 300
+    for seed, base in ((0, 0), (42, 2**32 - 100), (2**40 + 5, 7), (2**62 - 1, 2**45 + 3)):
+        out = torch.empty(4 * n, dtype=torch.int64, device=interpret)
+        _rand_kernel[(triton.cdiv(n, 128),)](out, seed, base, n, BLOCK=128)
+        want = torch.cat(R._philox.philox4x32(seed, base + torch.arange(n)))
+        assert torch.equal(out.cpu() & 0xFFFFFFFF, want)
+    assert torch.equal(R.philox_uint32(5, torch.arange(9)), R._philox.philox4x32(5, torch.arange(9))[0])
 
 
 # ---------------------------------------------------------------- upcast

@@ -31,7 +31,9 @@ SCRIPT = textwrap.dedent('''
     assert t.world == 2
     assert all(torch.equal(out[0], o) for o in out), "ranks diverged"
     assert sum(t.allocator.current_ranks().values()) == t.allocator.target_bgt
-    print("OK", t.rank, hist[-1]["loss"])
+    # one file per rank: two processes printing to one pipe can interleave their lines
+    with open(f"{sys.argv[1]}/rank{t.rank}.txt", "w") as f:
+        f.write(f"OK {t.rank} {hist[-1]['loss']}\\n")
     dist.destroy_process_group()
 ''')
 
@@ -44,7 +46,7 @@ def test_trainer_under_torchrun(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    oks = [line.split() for line in proc.stdout.splitlines() if line.startswith("OK")]
+    oks = [(tmp_path / "out" / f"rank{r}.txt").read_text().split() for r in (0, 1)]
     assert sorted(o[1] for o in oks) == ["0", "1"]
     assert oks[0][2] == oks[1][2]  # the logged loss is the global mean, identical on both ranks
     assert (tmp_path / "out" / "checkpoint.pt").exists()  # written once, by rank 0
