@@ -58,8 +58,7 @@ from typing import Optional
 import torch
 
 from .. import dispatch
-from .._checks import check_bias, check_dropout, check_input, check_same_device, check_seed, check_tensor
-from ..reference.monarch import check_monarch_factors
+from ..reference.monarch import check_monarch_args
 from ..reference.monarch import monarch as monarch_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._dropout import dropout_keep_tile
@@ -576,15 +575,9 @@ def monarch_linear(
     int or a one-element integer tensor (what the module draws); a tensor is never read here, only
     inside the custom ops or by tensor ops on the torch path, so ``torch.compile`` does not
     graph-break on dropout."""
-    # validate everything before any launch (same checks, same messages as the reference)
-    check_tensor("weight", weight, ndim=2)
-    m, n = weight.shape
-    check_input(x, n)
-    check_monarch_factors(W1, W2, n, m)
-    check_bias(bias, m)
-    check_same_device(x=x, weight=weight, W1=W1, W2=W2, bias=bias)
-    dropout_p = check_dropout("dropout_p", dropout_p)
-    seed = check_seed(seed)
+    # validate everything before any launch (the reference's own checks)
+    check_monarch_args(x, weight, W1, W2, bias, dropout_p, seed)
+    dropout_p = float(dropout_p)
     which = dispatch.choose("monarch", x.device, x.dtype, impl)
     if which == "torch":
         return monarch_reference(x, weight, W1, W2, bias, dropout_p, seed)

@@ -47,6 +47,18 @@ def check_monarch_factors(W1, W2, in_features: int, out_features: int) -> tuple[
     return N, r, p, s
 
 
+def check_monarch_args(x, weight, W1, W2, bias, dropout_p, seed) -> None:
+    """Validate every argument of a Monarch linear (shared by the reference and the kernels)."""
+    check_tensor("weight", weight, ndim=2)
+    m, n = weight.shape
+    check_input(x, n)
+    check_monarch_factors(W1, W2, n, m)
+    check_bias(bias, m)
+    check_same_device(x=x, weight=weight, W1=W1, W2=W2, bias=bias)
+    check_dropout("dropout_p", dropout_p)
+    check_seed(seed)
+
+
 def monarch_adapter(x2: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, out_features: int) -> torch.Tensor:
     """The Monarch product alone on a 2-D ``(T, n)`` input, in the input's dtype -> ``(T, m)``."""
     T, n = x2.shape
@@ -70,14 +82,8 @@ def monarch(
     upcast: bool = False,
 ) -> torch.Tensor:
     """Reference MoRe linear; returns ``(..., m)`` in ``x.dtype``."""
-    check_tensor("weight", weight, ndim=2)
-    m, n = weight.shape
-    check_input(x, n)
-    check_monarch_factors(W1, W2, n, m)
-    check_bias(bias, m)
-    check_same_device(x=x, weight=weight, W1=W1, W2=W2, bias=bias)
-    check_dropout("dropout_p", dropout_p)
-    check_seed(seed)
+    check_monarch_args(x, weight, W1, W2, bias, dropout_p, seed)
+    m = weight.shape[0]
     dt = compute_dtype(x, upcast)
     x2 = flatten_tokens(x).to(dt)
     out = monarch_adapter(x2, W1.to(dt), W2.to(dt), m)
