@@ -1,0 +1,616 @@
+"""Compile every Triton kernel of ``peft_kernels.ops`` for an H100 (sm_90) without a GPU and report
+ptxas's resource usage: registers per thread, spill bytes, shared memory, compile OK/FAILED.
+
+    python benchmarks/sm90_compile_report.py                 # full table (every autotune config)
+    python benchmarks/sm90_compile_report.py --quick         # one bf16 case per kernel (the test)
+    python benchmarks/sm90_compile_report.py --markdown t.md --json t.json
+
+Why: the CPU interpreter (the test suite's Triton backend) never runs the NVIDIA compiler, so a
+kernel can pass every test and still fail to lower for sm_90, or spill its accumulators to local
+memory. ``triton.compile`` of an ``ASTSource`` with ``GPUTarget("cuda", 90, 128)`` runs the whole
+pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) on the CPU; ptxas's ``-v`` log (which triton
+prints when ``knobs.nvidia.dump_ptxas_log`` is set) gives registers and spills, the compiled
+metadata gives the shared memory. Nothing here runs a kernel, so nothing here measures speed.
+
+Coverage is checked, not assumed: every ``@triton.jit`` function defined in the ops modules is found
+by walking the modules (autotune wrappers unwrapped). A function launched somewhere (``name[grid]``
+in its module's source) must have an entry in ``CASES``; every other one must be called (through
+the AST call graph) by a kernel that has one. Anything else, or a stale ``CASES`` key, is an error.
+
+Signatures come from the kernels themselves: ``fn.params`` gives the names and which are
+``tl.constexpr``; the project's argument-group comments (``# pointers`` ...) say which are pointers.
+Non-constexpr arguments are specialised the way a real launch specialises them (triton's own
+``native_specialize_impl``): pointers as 16-byte aligned tensors of the case's dtype (fp32 where the
+case lists the buffer as fp32), contiguous-axis strides as the constant 1, other integers as a
+multiple of 16 (LLM shapes: T = 8192, d = 4096), the seed as an int64, float scalars as fp32. The
+constexpr values come from the launchers' own helpers and the autotuners' ``.configs`` wherever the
+ops modules expose them (and this script runs without ``TRITON_INTERPRET``, so those helpers return
+their GPU choices); block sizes that are inline literals in a launcher are repeated in ``CASES``.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import inspect
+import io
+import json
+import os
+import re
+import sys
+import time
+import traceback
+import types
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Iterator, Optional
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    # under the interpreter @triton.jit returns interpreter objects that cannot be compiled
+    os.environ.pop("TRITON_INTERPRET")
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction, MockTensor  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+
+from peft_kernels.ops import _dropout, lily, lora, monarch, sparse  # noqa: E402
+
+MODULES = (lora, monarch, lily, sparse, _dropout)
+TARGET = GPUTarget("cuda", 90, 32)  # H100: compute capability 9.0, warp size 32
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# representative values for the non-constexpr scalars (see the module docstring)
+INT_VALUE = 4096
+SEED_VALUE = 2**40 + 12345
+FLOAT_SCALARS = ("scale", "keep_scale", "scaling", "inv_t")
+SEEDS = ("seed",)
+# a device stand-in for launcher helpers that only ask "is this tensor on CUDA?" (lily)
+_CUDA = types.SimpleNamespace(type="cuda")
+
+
+def _on_cuda(dtype: torch.dtype):
+    return types.SimpleNamespace(dtype=dtype, device=_CUDA)
+
+
+@dataclasses.dataclass
+class Case:
+    dtype: str  # data dtype of the pointers not listed as fp32
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+    fp32: tuple = ()  # pointer arguments that are fp32 buffers whatever the data dtype
+    unit: tuple = ()  # stride arguments that are 1 at the real launch (contiguous axis)
+    note: str = ""  # what the case stands for (which launch / autotune config)
+
+
+def _at_configs(kernel) -> list:
+    """The autotuner's configs (the GPU list: this process runs without TRITON_INTERPRET)."""
+    assert isinstance(kernel, Autotuner), kernel
+    return list(kernel.configs)
+
+
+def _cfg(c) -> tuple[dict, int, int]:
+    return dict(c.kwargs), c.num_warps, c.num_stages
+
+
+# =============================================================================================
+# CASE TABLE: one generator per launched kernel. The FIRST case of each generator is the quick
+# (test) case: bf16, the first autotune config, dropout on where the kernel has a dropout flag.
+# =============================================================================================
+
+
+def _lora_down():
+    unit = ("stride_xk", "stride_ak", "stride_xar")
+    for dt, r_pads in (("bf16", (16, 64, 256)), ("fp32", (16, 64, 256)), ("fp16", (16,))):
+        for r_pad in r_pads:
+            bt, bk, w = lora._small_blocks(r_pad)
+            for drop in (True, False):
+                yield Case(dt, dict(HAS_DROPOUT=drop, R_PAD=r_pad, DOT_PRECISION=lora._dot_precision(DTYPES[dt]),
+                                    BLOCK_T=bt, BLOCK_K=bk), w, 3, fp32=("xa_ptr",), unit=unit)
+
+
+def _lora_gemm():
+    cfgs = _at_configs(lora._lora_gemm_kernel)
+    # (HAS_GEMM, HAS_C, HAS_BIAS, HAS_DROPOUT, R, fp32 buffers, unit strides, which launch)
+    fwd = (True, False, True, False, 16, ("left_ptr",), ("stride_xk", "stride_wk", "stride_lr", "stride_rr", "stride_on"),
+           "forward x@W0^T + s xa B^T + b")
+    dx = (True, False, False, True, 16, ("left_ptr",), ("stride_xk", "stride_wn", "stride_lr", "stride_rn", "stride_on"),
+          "backward dX = dY W0 + mask*g A")
+    add_fwd = (False, True, False, False, 16, ("left_ptr",), ("stride_cn", "stride_lr", "stride_rr", "stride_on"),
+               "cuBLAS-base forward, add-only")
+    add_dx = (False, True, False, True, 16, ("left_ptr",), ("stride_cn", "stride_lr", "stride_rn", "stride_on"),
+              "cuBLAS-base dX, add-only")
+    wide = (True, False, False, True, 256, ("left_ptr",), ("stride_xk", "stride_wn", "stride_lr", "stride_rn", "stride_on"),
+            "dX at r=256 (R_BLOCK 64)")
+
+    def case(dt, mode, c):
+        g, hc, b, d, r, f32, unit, note = mode
+        kw, w, s = _cfg(c)
+        cx = dict(HAS_GEMM=g, HAS_C=hc, HAS_BIAS=b, HAS_DROPOUT=d, R_BLOCK=lora._r_block(r),
+                  DOT_PRECISION=lora._dot_precision(DTYPES[dt]), **kw)
+        return Case(dt, cx, w, s, fp32=f32, unit=unit, note=note)
+
+    yield case("bf16", dx, cfgs[0])
+    for dt in ("bf16", "fp32"):
+        for mode in (fwd, dx):
+            for i, c in enumerate(cfgs):
+                if (dt, mode, i) != ("bf16", dx, 0):
+                    yield case(dt, mode, c)
+    for mode in (add_fwd, add_dx, wide):
+        yield case("bf16", mode, cfgs[0])
+    yield case("fp16", fwd, cfgs[0])
+    yield case("fp16", dx, cfgs[0])
+
+
+def _lora_gb():
+    unit = ("stride_dyn", "stride_br", "stride_xar", "stride_gr", "stride_dbr")
+    for dt, r_pads in (("bf16", (16, 64, 256)), ("fp32", (16, 64, 256)), ("fp16", (16,))):
+        for r_pad in r_pads:
+            bm, bn, w = lora._small_blocks(r_pad)
+            yield Case(dt, dict(R_PAD=r_pad, DOT_PRECISION=lora._dot_precision(DTYPES[dt]), BLOCK_M=bm, BLOCK_N=bn),
+                       w, 3, fp32=("xa_ptr", "g_ptr", "db_ptr"), unit=unit)
+
+
+def _lora_da():
+    unit = ("stride_gr", "stride_xk", "stride_dak")
+    for dt, r_pads in (("bf16", (16, 64, 256)), ("fp32", (16, 64, 256)), ("fp16", (16,))):
+        for r_pad in r_pads:
+            bm, bk, w = lora._small_blocks(r_pad)
+            for drop in (True, False):
+                yield Case(dt, dict(HAS_DROPOUT=drop, R_PAD=r_pad, DOT_PRECISION=lora._dot_precision(DTYPES[dt]),
+                                    BLOCK_M=bm, BLOCK_K=bk), w, 3, fp32=("g_ptr", "da_ptr"), unit=unit)
+
+
+def _monarch_rb(N, r, n=4096):
+    return monarch._chunks(N, r, triton.cdiv(n, N), n)[0]
+
+
+def _monarch_fwd():
+    cfgs = _at_configs(monarch._monarch_fwd_kernel)
+    rb_default, rb_max = _monarch_rb(4, 4), _monarch_rb(64, 64)  # N = r = 4 (default), widest chunk
+
+    def case(dt, c, drop, rb):
+        kw, w, s = _cfg(c)
+        return Case(dt, dict(RB=rb, HAS_DROPOUT=drop, **monarch._dot_args(DTYPES[dt]), **kw), w, s,
+                    fp32=("Y1",))
+
+    yield case("bf16", cfgs[0], True, rb_default)
+    for dt in ("bf16", "fp32"):
+        for c in cfgs:
+            for drop in (True, False):
+                if (dt, c, drop) != ("bf16", cfgs[0], True):
+                    yield case(dt, c, drop, rb_default)
+        for c in cfgs:
+            yield case(dt, c, True, rb_max)
+    yield case("fp16", cfgs[0], True, rb_default)
+
+
+def _monarch_dy1():
+    cfgs = _at_configs(monarch._monarch_bwd_dy1_kernel)
+    rb_default, rb_max = _monarch_rb(4, 4), _monarch_rb(64, 64)
+
+    def case(dt, c, drop, rb):
+        kw, w, s = _cfg(c)
+        return Case(dt, dict(BLOCK_T=monarch._BWD_BLOCK_T_GPU, RB=rb, HAS_DROPOUT=drop, **monarch._dot_args(DTYPES[dt]),
+                             **kw), w, s, fp32=("Y1", "DY1P", "P2"))
+
+    yield case("bf16", cfgs[0], True, rb_default)
+    for dt in ("bf16", "fp32"):
+        for c in cfgs:
+            for drop in (True, False):
+                if (dt, c, drop) != ("bf16", cfgs[0], True):
+                    yield case(dt, c, drop, rb_default)
+        for c in cfgs:
+            yield case(dt, c, True, rb_max)
+    yield case("fp16", cfgs[0], True, rb_default)
+
+
+def _monarch_dx():
+    cfgs = _at_configs(monarch._monarch_bwd_dx_kernel)
+    rb_default, rb_max = _monarch_rb(4, 4), _monarch_rb(64, 64)
+
+    def case(dt, c, need_dx, rb):
+        kw, w, s = _cfg(c)
+        return Case(dt, dict(BLOCK_T=monarch._BWD_BLOCK_T_GPU, RB=rb, NEED_DX=need_dx,
+                             **monarch._dot_args(DTYPES[dt]), **kw), w, s, fp32=("DY1", "P1"))
+
+    yield case("bf16", cfgs[0], True, rb_default)
+    for dt in ("bf16", "fp32"):
+        for c in cfgs:
+            for need_dx in (True, False):
+                if (dt, c, need_dx) != ("bf16", cfgs[0], True):
+                    yield case(dt, c, need_dx, rb_default)
+        for c in cfgs:
+            yield case(dt, c, True, rb_max)
+    yield case("fp16", cfgs[0], True, rb_default)
+
+
+# lily: the launchers' GPU block sizes are inline literals (repeated here); E = 8 experts, r = 16
+# (r = 256 for the wide variants). R_PAD/E_PAD/BLOCK_C use the module's own _pad16.
+_LILY_E, _LILY_R = 8, 16
+
+
+def _lily_dtypes():
+    return (("bf16", _LILY_R), ("fp32", _LILY_R), ("bf16", 256), ("fp16", _LILY_R))
+
+
+def _lily_proj():
+    for dt, r in _lily_dtypes():
+        rp, ep = lily._pad16(r), lily._pad16(_LILY_E)
+        bt, bk = (64, 64) if rp <= 64 else (32, 32)  # _launch_proj
+        for router_x in (True, False):
+            yield Case(dt, dict(ROUTER_X=router_x, DOT=lily._dot_mode(_on_cuda(DTYPES[dt])), BLOCK_T=bt, BLOCK_K=bk,
+                                R_PAD=rp, E_PAD=ep), 4, 3, fp32=("h_ptr", "p_ptr", "psum_ptr"),
+                       note=f"r={r} E={_LILY_E}")
+
+
+def _lily_mix():
+    for dt, r in _lily_dtypes():
+        for token in (True, False):
+            kz = _LILY_E * r if token else r
+            bm, bn, bc, w = lily._mix_blocks(_on_cuda(DTYPES[dt]), kz)
+            yield Case(dt, dict(TOKEN=token, DOT=lily._dot_mode(_on_cuda(DTYPES[dt])), BLOCK_M=bm, BLOCK_N=bn,
+                                BLOCK_C=bc), w, 3, fp32=("h_ptr", "p_ptr"), note=f"r={r} E={_LILY_E}")
+
+
+def _lily_dz():
+    for dt, r in _lily_dtypes():
+        for token in (True, False):
+            kz = _LILY_E * r if token else r
+            yield Case(dt, dict(DOT=lily._dot_mode(_on_cuda(DTYPES[dt])), BLOCK_M=64, BLOCK_O=64,
+                                BLOCK_C=min(128, lily._pad16(kz))), 4, 3, fp32=("dz_ptr",),  # _launch_dz
+                       note=f"r={r} {'token' if token else 'batch'}")
+
+
+def _lily_dhp():
+    for dt, r in _lily_dtypes():
+        for token in (True, False):
+            kz = (_LILY_E if token else 1) * r
+            yield Case(dt, dict(TOKEN=token, DOT=lily._dot_mode(_on_cuda(DTYPES[dt])), BLOCK_O=64,
+                                BLOCK_C=min(64, lily._pad16(kz)), BLOCK_T=64), 4, 3,  # _launch_dhp
+                       fp32=("h_ptr", "p_ptr", "part_ptr"), note=f"r={r}")
+
+
+def _lily_route():
+    for dt, r in _lily_dtypes():
+        rp, ep = lily._pad16(r), lily._pad16(_LILY_E)
+        for token, router_h in ((True, True), (True, False), (False, True)):
+            yield Case(dt, dict(TOKEN=token, ROUTER_H=router_h, BLOCK_T=64 if rp <= 64 else 32,  # _launch_route_bwd
+                                R_PAD=rp, E_PAD=ep), 4, 3,
+                       fp32=("dz_ptr", "h_ptr", "p_ptr", "router_ptr", "dw_ptr", "dh_ptr", "dlog_ptr"),
+                       note=f"r={r}, all-fp32 kernel")
+            if dt != "bf16":
+                break  # the kernel only reads fp32 buffers (router cast up): one case per other dtype
+
+
+def _lily_gradw():
+    for dt, r in _lily_dtypes():
+        rp, ep = lily._pad16(r), lily._pad16(_LILY_E)
+        bk, bt = (64, 64) if rp <= 64 else (32, 32)  # _launch_gradw
+        for router_x in (True, False):
+            yield Case(dt, dict(ROUTER_X=router_x, DOT=lily._dot_mode(_on_cuda(DTYPES[dt])), BLOCK_K=bk, BLOCK_T=bt,
+                                R_PAD=rp, E_PAD=ep), 4, 3, fp32=("dh_ptr", "dlog_ptr", "dlp_part_ptr", "dr_part_ptr"),
+                       note=f"r={r}")
+
+
+def _sparse_spmm():
+    for dt in ("bf16", "fp32", "fp16"):
+        yield Case(dt, dict(BLOCK_T=sparse.SPMM_BLOCK_T, BLOCK_R=sparse.SPMM_BLOCK_R), 4, 3,
+                   fp32=("val_ptr",), note="crow/col/steps int32")
+
+
+def _sparse_sddmm():
+    for dt in ("bf16", "fp32", "fp16"):
+        yield Case(dt, dict(BLOCK_NNZ=sparse.SDDMM_BLOCK_NNZ, BLOCK_T=sparse.SDDMM_BLOCK_T), 4, 3,
+                   fp32=("out_ptr",), note="rows/col int32")
+
+
+# int32 index buffers (CSR) are named here; everything else in the pointer group is data or fp32
+INT32_PTRS = ("crow_ptr", "col_ptr", "steps_ptr", "rows_ptr")
+
+CASES: dict[str, Callable[[], Iterator[Case]]] = {
+    "lora._lora_down_kernel": _lora_down,
+    "lora._lora_gemm_kernel": _lora_gemm,
+    "lora._lora_bwd_gb_kernel": _lora_gb,
+    "lora._lora_bwd_da_kernel": _lora_da,
+    "monarch._monarch_fwd_kernel": _monarch_fwd,
+    "monarch._monarch_bwd_dy1_kernel": _monarch_dy1,
+    "monarch._monarch_bwd_dx_kernel": _monarch_dx,
+    "lily._lily_proj_kernel": _lily_proj,
+    "lily._lily_mix_kernel": _lily_mix,
+    "lily._lily_dz_kernel": _lily_dz,
+    "lily._lily_dhp_kernel": _lily_dhp,
+    "lily._lily_route_bwd_kernel": _lily_route,
+    "lily._lily_gradw_kernel": _lily_gradw,
+    "sparse._spmm_kernel": _sparse_spmm,
+    "sparse._sddmm_kernel": _sparse_sddmm,
+}
+# =============================================================================================
+
+
+class CoverageError(RuntimeError):
+    pass
+
+
+def _short(module) -> str:
+    return module.__name__.rsplit(".", 1)[-1]
+
+
+def _unwrap(obj) -> Optional[JITFunction]:
+    """The JITFunction under autotune/heuristics wrappers, else None."""
+    seen = 0
+    while obj is not None and not isinstance(obj, JITFunction) and seen < 8:
+        obj = getattr(obj, "fn", None)
+        seen += 1
+    return obj if isinstance(obj, JITFunction) else None
+
+
+def discover() -> dict[str, tuple[object, JITFunction, bool]]:
+    """{"module.name": (launch object, JITFunction, launched?)} for every @triton.jit function
+    *defined* in the ops modules (imported helpers are counted once, where they are defined)."""
+    found = {}
+    for mod in MODULES:
+        src = inspect.getsource(mod)
+        for name, obj in vars(mod).items():
+            jit = _unwrap(obj)
+            if jit is None or jit.fn.__module__ != mod.__name__:
+                continue
+            launched = re.search(rf"\b{re.escape(name)}\[", src) is not None
+            found[f"{_short(mod)}.{name}"] = (obj, jit, launched)
+    return found
+
+
+def _callees(jit: JITFunction) -> set:
+    """JITFunctions called by name in ``jit``'s body (resolved in its module's globals)."""
+    out = set()
+    for node in ast.walk(ast.parse(jit.src if hasattr(jit, "src") else inspect.getsource(jit.fn))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            callee = _unwrap(jit.fn.__globals__.get(node.func.id))
+            if callee is not None and callee is not jit:
+                out.add(callee)
+    return out
+
+
+def check_coverage(found) -> dict[str, list[str]]:
+    """Raise CoverageError unless every kernel has cases and every helper is reached from one.
+    Returns {helper: [covering kernels]}."""
+    problems = []
+    stale = sorted(set(CASES) - set(found))
+    if stale:
+        problems.append(f"CASES names kernels that do not exist (renamed/removed?): {stale}")
+    kernels = {k for k, (_, _, launched) in found.items() if launched}
+    missing = sorted(kernels - set(CASES))
+    if missing:
+        problems.append(f"kernels launched in the ops modules with no entry in CASES: {missing}")
+    by_jit = {id(j): k for k, (_, j, _) in found.items()}
+    reached: dict[str, list[str]] = {}
+    for k in sorted(kernels & set(CASES)):
+        stack, seen = [found[k][1]], set()
+        while stack:
+            j = stack.pop()
+            for c in _callees(j):
+                if id(c) in seen:
+                    continue
+                seen.add(id(c))
+                stack.append(c)
+                if id(c) in by_jit:
+                    reached.setdefault(by_jit[id(c)], []).append(k)
+    helpers = {k for k, (_, _, launched) in found.items() if not launched}
+    orphans = sorted(helpers - set(reached) - set(CASES))
+    if orphans:
+        problems.append(f"@triton.jit functions neither launched nor called by a covered kernel: {orphans}")
+    if problems:
+        raise CoverageError("sm_90 compile coverage is incomplete:\n  " + "\n  ".join(problems))
+    return {h: reached[h] for h in sorted(helpers & set(reached))}
+
+
+def _groups(jit: JITFunction) -> dict[str, str]:
+    """Argument name -> its group comment (``# pointers`` ...) from the kernel's signature."""
+    src = jit.src if hasattr(jit, "src") else inspect.getsource(jit.fn)
+    header = src[src.index("def "):]
+    header = header[header.index("(") + 1:header.index("):")]
+    group, out = "", {}
+    for line in header.splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            group = s.lstrip("# ").lower()
+            continue
+        code = s.split("#", 1)[0]
+        for tok in code.split(","):
+            tok = tok.split(":")[0].strip()
+            if tok:
+                out[tok] = group
+    return out
+
+
+def build(jit: JITFunction, case: Case):
+    """(signature, constexprs, attrs) as a launch with representative H100-sized arguments makes them."""
+    groups = _groups(jit)
+    signature, constexprs, attrs = {}, {}, {}
+    declared = {p.name for p in jit.params if p.is_constexpr}
+    extra = set(case.constexprs) - declared
+    if extra:
+        raise KeyError(f"case sets constexprs the kernel does not declare: {sorted(extra)}")
+    for i, p in enumerate(jit.params):
+        name = p.name
+        if p.is_constexpr:
+            if name not in case.constexprs:
+                raise KeyError(f"constexpr {name} has no value in the case")
+            signature[name] = "constexpr"
+            constexprs[name] = case.constexprs[name]
+            continue
+        if groups.get(name, "").startswith("pointer"):
+            dt = torch.int32 if name in INT32_PTRS else torch.float32 if name in case.fp32 else DTYPES[case.dtype]
+            value = MockTensor(dt)  # data_ptr() = 0: 16-byte aligned, like every torch allocation
+        elif name in FLOAT_SCALARS:
+            value = 0.5
+        elif name in SEEDS:
+            value = SEED_VALUE
+        elif name in case.unit:
+            value = 1
+        elif name.startswith("stride") or groups.get(name, "").startswith(("size", "stride", "this launch", "dropout",
+                                                                           "lora epilogue", "scalars")):
+            value = INT_VALUE
+        else:
+            raise KeyError(f"argument {name} (group {groups.get(name)!r}) has no representative value")
+        ty, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        if ty == "constexpr":  # an integer 1: triton folds it into the kernel, as at a real launch
+            signature[name] = "constexpr"
+            constexprs[name] = spec
+            continue
+        signature[name] = ty
+        if isinstance(spec, str):
+            attrs[(i,)] = BaseBackend.parse_attr(spec)
+    unknown_unit = set(case.unit) - {p.name for p in jit.params}
+    if unknown_unit:
+        raise KeyError(f"case names unit strides the kernel does not have: {sorted(unknown_unit)}")
+    return signature, constexprs, attrs
+
+
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_case(key: str, idx: int, case: Case) -> dict:
+    """Compile one case; returns a result row (never raises: failures are rows too)."""
+    from triton import knobs
+
+    obj, jit, _ = discover()[key]
+    row = dict(kernel=key, idx=idx, dtype=case.dtype, warps=case.num_warps, stages=case.num_stages,
+               constexprs={k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in case.constexprs.items()},
+               note=case.note, ok=False, regs=None, stack=None, spill_st=None, spill_ld=None, smem=None, error="",
+               seconds=None)
+    t0 = time.perf_counter()
+    try:
+        signature, constexprs, attrs = build(jit, case)
+        knobs.compilation.always_compile = True  # ptxas must run (and log) even when cached
+        knobs.nvidia.dump_ptxas_log = True
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            k = triton.compile(triton.compiler.ASTSource(fn=jit, signature=signature, constexprs=constexprs,
+                                                         attrs=attrs),
+                               target=TARGET, options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+        log = buf.getvalue()
+        regs, spill = _REGS.search(log), _SPILL.search(log)
+        row.update(ok=True, regs=int(regs.group(1)) if regs else None, smem=int(k.metadata.shared))
+        if spill:
+            row.update(stack=int(spill.group(1)), spill_st=int(spill.group(2)), spill_ld=int(spill.group(3)))
+    except Exception as e:  # report it: the point of the tool
+        msg = f"{type(e).__name__}: {e}"
+        row["error"] = msg if len(msg) < 4000 else msg[:2000] + " ... " + msg[-1500:]
+        if os.environ.get("SM90_TRACEBACK"):
+            traceback.print_exc()
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def all_cases(quick: bool) -> list[tuple[str, int, Case]]:
+    out = []
+    found = discover()
+    for key, gen in CASES.items():
+        cases = list(gen())
+        if not cases:
+            raise CoverageError(f"{key}: the case generator yields nothing")
+        first = cases[0]
+        jit = found[key][1]
+        flags = [p.name for p in jit.params if p.is_constexpr and p.name == "HAS_DROPOUT"]
+        if first.dtype != "bf16" or (flags and first.constexprs.get("HAS_DROPOUT") is not True):
+            raise CoverageError(f"{key}: the first (quick) case must be bf16 with dropout on")
+        out += [(key, i, c) for i, c in enumerate(cases[:1] if quick else cases)]
+    return out
+
+
+def _cfg_text(row) -> str:
+    cx = row["constexprs"]
+    drop = {"HAS_DROPOUT": "drop", "NEED_DX": "need_dx"}
+    parts = []
+    for k, v in cx.items():
+        if k in ("DOT_PRECISION", "DOT_PREC", "INTERP_BF16", "DOT"):
+            continue
+        if isinstance(v, bool):
+            if v:
+                parts.append(drop.get(k, k.removeprefix("HAS_").lower()))
+        else:
+            parts.append(f"{k}={v}")
+    parts.append(f"w{row['warps']}s{row['stages']}")
+    return " ".join(parts)
+
+
+def to_markdown(rows) -> str:
+    lines = ["| kernel | dtype | config | regs | spill st/ld (B) | stack (B) | smem (B) | compile |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r["ok"]:
+            spill = f"{r['spill_st']}/{r['spill_ld']}" if r["spill_st"] is not None else "?"
+            status = "OK"
+        else:
+            spill, status = "-", "FAILED: " + r["error"].splitlines()[0][:160].replace("|", "/")
+        note = f" ({r['note']})" if r["note"] else ""
+        lines.append(f"| {r['kernel']} | {r['dtype']} | {_cfg_text(r)}{note} | {r['regs'] if r['ok'] else '-'} "
+                     f"| {spill} | {r['stack'] if r['ok'] else '-'} | {r['smem'] if r['ok'] else '-'} | {status} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one bf16 case per kernel (first config, dropout on)")
+    ap.add_argument("--kernel", action="append", default=[], help="only kernels whose name contains this")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    ap.add_argument("--markdown", help="write the table here")
+    ap.add_argument("--json", help="write the rows (and coverage) here as JSON")
+    args = ap.parse_args(argv)
+
+    found = discover()
+    helpers = check_coverage(found)  # raises loudly on an uncovered kernel
+    todo = all_cases(args.quick)
+    if args.kernel:
+        todo = [t for t in todo if any(s in t[0] for s in args.kernel)]
+    print(f"triton {triton.__version__}, target {TARGET}, {len(todo)} compiles, {args.jobs} jobs", flush=True)
+    for h, ks in helpers.items():
+        print(f"helper {h}: compiled inside {', '.join(sorted(set(ks)))}")
+    t0 = time.perf_counter()
+    rows = []
+    if args.jobs > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(args.jobs) as ex:
+            futs = [ex.submit(compile_case, *t) for t in todo]
+            for f in futs:
+                rows.append(f.result())
+                r = rows[-1]
+                print(f"{r['kernel']:36s} {r['dtype']:5s} {_cfg_text(r):60s} "
+                      f"{'OK' if r['ok'] else 'FAILED'} regs={r['regs']} spill={r['spill_st']}/{r['spill_ld']} "
+                      f"smem={r['smem']} {r['seconds']}s", flush=True)
+    else:
+        for t in todo:
+            rows.append(compile_case(*t))
+            r = rows[-1]
+            print(f"{r['kernel']:36s} {r['dtype']:5s} {_cfg_text(r):60s} "
+                  f"{'OK' if r['ok'] else 'FAILED'} regs={r['regs']} spill={r['spill_st']}/{r['spill_ld']} "
+                  f"smem={r['smem']} {r['seconds']}s", flush=True)
+    wall = time.perf_counter() - t0
+    table = to_markdown(rows)
+    print()
+    print(table)
+    failed = [r for r in rows if not r["ok"]]
+    spilled = [r for r in rows if r["ok"] and (r["spill_st"] or 0) > 0]
+    print(f"\n{len(rows)} compiles in {wall:.0f} s: {len(failed)} FAILED, {len(spilled)} spill")
+    for r in failed:
+        print(f"FAILED {r['kernel']} {r['dtype']} {_cfg_text(r)}:\n  {r['error']}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=triton.__version__, kernels=sorted(CASES), helpers=helpers, rows=rows,
+                           wall_s=round(wall, 1)), f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except CoverageError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(2)
