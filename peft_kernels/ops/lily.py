@@ -43,6 +43,7 @@ kernel is as accurate as torch's fp32 matmul.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -351,6 +352,12 @@ def _pad16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device and its current stream: make that the
+    tensors' device, or a process driving several GPUs launches on the wrong one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
@@ -398,12 +405,13 @@ def _launch_proj(x2, lp, router, router_h: bool):
     p = torch.empty(T, E, device=x2.device, dtype=torch.float32)
     psum = torch.zeros(max(n_blocks, 1), E, device=x2.device, dtype=torch.float32)
     if T:
-        _lily_proj_kernel[(n_blocks,)](
-            x2, lp, router, h, p, psum,
-            T, d_in, r, E,
-            ROUTER_X=not router_h, DOT=_dot_mode(x2),
-            BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, R_PAD=R_PAD, E_PAD=E_PAD,
-        )
+        with _device_guard(x2.device):
+            _lily_proj_kernel[(n_blocks,)](
+                x2, lp, router, h, p, psum,
+                T, d_in, r, E,
+                ROUTER_X=not router_h, DOT=_dot_mode(x2),
+                BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, R_PAD=R_PAD, E_PAD=E_PAD,
+            )
     return h, p, psum
 
 
@@ -423,13 +431,14 @@ def _launch_mix(y, h, p, hp_like, scaling: float, token: bool):
     kz = E * r if token else r
     BM, BN, BC, warps = _mix_blocks(y, kz)
     if T:
-        _lily_mix_kernel[(triton.cdiv(T, BM), triton.cdiv(d_out, BN))](
-            y, h, p, hp_like,
-            T, d_out, r, E, kz,
-            float(scaling),
-            TOKEN=token, DOT=_dot_mode(y),
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=warps,
-        )
+        with _device_guard(y.device):
+            _lily_mix_kernel[(triton.cdiv(T, BM), triton.cdiv(d_out, BN))](
+                y, h, p, hp_like,
+                T, d_out, r, E, kz,
+                float(scaling),
+                TOKEN=token, DOT=_dot_mode(y),
+                BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=warps,
+            )
 
 
 def _launch_dz(dy, hp_like, r: int, kz: int, scaling: float):
@@ -441,12 +450,13 @@ def _launch_dz(dy, hp_like, r: int, kz: int, scaling: float):
     else:
         BM, BO, BC = 64, 64, min(128, _pad16(kz))
     if T:
-        _lily_dz_kernel[(triton.cdiv(T, BM), triton.cdiv(kz, BC))](
-            dy, hp_like, dz,
-            T, d_out, r, kz,
-            float(scaling),
-            DOT=_dot_mode(dy), BLOCK_M=BM, BLOCK_O=BO, BLOCK_C=BC,
-        )
+        with _device_guard(dy.device):
+            _lily_dz_kernel[(triton.cdiv(T, BM), triton.cdiv(kz, BC))](
+                dy, hp_like, dz,
+                T, d_out, r, kz,
+                float(scaling),
+                DOT=_dot_mode(dy), BLOCK_M=BM, BLOCK_O=BO, BLOCK_C=BC,
+            )
     return dz
 
 
@@ -465,12 +475,13 @@ def _launch_dhp(dy, h, p, n_exp: int, scaling: float, token: bool):
     split, chunk = _split(dy, T, BT, grid_oc)
     part = torch.zeros(split, n_exp, d_out, r, device=dy.device, dtype=torch.float32)
     if T:
-        _lily_dhp_kernel[(triton.cdiv(d_out, BO), triton.cdiv(kz, BC), split)](
-            dy, h, p, part,
-            T, d_out, r, E, kz, chunk,
-            float(scaling),
-            TOKEN=token, DOT=_dot_mode(dy), BLOCK_O=BO, BLOCK_C=BC, BLOCK_T=BT,
-        )
+        with _device_guard(dy.device):
+            _lily_dhp_kernel[(triton.cdiv(d_out, BO), triton.cdiv(kz, BC), split)](
+                dy, h, p, part,
+                T, d_out, r, E, kz, chunk,
+                float(scaling),
+                TOKEN=token, DOT=_dot_mode(dy), BLOCK_O=BO, BLOCK_C=BC, BLOCK_T=BT,
+            )
     return part.sum(dim=0)
 
 
@@ -481,12 +492,13 @@ def _launch_route_bwd(dz, h, p, router, dw, T: int, token: bool, router_h: bool)
     dh = torch.empty(T, r, device=h.device, dtype=torch.float32)
     dlog = torch.empty(T, E, device=h.device, dtype=torch.float32)
     if T:
-        _lily_route_bwd_kernel[(triton.cdiv(T, BT),)](
-            dz, h, p, router, dw, dh, dlog,
-            T, r, E,
-            1.0 / T,
-            TOKEN=token, ROUTER_H=router_h, BLOCK_T=BT, R_PAD=R_PAD, E_PAD=E_PAD,
-        )
+        with _device_guard(h.device):
+            _lily_route_bwd_kernel[(triton.cdiv(T, BT),)](
+                dz, h, p, router, dw, dh, dlog,
+                T, r, E,
+                1.0 / T,
+                TOKEN=token, ROUTER_H=router_h, BLOCK_T=BT, R_PAD=R_PAD, E_PAD=E_PAD,
+            )
     return dh, dlog
 
 
@@ -504,12 +516,13 @@ def _launch_gradw(x2, dh, dlog, router_h: bool):
     dr = torch.zeros(split if not router_h else 1, E, d_in if not router_h else 1, device=x2.device,
                      dtype=torch.float32)
     if T:
-        _lily_gradw_kernel[(triton.cdiv(d_in, BK), split)](
-            x2, dh, dlog, dlp, dr,
-            T, d_in, r, E, chunk,
-            ROUTER_X=not router_h, DOT=_dot_mode(x2),
-            BLOCK_K=BK, BLOCK_T=BT, R_PAD=R_PAD, E_PAD=E_PAD,
-        )
+        with _device_guard(x2.device):
+            _lily_gradw_kernel[(triton.cdiv(d_in, BK), split)](
+                x2, dh, dlog, dlp, dr,
+                T, d_in, r, E, chunk,
+                ROUTER_X=not router_h, DOT=_dot_mode(x2),
+                BLOCK_K=BK, BLOCK_T=BT, R_PAD=R_PAD, E_PAD=E_PAD,
+            )
     return dlp.sum(dim=0), (dr.sum(dim=0) if not router_h else None)
 
 
@@ -521,6 +534,9 @@ def _lily_fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                  router: torch.Tensor, hp: torch.Tensor, scaling: float, token: bool,
                  router_h: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(y, h, p, w)``: output, fp32 ``h`` ``(T, r)``, fp32 ``p`` ``(T, E)``, fp32 ``w = mean_t p``."""
+    # the kernels index these as dense row-major arrays (no strides): no-ops for LilyFunction's
+    # inputs, but a compiled graph or a direct caller may hand the op strided views
+    x2, lp, router, hp = x2.contiguous(), lp.contiguous(), router.contiguous(), hp.contiguous()
     T = x2.shape[0]
     h, p, psum = _launch_proj(x2, lp, router, router_h)
     w = psum.sum(dim=0) / max(T, 1)
@@ -529,7 +545,9 @@ def _lily_fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if token:
         _launch_mix(y, h, p, hp, scaling, token=True)
     else:
-        hp_bar = torch.einsum("e,eor->or", w, hp.float()).unsqueeze(0)  # (1, d_out, r), tiny
+        # (1, d_out, r), tiny; contiguous because the kernel indexes it as a dense (E, d_out, r)
+        # array and einsum's output layout is not guaranteed
+        hp_bar = torch.einsum("e,eor->or", w, hp.float()).contiguous().unsqueeze(0)
         _launch_mix(y, h, p, hp_bar, scaling, token=False)
     return y, h, p, w
 
@@ -547,6 +565,9 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
                  hp: torch.Tensor, h: torch.Tensor, p: torch.Tensor, w: torch.Tensor, scaling: float, token: bool,
                  router_h: bool, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx, dlp, drouter, dhp)``: dx in x's dtype (empty when ``need_dx`` is False), the rest fp32."""
+    # dense row-major layouts, as in _lily_fwd_op (no-ops for LilyFunction's tensors)
+    dy, x2, lp, router, hp = dy.contiguous(), x2.contiguous(), lp.contiguous(), router.contiguous(), hp.contiguous()
+    h, p, w = h.contiguous(), p.contiguous(), w.contiguous()
     T = x2.shape[0]
     E, d_out, r = hp.shape
     if token:
@@ -555,7 +576,7 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
         dw = w  # unused by the token path; any fp32 pointer will do
     else:
         hp32 = hp.float()
-        hp_bar = torch.einsum("e,eor->or", w, hp32).unsqueeze(0)         # (1, d_out, r)
+        hp_bar = torch.einsum("e,eor->or", w, hp32).contiguous().unsqueeze(0)  # (1, d_out, r), dense
         dz = _launch_dz(dy, hp_bar, r, r, scaling)                       # s * dY @ HPbar, (T, r)
         dhp_bar = _launch_dhp(dy, h, p, 1, scaling, token=False)[0]      # s * dY^T @ h, (d_out, r)
         dhp = w[:, None, None] * dhp_bar                                 # dHP_e = w_e dHPbar
@@ -577,7 +598,7 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
 @_lily_bwd_op.register_fake
 def _(dy, x2, weight, lp, router, hp, h, p, w, scaling, token, router_h, need_dx):
     f32 = dict(device=x2.device, dtype=torch.float32)
-    dx = x2.new_empty(x2.shape) if need_dx else x2.new_empty(0)
+    dx = dy.new_empty(x2.shape) if need_dx else dy.new_empty(0)  # the real dx is in dy's dtype
     return (dx, torch.empty(lp.shape, **f32), torch.empty(router.shape, **f32), torch.empty(hp.shape, **f32))
 
 

@@ -18,6 +18,12 @@ backward
 Saved for backward: x, A, B, W0 (references), xa ``(T, r)`` fp32 and the seed; nothing of
 size ``T x d_out``.
 
+Determinism: the forward and dX are bit-reproducible run to run (fixed tile order, no atomics).
+dA and dB are NOT on a GPU: their token-split partial sums meet in fp32 ``tl.atomic_add``, whose
+order varies, so they can differ in the last bits between identical runs (the interpreter runs
+programs in order and hides this). Autotuning is harmless to them: the GEMM, the only autotuned
+kernel, writes its output once and never accumulates into a buffer.
+
 Base product (``base=`` argument, else ``PEFT_KERNELS_LORA_BASE``, else ``DEFAULT_BASE``):
 ``triton`` runs the base GEMMs in Triton with the LoRA terms fused into their epilogues;
 ``cublas`` runs them with ``torch.mm``/``torch.addmm`` (cuBLAS) and adds the LoRA terms with the
@@ -193,7 +199,9 @@ def _lora_gemm_kernel(
             k_ok = offs_k < K
             x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn,
+            # int64: in the dX pass W0 is read row-major (stride_wk = d_in), and a W0 with more than
+            # 2**31 elements (a 128k-vocab x 16k head) would overflow int32 offsets
+            w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + cols[None, :] * stride_wn,
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(x, w, acc, DOT_PRECISION)
     if HAS_C:
@@ -414,6 +422,8 @@ def _lora_gemm(x: Optional[torch.Tensor], w: Optional[torch.Tensor], c: Optional
     if M == 0 or N == 0:
         return out
     has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
+    if bias is not None:
+        bias = bias.contiguous()  # read as bias_ptr + col (no stride argument); a no-op normally
     has_gemm = x is not None
     dummy = left  # never read: the matching HAS_* flag is False
     xs = (x.stride(0), x.stride(1)) if has_gemm else (0, 0)

@@ -52,6 +52,7 @@ starts at a multiple of BLOCK_M (a power of two >= 16), so it covers whole 8-col
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -187,7 +188,9 @@ def _keep_scale(x, rows, col0, ncols, seed, threshold, scale, BLOCK_COLS: tl.con
     return tl.where(keep, x * scale, 0.0)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["n", "m", "R"], restore_value=["Y"])
+# restore_value: the kernel adds into Y in place, so the autotuner's benchmark runs must not
+# leave their sums behind (only the final launch's add may remain)
+@triton.autotune(configs=_fwd_configs(), key=["n", "m", "R", "HAS_DROPOUT"], restore_value=["Y"])
 @triton.jit
 def _monarch_fwd_kernel(
     # pointers
@@ -251,7 +254,8 @@ def _monarch_fwd_kernel(
         tl.store(Y + offs, _to(y.to(tl.float32) + out, dtype, INTERP_BF16), mask=msk)
 
 
-@triton.autotune(configs=_bwd_dy1_configs(), key=["n", "m", "R"])
+# plain stores only (DY1P, P2: one writer per entry), so the benchmark runs need no restore
+@triton.autotune(configs=_bwd_dy1_configs(), key=["n", "m", "R", "HAS_DROPOUT"])
 @triton.jit
 def _monarch_bwd_dy1_kernel(
     # pointers
@@ -306,7 +310,8 @@ def _monarch_bwd_dy1_kernel(
     tl.store(DY1P + split_base + rows64[:, None] * R + f[None, :], dy1, mask=y1_ok)
 
 
-@triton.autotune(configs=_bwd_dx_configs(), key=["n", "m", "R"], restore_value=["DX"])
+# restore_value: DX is read-modify-written (P1 is plain stores)
+@triton.autotune(configs=_bwd_dx_configs(), key=["n", "m", "R", "NEED_DX"], restore_value=["DX"])
 @triton.jit
 def _monarch_bwd_dx_kernel(
     # pointers
@@ -372,6 +377,12 @@ def _chunks(N: int, r: int, p: int, n: int):
     return RB, out
 
 
+def _device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device and its current stream: make that the
+    tensors' device, or a process driving several GPUs launches on the wrong one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -431,14 +442,15 @@ def _monarch_fwd(x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: t
         tiles = triton.cdiv(T, meta["BLOCK_T"])
         return (tiles, _num_splits(tiles, m, meta["BLOCK_M"], x2.device))
 
-    for F0, col_lo, col_hi in chunks:
-        _monarch_fwd_kernel[grid](
-            x2, W1, W2, y, y1,
-            T, n, m, N, r, p, s, R,
-            F0, col_lo, col_hi,
-            seed, threshold, scale,
-            RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt),
-        )
+    with _device_guard(x2.device):
+        for F0, col_lo, col_hi in chunks:
+            _monarch_fwd_kernel[grid](
+                x2, W1, W2, y, y1,
+                T, n, m, N, r, p, s, R,
+                F0, col_lo, col_hi,
+                seed, threshold, scale,
+                RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt),
+            )
     return y, y1
 
 
@@ -464,6 +476,7 @@ def _monarch_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, W1: 
     R = N * r
     dt = x2.dtype
     dy2 = dy2.to(dt).contiguous()
+    y1 = y1.contiguous()  # indexed as a dense (T, R) array
     dx = torch.mm(dy2, weight.to(dt)) if need_dx else x2.new_empty((0,))
     interp = dispatch.interpreter_enabled()
     block_t = _BWD_BLOCK_T_INTERP if interp else _BWD_BLOCK_T_GPU
@@ -482,22 +495,23 @@ def _monarch_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, W1: 
         m_splits = _num_splits(tiles, m, split_cols, x2.device) if len(chunks) == 1 else 1
         n_splits = _num_splits(tiles, n, split_cols, x2.device)
         dy1p = torch.empty((m_splits, T, R), device=x2.device, dtype=torch.float32)
-        for F0, _, _ in chunks:
-            _monarch_bwd_dy1_kernel[(tiles, m_splits)](
-                dy2, W2c, y1, dy1p, p2,
-                T, m, n, N, r, s, R,
-                F0,
-                seed, threshold, scale,
-                BLOCK_T=block_t, RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt),
-            )
-        dy1 = dy1p[0] if m_splits == 1 else dy1p.sum(0)  # deterministic sum of the column splits
-        for F0, col_lo, col_hi in chunks:
-            _monarch_bwd_dx_kernel[(tiles, n_splits)](
-                x2, W1c, dy1, dx if need_dx else x2, p1,
-                T, m, n, N, r, p, R,
-                F0, col_lo, col_hi,
-                BLOCK_T=block_t, RB=RB, NEED_DX=need_dx, **_dot_args(dt),
-            )
+        with _device_guard(x2.device):
+            for F0, _, _ in chunks:
+                _monarch_bwd_dy1_kernel[(tiles, m_splits)](
+                    dy2, W2c, y1, dy1p, p2,
+                    T, m, n, N, r, s, R,
+                    F0,
+                    seed, threshold, scale,
+                    BLOCK_T=block_t, RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt),
+                )
+            dy1 = dy1p[0] if m_splits == 1 else dy1p.sum(0)  # deterministic sum of the column splits
+            for F0, col_lo, col_hi in chunks:
+                _monarch_bwd_dx_kernel[(tiles, n_splits)](
+                    x2, W1c, dy1, dx if need_dx else x2, p1,
+                    T, m, n, N, r, p, R,
+                    F0, col_lo, col_hi,
+                    BLOCK_T=block_t, RB=RB, NEED_DX=need_dx, **_dot_args(dt),
+                )
     # deterministic second stage of the reduction over token tiles
     dW1 = p1.sum(0).view(N, r, p).to(W1.dtype)
     dW2 = p2.sum(0).view(N, s, r).to(W2.dtype)
@@ -507,7 +521,8 @@ def _monarch_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, W1: 
 @_monarch_bwd.register_fake
 def _(dy2, x2, weight, W1, W2, y1, dropout_p, seed, need_dx):
     dx = x2.new_empty(x2.shape) if need_dx else x2.new_empty((0,))
-    return dx, torch.empty_like(W1), torch.empty_like(W2)
+    # new_empty, not empty_like: the real op returns contiguous gradients even for strided W1/W2
+    return dx, W1.new_empty(W1.shape), W2.new_empty(W2.shape)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ tile in shared memory is the obvious next step; and fusing the adapter add into 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -83,12 +84,15 @@ def _spmm_kernel(
     # A program owns a (BLOCK_T tokens x BLOCK_R rows) output tile and walks the rows' nonzeros
     # in lockstep: step j gathers the j-th column of every row (BLOCK_T contiguous tokens of x^T
     # each). Owning BLOCK_R adjacent rows makes the output store contiguous along rows; shorter
-    # rows idle (masked) once exhausted. Axis 0 (row blocks) varies fastest, so programs running
-    # together share a token tile of x^T in L2.
-    pid_r = tl.program_id(0)
+    # rows idle (masked) once exhausted. Row blocks vary fastest in the 1-D grid, so programs
+    # running together share a token tile of x^T in L2. 1-D because CUDA caps grid axes 1 and 2
+    # at 65535: a (row blocks, token tiles) grid would fail past T = 65535 * BLOCK_T tokens.
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_R)
+    pid_r = pid % n_row_blocks
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < N
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (pid // n_row_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     start = tl.load(crow_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
     end = tl.load(crow_ptr + offs_r + 1, mask=mask_r, other=0).to(tl.int64)
@@ -141,6 +145,12 @@ def _sddmm_kernel(
 # ---------------------------------------------------------------------------------------------
 # launchers (wrapped as torch.library custom ops so torch.compile does not graph-break)
 # ---------------------------------------------------------------------------------------------
+def _device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device and its current stream: make that the
+    tensors' device, or a process driving several GPUs launches on the wrong one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _coo_rows(crow: torch.Tensor, nnz: int) -> torch.Tensor:
     """Row of every nonzero; ``output_size`` avoids a device sync."""
     n_rows = crow.shape[0] - 1
@@ -156,18 +166,20 @@ def _spmm_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: to
     if T == 0 or out_features == 0:
         return y
     xt = x.t().contiguous()  # (K, T); free when x is already a transposed view
+    crow, col = crow.contiguous(), col.contiguous()  # indexed densely by the kernel (no-ops normally)
     n_blocks = triton.cdiv(out_features, SPMM_BLOCK_R)
     # per row block, the longest row: the kernel's loop count (no host sync)
     counts = crow.to(torch.int64).diff()
     counts = torch.nn.functional.pad(counts, (0, n_blocks * SPMM_BLOCK_R - out_features))
     steps = counts.view(n_blocks, SPMM_BLOCK_R).amax(dim=1).to(torch.int32)
-    grid = (n_blocks, triton.cdiv(T, SPMM_BLOCK_T))
-    _spmm_kernel[grid](
-        xt, crow, col, val.contiguous(), steps, y,
-        T, out_features,
-        xt.stride(0), y.stride(0),
-        BLOCK_T=SPMM_BLOCK_T, BLOCK_R=SPMM_BLOCK_R,
-    )
+    grid = (n_blocks * triton.cdiv(T, SPMM_BLOCK_T),)  # row blocks fastest (see the kernel)
+    with _device_guard(x.device):
+        _spmm_kernel[grid](
+            xt, crow, col, val.contiguous(), steps, y,
+            T, out_features,
+            xt.stride(0), y.stride(0),
+            BLOCK_T=SPMM_BLOCK_T, BLOCK_R=SPMM_BLOCK_R,
+        )
     return y
 
 
@@ -185,14 +197,16 @@ def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: to
         return out
     dyt = dy.t().contiguous()
     xt = x.t().contiguous()
+    col = col.contiguous()  # indexed densely by the kernel (a no-op normally)
     rows = _coo_rows(crow, nnz)
     grid = (triton.cdiv(nnz, SDDMM_BLOCK_NNZ),)
-    _sddmm_kernel[grid](
-        dyt, xt, rows, col, out,
-        nnz, T,
-        dyt.stride(0), xt.stride(0),
-        BLOCK_NNZ=SDDMM_BLOCK_NNZ, BLOCK_T=SDDMM_BLOCK_T,
-    )
+    with _device_guard(x.device):
+        _sddmm_kernel[grid](
+            dyt, xt, rows, col, out,
+            nnz, T,
+            dyt.stride(0), xt.stride(0),
+            BLOCK_NNZ=SDDMM_BLOCK_NNZ, BLOCK_T=SDDMM_BLOCK_T,
+        )
     return out
 
 

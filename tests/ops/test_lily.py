@@ -169,3 +169,57 @@ def test_lily_compiles_without_graph_breaks(interpret):
     torch.testing.assert_close(y, y_eager)
     for a, b in zip(g, g_eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("routing,router_input", [("token", "h"), ("batch", "x")])
+def test_lily_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch, routing, router_input):
+    """Every launch runs under ``torch.cuda.device(x.device)`` (Triton launches on the current
+    device), and no grid axis but 0 grows with T (CUDA caps axes 1/2 at 65535; the interpreter
+    does not). The huge-T launches are only recorded, never run."""
+    from launch_spy import spy_launches
+    import peft_kernels.ops.lily as lily_ops
+
+    x, weight, lp, router, hp, b = (t.float().to(interpret) for t in _make(4, 3, router_input, True))
+    log = spy_launches(monkeypatch, lily_ops, "_device_guard")
+    xs = [leaf(x), leaf(weight, requires_grad=False), leaf(lp), leaf(router), leaf(hp), leaf(b)]
+    y = lily_linear(*xs, scaling=0.7, routing=routing, router_input=router_input, impl="triton")
+    grads(y, [xs[0], xs[2], xs[3], xs[4], xs[5]], torch.randn_like(y))
+    assert len({name for name, *_ in log.launches}) == 6
+    log.assert_guarded(x.device)
+    log.assert_grid_within_cuda_limits()
+
+    big = spy_launches(monkeypatch, lily_ops, "_device_guard", run=False)
+    T = 65536 * 128 + 1  # more token blocks than CUDA's axis-1/2 limit at any block size <= 128
+    xb = torch.zeros(T, 1, device=interpret)
+    wb, lpb = torch.zeros(1, 1, device=interpret), torch.zeros(1, 1, device=interpret)
+    rb = torch.zeros(2, 1, device=interpret)
+    hpb = torch.zeros(2, 1, 1, device=interpret)
+    token, router_h = routing == "token", router_input == "h"
+    _, h, p, w = torch.ops.peft_kernels.lily_fwd(xb, wb, None, lpb, rb, hpb, 1.0, token, router_h)
+    torch.ops.peft_kernels.lily_bwd(xb, xb, wb, lpb, rb, hpb, h, p, w, 1.0, token, router_h, False)
+    assert len(big.launches) == 6
+    big.assert_grid_within_cuda_limits()
+
+
+def test_lily_ops_accept_strided_inputs(interpret):
+    """The kernels index x, lp, router, hp, h, p as dense arrays; the custom ops must make them so
+    (a compiled graph may pass strided views). Strided and contiguous calls agree exactly."""
+    def strided(t):
+        return t.t().contiguous().t() if t.dim() == 2 else t.transpose(0, 2).contiguous().transpose(0, 2)
+
+    x, weight, lp, router, hp, b = (t.float().to(interpret) for t in _make(4, 3, "x", True))
+    x2 = x.reshape(-1, x.shape[-1])
+    args = (weight, b)
+    for token in (True, False):
+        ref = torch.ops.peft_kernels.lily_fwd(x2, *args, lp, router, hp, 0.7, token, False)
+        got = torch.ops.peft_kernels.lily_fwd(strided(x2), *args, strided(lp), strided(router), strided(hp),
+                                              0.7, token, False)
+        for a, c in zip(ref, got):
+            torch.testing.assert_close(c, a, rtol=0, atol=0)
+        _, h, p, w = ref
+        dy = torch.randn(x2.shape[0], weight.shape[0], device=interpret)
+        bref = torch.ops.peft_kernels.lily_bwd(dy, x2, weight, lp, router, hp, h, p, w, 0.7, token, False, True)
+        bgot = torch.ops.peft_kernels.lily_bwd(strided(dy), strided(x2), weight, strided(lp), strided(router),
+                                               strided(hp), strided(h), strided(p), w, 0.7, token, False, True)
+        for a, c in zip(bref, bgot):
+            torch.testing.assert_close(c, a, rtol=0, atol=0)

@@ -254,3 +254,44 @@ def test_lora_large_gpu(r, base):
     assert_close_to_reference("y", y_got, y_same, y_exact)
     for name, got, same, exact in zip(["dx", "dA", "dB", "dbias"], g_got, g_same, g_exact):
         assert_close_to_reference(name, got, same, exact)
+
+
+@pytest.mark.parametrize("base", ["triton", "cublas"])
+def test_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch, base):
+    """Every launch runs under ``torch.cuda.device(x.device)`` (Triton launches on the current
+    device), and no grid axis but 0 grows with T (CUDA caps axes 1/2 at 65535; the interpreter
+    does not). The huge-T launches are only recorded, never run."""
+    from launch_spy import spy_launches
+
+    x, W, A, B, b = (t.float().to(interpret) if t is not None else None for t in _inputs((37,), 4, True))
+    log = spy_launches(monkeypatch, L, "_DeviceGuard")
+    xs = [leaf(x), leaf(W, requires_grad=False), leaf(A), leaf(B), leaf(b)]
+    y = L.lora_linear(*xs, scaling=0.5, dropout_p=0.3, seed=11, impl="triton", base=base)
+    grads(y, [xs[0], xs[2], xs[3], xs[4]], torch.randn_like(y))
+    names = {name for name, *_ in log.launches}
+    assert names == {"_lora_down_kernel", "_lora_gemm_kernel", "_lora_bwd_gb_kernel", "_lora_bwd_da_kernel"}
+    log.assert_guarded(x.device)
+    log.assert_grid_within_cuda_limits()
+
+    big = spy_launches(monkeypatch, L, "_DeviceGuard", run=False)
+    T = 65536 * 64 + 1  # more token blocks than CUDA's axis-1/2 limit at any block size <= 64
+    xb = torch.zeros(T, 1, device=interpret)
+    w1 = torch.zeros(1, 1, device=interpret)
+    seed = torch.tensor([3])
+    xa = L._lora_down(xb, w1, 0.3, seed)
+    L._lora_gemm(xb, w1, None, xa, w1, None, 1.0, 0.3, seed, torch.float32)
+    g, _ = L._lora_bwd_gb(xb, w1, xa)
+    L._lora_bwd_da(g, xb, 1.0, 0.3, seed)
+    assert len(big.launches) == 4
+    big.assert_grid_within_cuda_limits()
+
+
+def test_gemm_op_accepts_strided_bias(interpret):
+    """The GEMM kernel reads the bias without a stride: the op makes a strided bias dense first."""
+    x, W, A, B, _ = (t.float().to(interpret) if t is not None else None for t in _inputs((19,), 4, False))
+    xa = L._lora_down(x, A, 0.0, torch.tensor([0]))
+    bias2 = torch.randn(D_OUT, 2, device=interpret)
+    seed = torch.tensor([0])
+    ref = L._lora_gemm(x, W.t(), None, xa, B.t(), bias2[:, 0].contiguous(), 1.5, 0.0, seed, torch.float32)
+    got = L._lora_gemm(x, W.t(), None, xa, B.t(), bias2[:, 0], 1.5, 0.0, seed, torch.float32)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)

@@ -207,3 +207,50 @@ def test_monarch_bad_input_raises_before_launch(monkeypatch, change, exc, match)
 def test_monarch_gpu_llama_like_shape(dtype, N, r):
     """A real-size layer on the GPU (compiled kernels, autotuned configs, chunking at N = r = 64)."""
     _check_case(torch.device("cuda"), (2, 512), 4096, 11008 // 4, N, r, dtype, True, 0.05)
+
+
+def test_monarch_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch):
+    """Every launch runs under ``torch.cuda.device(x.device)`` (Triton launches on the current
+    device), and no grid axis but 0 grows with T (CUDA caps axes 1/2 at 65535; the interpreter
+    does not). Chunked intermediate, so every chunk's launches are covered. The huge-T launches
+    are only recorded, never run."""
+    from launch_spy import spy_launches
+
+    monkeypatch.setattr(monarch_ops, "MAX_R_CHUNK", 16)
+    x, weight, W1, W2, b, dy = (t.float().to(interpret) for t in _make((21,), 40, 24, 4, 8, True))
+    log = spy_launches(monkeypatch, monarch_ops, "_device_guard")
+    xs = [leaf(x), leaf(weight, requires_grad=False), leaf(W1), leaf(W2), leaf(b)]
+    y = monarch_linear(*xs, dropout_p=0.2, seed=9, impl="triton")
+    grads(y, [xs[0], xs[2], xs[3], xs[4]], dy)
+    counts = {}
+    for name, *_ in log.launches:
+        counts[name] = counts.get(name, 0) + 1
+    assert counts == {"_monarch_fwd_kernel": 2, "_monarch_bwd_dy1_kernel": 2, "_monarch_bwd_dx_kernel": 2}
+    log.assert_guarded(x.device)
+    log.assert_grid_within_cuda_limits()
+
+    big = spy_launches(monkeypatch, monarch_ops, "_device_guard", run=False)
+    T = 65536 * max(monarch_ops._BWD_BLOCK_T_INTERP, 16) + 1  # the interpreter's token tiles are 16
+    xb = torch.zeros(T, 4, device=interpret)
+    wb = torch.zeros(4, 4, device=interpret)
+    W1b = torch.zeros(2, 1, 2, device=interpret)
+    W2b = torch.zeros(2, 2, 1, device=interpret)
+    seed = torch.tensor([1])
+    _, y1 = torch.ops.peft_kernels.monarch_fwd(xb, wb, W1b, W2b, None, 0.1, seed)
+    torch.ops.peft_kernels.monarch_bwd(xb, xb, wb, W1b, W2b, y1, 0.1, seed, True)
+    assert len(big.launches) == 3
+    big.assert_grid_within_cuda_limits()
+
+
+def test_monarch_fake_gradients_contiguous_for_strided_factors(interpret):
+    """The real backward returns contiguous dW1/dW2 whatever the factors' strides; the fake must
+    report the same strides or torch.compile (inductor) miscompiles code that relies on them."""
+    x, weight, W1, W2, b, dy = (t.float().to(interpret) for t in _make((17,), 40, 24, 4, 4, True))
+    W1s = W1.transpose(0, 2).contiguous().transpose(0, 2)  # same values and shape, strided
+    W2s = W2.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not W1s.is_contiguous() and not W2s.is_contiguous()
+    seed = torch.tensor([5])
+    _, y1 = torch.ops.peft_kernels.monarch_fwd(x, weight, W1s, W2s, b, 0.1, seed)
+    torch.library.opcheck(torch.ops.peft_kernels.monarch_bwd.default,
+                          (dy, x, weight, W1s, W2s, y1, 0.1, seed, True),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -242,3 +242,48 @@ def test_bad_arguments_raise_before_launch():
 def test_larger_shapes_on_gpu(request, impl, dtype):
     """Many row/token tiles and rows of uneven length at a realistic density."""
     _check_linear(impl, _impl_device(request, impl), dtype, True, x_shape=(4, 251, 1031), d_out=769, density=0.02)
+
+
+def test_triton_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch):
+    """Every launch runs under ``torch.cuda.device(x.device)`` (Triton launches on the current
+    device), and no grid axis but 0 grows with T: CUDA caps axes 1/2 at 65535, which the
+    interpreter does not. The huge-T launch is only recorded, never run."""
+    from launch_spy import spy_launches
+
+    g = torch.Generator().manual_seed(8)
+    crow, col = random_mask(11, 17, 0.3, g)
+    x = torch.randn(9, 17, generator=g).to(interpret).requires_grad_()
+    val = torch.randn(col.shape[0], generator=g).to(interpret).requires_grad_()
+    crow, col = crow.to(interpret), col.to(interpret)
+    log = spy_launches(monkeypatch, ops, "_device_guard")
+    y = ops.sparse_adapter(x, crow, col, val, 11, impl="triton")
+    grads(y, [x, val], torch.randn_like(y))
+    assert {name for name, *_ in log.launches} == {"_spmm_kernel", "_sddmm_kernel"}
+    log.assert_guarded(x.device)
+    log.assert_grid_within_cuda_limits()
+
+    big = spy_launches(monkeypatch, ops, "_device_guard", run=False)
+    T = 65536 * ops.SPMM_BLOCK_T + 1  # one more token tile than CUDA's axis-1 limit
+    xb = torch.zeros(T, 1, device=interpret)
+    crow1 = torch.tensor([0, 1], device=interpret)
+    col1 = torch.tensor([0], device=interpret)
+    torch.ops.peft_kernels.sparse_spmm_triton(xb, crow1, col1, torch.ones(1, device=interpret), 1)
+    torch.ops.peft_kernels.sparse_sddmm_triton(xb, xb, crow1, col1)
+    assert len(big.launches) == 2
+    big.assert_grid_within_cuda_limits()
+
+
+def test_triton_ops_accept_strided_index_tensors(interpret):
+    """crow/col are indexed densely by the kernels; the ops make strided views dense first."""
+    g = torch.Generator().manual_seed(9)
+    crow, col = random_mask(11, 17, 0.3, g)
+    x = torch.randn(9, 17, generator=g).to(interpret)
+    val = torch.randn(col.shape[0], generator=g).to(interpret)
+    dy = torch.randn(9, 11, generator=g).to(interpret)
+    crow, col = crow.to(interpret), col.to(interpret)
+    crow_s = torch.stack([crow, torch.full_like(crow, -1)], 1)[:, 0]  # stride 2
+    col_s = torch.stack([col, torch.full_like(col, -1)], 1)[:, 0]
+    assert not crow_s.is_contiguous() and not col_s.is_contiguous()
+    spmm, sddmm = torch.ops.peft_kernels.sparse_spmm_triton, torch.ops.peft_kernels.sparse_sddmm_triton
+    torch.testing.assert_close(spmm(x, crow_s, col_s, val, 11), spmm(x, crow, col, val, 11), rtol=0, atol=0)
+    torch.testing.assert_close(sddmm(dy, x, crow_s, col_s), sddmm(dy, x, crow, col), rtol=0, atol=0)
