@@ -46,7 +46,10 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterator, Optional
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    # under the interpreter @triton.jit returns interpreter objects that cannot be compiled
+    # under the interpreter @triton.jit returns interpreter objects that cannot be compiled, and
+    # triton reads the variable when the ops modules are decorated: start again without it
+    if __name__ != "__main__":
+        raise ImportError("sm90_compile_report must be imported in a process without TRITON_INTERPRET")
     os.environ.pop("TRITON_INTERPRET")
     os.execv(sys.executable, [sys.executable] + sys.argv)
 
@@ -61,6 +64,9 @@ from peft_kernels.ops import _dropout, lily, lora, monarch, sparse  # noqa: E402
 
 MODULES = (lora, monarch, lily, sparse, _dropout)
 TARGET = GPUTarget("cuda", 90, 32)  # H100: compute capability 9.0, warp size 32
+# sm_90's largest shared-memory allocation per block (227 KiB, opt-in): a kernel above it compiles
+# but fails to launch (triton raises OutOfResources; the autotuner then just skips the config)
+H100_SMEM_LIMIT = 232448
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # representative values for the non-constexpr scalars (see the module docstring)
 INT_VALUE = 4096
@@ -114,24 +120,24 @@ def _lora_down():
 
 def _lora_gemm():
     cfgs = _at_configs(lora._lora_gemm_kernel)
-    # (HAS_GEMM, HAS_C, HAS_BIAS, HAS_DROPOUT, R, fp32 buffers, unit strides, which launch)
-    fwd = (True, False, True, False, 16, ("left_ptr",), ("stride_xk", "stride_wk", "stride_lr", "stride_rr", "stride_on"),
-           "forward x@W0^T + s xa B^T + b")
-    dx = (True, False, False, True, 16, ("left_ptr",), ("stride_xk", "stride_wn", "stride_lr", "stride_rn", "stride_on"),
-          "backward dX = dY W0 + mask*g A")
-    add_fwd = (False, True, False, False, 16, ("left_ptr",), ("stride_cn", "stride_lr", "stride_rr", "stride_on"),
+    # (HAS_GEMM, HAS_C, HAS_BIAS, HAS_DROPOUT, R, unit strides, which launch); `left` (xa or g) is fp32.
+    # Forward reads W0^T and B^T as transposed views, dX reads W0 and A row-major (see LoRAFunction).
+    fwd_unit = ("stride_xk", "stride_wk", "stride_lr", "stride_rr", "stride_on")
+    dx_unit = ("stride_xk", "stride_wn", "stride_lr", "stride_rn", "stride_on")
+    fwd = (True, False, True, False, 16, fwd_unit, "forward x@W0^T + s xa B^T + b")
+    dx = (True, False, False, True, 16, dx_unit, "backward dX = dY W0 + mask*g A")
+    add_fwd = (False, True, False, False, 16, ("stride_cn", "stride_lr", "stride_rr", "stride_on"),
                "cuBLAS-base forward, add-only")
-    add_dx = (False, True, False, True, 16, ("left_ptr",), ("stride_cn", "stride_lr", "stride_rn", "stride_on"),
+    add_dx = (False, True, False, True, 16, ("stride_cn", "stride_lr", "stride_rn", "stride_on"),
               "cuBLAS-base dX, add-only")
-    wide = (True, False, False, True, 256, ("left_ptr",), ("stride_xk", "stride_wn", "stride_lr", "stride_rn", "stride_on"),
-            "dX at r=256 (R_BLOCK 64)")
+    wide = (True, False, False, True, 256, dx_unit, "dX at r=256 (R_BLOCK 64)")
 
     def case(dt, mode, c):
-        g, hc, b, d, r, f32, unit, note = mode
+        g, hc, b, d, r, unit, note = mode
         kw, w, s = _cfg(c)
         cx = dict(HAS_GEMM=g, HAS_C=hc, HAS_BIAS=b, HAS_DROPOUT=d, R_BLOCK=lora._r_block(r),
                   DOT_PRECISION=lora._dot_precision(DTYPES[dt]), **kw)
-        return Case(dt, cx, w, s, fp32=f32, unit=unit, note=note)
+        return Case(dt, cx, w, s, fp32=("left_ptr",), unit=unit, note=note)
 
     yield case("bf16", dx, cfgs[0])
     for dt in ("bf16", "fp32"):
@@ -280,10 +286,9 @@ def _lily_route():
         for token, router_h in ((True, True), (True, False), (False, True)):
             yield Case(dt, dict(TOKEN=token, ROUTER_H=router_h, BLOCK_T=64 if rp <= 64 else 32,  # _launch_route_bwd
                                 R_PAD=rp, E_PAD=ep), 4, 3,
-                       fp32=("dz_ptr", "h_ptr", "p_ptr", "router_ptr", "dw_ptr", "dh_ptr", "dlog_ptr"),
-                       note=f"r={r}, all-fp32 kernel")
+                       fp32=("dz_ptr", "h_ptr", "p_ptr", "dw_ptr", "dh_ptr", "dlog_ptr"), note=f"r={r}")
             if dt != "bf16":
-                break  # the kernel only reads fp32 buffers (router cast up): one case per other dtype
+                break  # only the router is in the data dtype (cast up in-kernel): one case per other dtype
 
 
 def _lily_gradw():
@@ -333,6 +338,15 @@ CASES: dict[str, Callable[[], Iterator[Case]]] = {
 
 class CoverageError(RuntimeError):
     pass
+
+
+def fingerprint() -> str:
+    """sha256 (12 hex) of the ops modules' sources: which kernel code a table was made from."""
+    import hashlib
+    h = hashlib.sha256()
+    for mod in MODULES:
+        h.update(inspect.getsource(mod).encode())
+    return h.hexdigest()[:12]
 
 
 def _short(module) -> str:
@@ -478,9 +492,9 @@ def compile_case(key: str, idx: int, case: Case) -> dict:
     """Compile one case; returns a result row (never raises: failures are rows too)."""
     from triton import knobs
 
-    obj, jit, _ = discover()[key]
-    row = dict(kernel=key, idx=idx, dtype=case.dtype, warps=case.num_warps, stages=case.num_stages,
-               constexprs={k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in case.constexprs.items()},
+    jit = discover()[key][1]
+    cx_json = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in case.constexprs.items()}
+    row = dict(kernel=key, idx=idx, dtype=case.dtype, warps=case.num_warps, stages=case.num_stages, constexprs=cx_json,
                note=case.note, ok=False, regs=None, stack=None, spill_st=None, spill_ld=None, smem=None, error="",
                seconds=None)
     t0 = time.perf_counter()
@@ -499,7 +513,10 @@ def compile_case(key: str, idx: int, case: Case) -> dict:
         if spill:
             row.update(stack=int(spill.group(1)), spill_st=int(spill.group(2)), spill_ld=int(spill.group(3)))
     except Exception as e:  # report it: the point of the tool
-        msg = f"{type(e).__name__}: {e}"
+        msg, cause = f"{type(e).__name__}: {e}", e.__cause__ or e.__context__
+        while cause is not None:  # a CompilationError's str is the source excerpt; the reason is its cause
+            msg += f"\ncaused by {type(cause).__name__}: {cause}"
+            cause = cause.__cause__ or cause.__context__
         row["error"] = msg if len(msg) < 4000 else msg[:2000] + " ... " + msg[-1500:]
         if os.environ.get("SM90_TRACEBACK"):
             traceback.print_exc()
@@ -545,9 +562,12 @@ def to_markdown(rows) -> str:
     for r in rows:
         if r["ok"]:
             spill = f"{r['spill_st']}/{r['spill_ld']}" if r["spill_st"] is not None else "?"
-            status = "OK"
+            status = "OK" if r["smem"] <= H100_SMEM_LIMIT else "OK, smem > 227 KiB: cannot launch"
         else:
-            spill, status = "-", "FAILED: " + r["error"].splitlines()[0][:160].replace("|", "/")
+            # triton's CompilationError puts the source excerpt first and the cause last
+            lines = [ln.strip() for ln in r["error"].splitlines() if ln.strip()]
+            cause = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+            spill, status = "-", "FAILED: " + cause[:200].replace("|", "/")
         note = f" ({r['note']})" if r["note"] else ""
         lines.append(f"| {r['kernel']} | {r['dtype']} | {_cfg_text(r)}{note} | {r['regs'] if r['ok'] else '-'} "
                      f"| {spill} | {r['stack'] if r['ok'] else '-'} | {r['smem'] if r['ok'] else '-'} | {status} |")
@@ -568,7 +588,8 @@ def main(argv=None) -> int:
     todo = all_cases(args.quick)
     if args.kernel:
         todo = [t for t in todo if any(s in t[0] for s in args.kernel)]
-    print(f"triton {triton.__version__}, target {TARGET}, {len(todo)} compiles, {args.jobs} jobs", flush=True)
+    print(f"triton {triton.__version__}, target {TARGET}, ops sources {fingerprint()}, {len(todo)} compiles, "
+          f"{args.jobs} jobs", flush=True)
     for h, ks in helpers.items():
         print(f"helper {h}: compiled inside {', '.join(sorted(set(ks)))}")
     t0 = time.perf_counter()
@@ -595,7 +616,9 @@ def main(argv=None) -> int:
     print(table)
     failed = [r for r in rows if not r["ok"]]
     spilled = [r for r in rows if r["ok"] and (r["spill_st"] or 0) > 0]
-    print(f"\n{len(rows)} compiles in {wall:.0f} s: {len(failed)} FAILED, {len(spilled)} spill")
+    big = [r for r in rows if r["ok"] and r["smem"] > H100_SMEM_LIMIT]
+    print(f"\n{len(rows)} compiles in {wall:.0f} s: {len(failed)} FAILED, {len(spilled)} spill, "
+          f"{len(big)} need more than 227 KiB of shared memory")
     for r in failed:
         print(f"FAILED {r['kernel']} {r['dtype']} {_cfg_text(r)}:\n  {r['error']}")
     if args.markdown:
@@ -603,7 +626,9 @@ def main(argv=None) -> int:
             f.write(table + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(triton=triton.__version__, kernels=sorted(CASES), helpers=helpers, rows=rows,
+            json.dump(dict(triton=triton.__version__, ops_sha=fingerprint(), kernels=sorted(CASES), helpers=helpers,
+                           rows=rows,
+                           discovered=sorted(found), launched=sorted(k for k, v in found.items() if v[2]),
                            wall_s=round(wall, 1)), f, indent=1)
     return 1 if failed else 0
 
