@@ -19,7 +19,7 @@ pytest.importorskip("safetensors")
 from peft_kernels.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdaptedModel, CheckpointError, adapt,  # noqa: E402
                                    load_adapted, select_modules)
 
-VOCAB = 128
+from tiny_models import VOCAB, tiny_gpt2, tiny_llama  # noqa: E402
 
 # small options per family: enough rank to learn a fixed batch in a few steps
 FAMILY_OPTIONS = {
@@ -41,19 +41,6 @@ def need_family(method: str) -> None:
         importlib.import_module(f"peft_kernels.modules.{MODULE_OF[method]}")
     except ImportError as e:
         pytest.skip(f"peft_kernels/modules/{MODULE_OF[method]}.py is not importable: {e}")
-
-
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=VOCAB)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 def tiny_bert(seed: int = 0):

@@ -21,21 +21,8 @@ from peft_kernels.adapters import (CONFIG_NAME, AdaptedModel, CheckpointError, a
                                    load_adapted, load_peft_checkpoint)
 from peft_kernels.modules.lora import LoRALinear  # noqa: E402
 
-VOCAB = 128
+from tiny_models import VOCAB, tiny_gpt2, tiny_llama  # noqa: E402
 TOL = dict(rtol=1e-5, atol=1e-5)  # same math, different op order (fused vs two matmuls)
-
-
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=VOCAB)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
