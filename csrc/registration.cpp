@@ -17,6 +17,8 @@ bool with_cuda() {
 }  // namespace peft_kernels
 
 TORCH_LIBRARY(peft_kernels, m) {
+  // dropout (csrc/dropout): the shared counter-based keep-mask of reference/_philox.py, CPU only
+  m.def("philox_keep_mask(Tensor seed, int rows, int cols, int threshold) -> Tensor");
   // sparse adapter (csrc/sparse): gather SpMM y = x @ (M.S)^T from a CSR mask (val fp32, y in
   // x.dtype); dx = dy @ (M.S) is the same op on the transposed CSR; SDDMM dval[k] =
   // sum_t dy[t, row(k)] * x[t, col[k]] at the nnz only (fp32). Fakes: peft_kernels/ops/sparse.py.

@@ -314,3 +314,20 @@ def test_bad_lily_args():
         R.lily(x, W, lp, router, hp, router_input="x")
     with pytest.raises(ValueError, match="hp must have shape"):
         R.lily(x, W, lp, router, torch.randn(4, 5, 3))
+
+
+def test_native_cpu_mask_equals_torch_spec():
+    """The C++ keep-mask (used on CPU when _C is built) is bit-identical to the torch spec."""
+    from peft_kernels import _ext
+    from peft_kernels.reference import _philox
+
+    if _ext.native() is None:
+        pytest.skip(f"native extension not built: {_ext.native_error()}")
+    assert _philox.native_keep_mask_available()
+    for rows, cols in ((1, 1), (3, 9), (37, 123), (5, 8), (16, 77)):
+        for seed in (0, 7, 2**40 + 3, 2**62 - 1):
+            for p in (1e-9, 0.05, 0.5, 1 - 1e-9):
+                want = _philox.keep_mask_torch(seed, p, rows, cols)
+                assert torch.equal(_philox.keep_mask(seed, p, rows, cols), want), (rows, cols, seed, p)
+    t = torch.tensor([12345])
+    assert torch.equal(_philox.keep_mask(t, 0.1, 4, 20), _philox.keep_mask_torch(12345, 0.1, 4, 20))
