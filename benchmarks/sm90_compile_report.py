@@ -174,67 +174,40 @@ def _monarch_rb(N, r, n=4096):
     return monarch._chunks(N, r, triton.cdiv(n, N), n)[0]
 
 
-def _monarch_fwd():
-    cfgs = _at_configs(monarch._monarch_fwd_kernel)
-    rb_default, rb_max = _monarch_rb(4, 4), _monarch_rb(64, 64)  # N = r = 4 (default), widest chunk
+def _monarch_cases(kernel, flag: str, fp32: tuple, **fixed):
+    """Cases for one Monarch kernel: its first autotune config in bf16 with ``flag`` on first (the
+    quick subset), then bf16 and fp32 over every config with ``flag`` on and off at the default
+    chunk width (N = r = 4), every config at the widest chunk (N = r = 64), and fp16 once."""
+    def gen():
+        cfgs = _at_configs(kernel)
+        rb_default, rb_max = _monarch_rb(4, 4), _monarch_rb(64, 64)
 
-    def case(dt, c, drop, rb):
-        kw, w, s = _cfg(c)
-        return Case(dt, dict(RB=rb, HAS_DROPOUT=drop, **monarch._dot_args(DTYPES[dt]), **kw), w, s,
-                    fp32=("Y1",))
+        def case(dt, c, on, rb):
+            kw, w, s = _cfg(c)
+            return Case(dt, dict(fixed, RB=rb, **{flag: on}, **monarch._dot_args(DTYPES[dt]), **kw), w, s,
+                        fp32=fp32)
 
-    yield case("bf16", cfgs[0], True, rb_default)
-    for dt in ("bf16", "fp32"):
-        for c in cfgs:
-            for drop in (True, False):
-                if (dt, c, drop) != ("bf16", cfgs[0], True):
-                    yield case(dt, c, drop, rb_default)
-        for c in cfgs:
-            yield case(dt, c, True, rb_max)
-    yield case("fp16", cfgs[0], True, rb_default)
+        yield case("bf16", cfgs[0], True, rb_default)
+        for dt in ("bf16", "fp32"):
+            for c in cfgs:
+                for on in (True, False):
+                    if (dt, c, on) != ("bf16", cfgs[0], True):
+                        yield case(dt, c, on, rb_default)
+            for c in cfgs:
+                yield case(dt, c, True, rb_max)
+        yield case("fp16", cfgs[0], True, rb_default)
 
-
-def _monarch_dy1():
-    cfgs = _at_configs(monarch._monarch_bwd_dy1_kernel)
-    rb_default, rb_max = _monarch_rb(4, 4), _monarch_rb(64, 64)
-
-    def case(dt, c, drop, rb):
-        kw, w, s = _cfg(c)
-        return Case(dt, dict(BLOCK_T=monarch._BWD_BLOCK_T_GPU, RB=rb, HAS_DROPOUT=drop, **monarch._dot_args(DTYPES[dt]),
-                             **kw), w, s, fp32=("Y1", "DY1P", "P2"))
-
-    yield case("bf16", cfgs[0], True, rb_default)
-    for dt in ("bf16", "fp32"):
-        for c in cfgs:
-            for drop in (True, False):
-                if (dt, c, drop) != ("bf16", cfgs[0], True):
-                    yield case(dt, c, drop, rb_default)
-        for c in cfgs:
-            yield case(dt, c, True, rb_max)
-    yield case("fp16", cfgs[0], True, rb_default)
+    return gen
 
 
-def _monarch_dx():
-    cfgs = _at_configs(monarch._monarch_bwd_dx_kernel)
-    rb_default, rb_max = _monarch_rb(4, 4), _monarch_rb(64, 64)
-
-    def case(dt, c, need_dx, rb):
-        kw, w, s = _cfg(c)
-        return Case(dt, dict(BLOCK_T=monarch._BWD_BLOCK_T_GPU, RB=rb, NEED_DX=need_dx,
-                             **monarch._dot_args(DTYPES[dt]), **kw), w, s, fp32=("DY1", "P1"))
-
-    yield case("bf16", cfgs[0], True, rb_default)
-    for dt in ("bf16", "fp32"):
-        for c in cfgs:
-            for need_dx in (True, False):
-                if (dt, c, need_dx) != ("bf16", cfgs[0], True):
-                    yield case(dt, c, need_dx, rb_default)
-        for c in cfgs:
-            yield case(dt, c, True, rb_max)
-    yield case("fp16", cfgs[0], True, rb_default)
+_monarch_fwd = _monarch_cases(monarch._monarch_fwd_kernel, "HAS_DROPOUT", ("Y1",))
+_monarch_dy1 = _monarch_cases(monarch._monarch_bwd_dy1_kernel, "HAS_DROPOUT", ("Y1", "DY1P", "P2"),
+                              BLOCK_T=monarch._BWD_BLOCK_T_GPU)
+_monarch_dx = _monarch_cases(monarch._monarch_bwd_dx_kernel, "NEED_DX", ("DY1", "P1"),
+                             BLOCK_T=monarch._BWD_BLOCK_T_GPU)
 
 
-# lily: the launchers' GPU block sizes are inline literals (repeated here); E = 8 experts, r = 16
+# lily: rank-dependent tiles come from the module's _rank_tile, the rest are the launchers' literals; E = 8, r = 16
 # (r = 256 for the wide variants). R_PAD/E_PAD/BLOCK_C use the module's own _pad16.
 _LILY_E, _LILY_R = 8, 16
 
@@ -246,7 +219,7 @@ def _lily_dtypes():
 def _lily_proj():
     for dt, r in _lily_dtypes():
         rp, ep = lily._pad16(r), lily._pad16(_LILY_E)
-        bt, bk = (64, 64) if rp <= 64 else (32, 32)  # _launch_proj
+        bt = bk = lily._rank_tile(rp)  # _launch_proj
         for router_x in (True, False):
             yield Case(dt, dict(ROUTER_X=router_x, DOT=lily._dot_mode(_on_cuda(DTYPES[dt])), BLOCK_T=bt, BLOCK_K=bk,
                                 R_PAD=rp, E_PAD=ep), 4, 3, fp32=("h_ptr", "p_ptr", "psum_ptr"),
@@ -284,7 +257,7 @@ def _lily_route():
     for dt, r in _lily_dtypes():
         rp, ep = lily._pad16(r), lily._pad16(_LILY_E)
         for token, router_h in ((True, True), (True, False), (False, True)):
-            yield Case(dt, dict(TOKEN=token, ROUTER_H=router_h, BLOCK_T=64 if rp <= 64 else 32,  # _launch_route_bwd
+            yield Case(dt, dict(TOKEN=token, ROUTER_H=router_h, BLOCK_T=lily._rank_tile(rp),  # _launch_route_bwd
                                 R_PAD=rp, E_PAD=ep), 4, 3,
                        fp32=("dz_ptr", "h_ptr", "p_ptr", "dw_ptr", "dh_ptr", "dlog_ptr"), note=f"r={r}")
             if dt != "bf16":
@@ -294,7 +267,7 @@ def _lily_route():
 def _lily_gradw():
     for dt, r in _lily_dtypes():
         rp, ep = lily._pad16(r), lily._pad16(_LILY_E)
-        bk, bt = (64, 64) if rp <= 64 else (32, 32)  # _launch_gradw
+        bk = bt = lily._rank_tile(rp)  # _launch_gradw
         for router_x in (True, False):
             yield Case(dt, dict(ROUTER_X=router_x, DOT=lily._dot_mode(_on_cuda(DTYPES[dt])), BLOCK_K=bk, BLOCK_T=bt,
                                 R_PAD=rp, E_PAD=ep), 4, 3, fp32=("dh_ptr", "dlog_ptr", "dlp_part_ptr", "dr_part_ptr"),

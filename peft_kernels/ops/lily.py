@@ -391,6 +391,12 @@ def _split(t: torch.Tensor, n_rows: int, block_t: int, grid_other: int) -> tuple
     return triton.cdiv(n_rows, chunk) if n_rows else 1, chunk
 
 
+def _rank_tile(r_pad: int) -> int:
+    """GPU tile edge (tokens and columns) for kernels that hold a ``(tile, R_PAD)`` fp32 accumulator
+    and an LP tile: 64, halved for r above 64 to stay within registers at r up to 256."""
+    return 64 if r_pad <= 64 else 32
+
+
 def _launch_proj(x2, lp, router, router_h: bool):
     T, d_in = x2.shape
     r, E = lp.shape[0], router.shape[0]
@@ -398,8 +404,7 @@ def _launch_proj(x2, lp, router, router_h: bool):
     if _interpreting(x2):
         BLOCK_T = BLOCK_K = _INTERPRET_BLOCK
     else:
-        # keep the (BLOCK_T, R_PAD) fp32 accumulator and the LP tile within registers at r up to 256
-        BLOCK_T, BLOCK_K = (64, 64) if R_PAD <= 64 else (32, 32)
+        BLOCK_T = BLOCK_K = _rank_tile(R_PAD)
     n_blocks = triton.cdiv(T, BLOCK_T)
     h = torch.empty(T, r, device=x2.device, dtype=torch.float32)
     p = torch.empty(T, E, device=x2.device, dtype=torch.float32)
@@ -488,7 +493,7 @@ def _launch_dhp(dy, h, p, n_exp: int, scaling: float, token: bool):
 def _launch_route_bwd(dz, h, p, router, dw, T: int, token: bool, router_h: bool):
     r, E = h.shape[1], p.shape[1]
     R_PAD, E_PAD = _pad16(r), _pad16(E)
-    BT = _INTERPRET_BLOCK if _interpreting(h) else (64 if R_PAD <= 64 else 32)
+    BT = _INTERPRET_BLOCK if _interpreting(h) else _rank_tile(R_PAD)
     dh = torch.empty(T, r, device=h.device, dtype=torch.float32)
     dlog = torch.empty(T, E, device=h.device, dtype=torch.float32)
     if T:
@@ -510,7 +515,7 @@ def _launch_gradw(x2, dh, dlog, router_h: bool):
     if _interpreting(x2):
         BK = BT = _INTERPRET_BLOCK
     else:
-        BK, BT = (64, 64) if R_PAD <= 64 else (32, 32)
+        BK = BT = _rank_tile(R_PAD)
     split, chunk = _split(x2, T, BT, triton.cdiv(d_in, BK))
     dlp = torch.zeros(split, r, d_in, device=x2.device, dtype=torch.float32)
     dr = torch.zeros(split if not router_h else 1, E, d_in if not router_h else 1, device=x2.device,
