@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 
 #include "common/checks.h"
+#include "sparse/sparse_checks.h"
 
 namespace peft_kernels {
 namespace {
@@ -44,13 +45,7 @@ void check_csr_cpu(const int64_t* crow, const int64_t* col, int64_t n_rows, int6
 }
 
 void check_common(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, int64_t n_rows) {
-  PK_CHECK_DIM(x, 2);
-  PK_CHECK_FLOAT(x);
-  PK_CHECK_DIM(crow, 1);
-  PK_CHECK_DIM(col, 1);
-  PK_CHECK_INDEX(crow);
-  PK_CHECK_INDEX(col);
-  TORCH_CHECK(crow.size(0) == n_rows + 1, "crow must have ", n_rows + 1, " entries, got ", crow.size(0));
+  check_csr_operands(x, crow, col, n_rows);
   TORCH_CHECK(x.device().is_cpu() && crow.device().is_cpu() && col.device().is_cpu(),
               "sparse CPU kernels take CPU tensors");
 }
@@ -59,12 +54,8 @@ void check_common(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
 
 at::Tensor sparse_spmm_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                            const at::Tensor& val, int64_t out_features) {
-  TORCH_CHECK(out_features >= 0, "out_features must be >= 0, got ", out_features);
+  check_spmm_values(val, col, out_features);
   check_common(x, crow, col, out_features);
-  PK_CHECK_DIM(val, 1);
-  TORCH_CHECK(val.scalar_type() == at::kFloat, "val must be float32 (the launcher upcasts it), got ",
-              val.scalar_type());
-  TORCH_CHECK(val.size(0) == col.size(0), "val and col must both have nnz entries");
   TORCH_CHECK(val.device().is_cpu(), "sparse CPU kernels take CPU tensors");
 
   const int64_t T = x.size(0), K = x.size(1), N = out_features, nnz = col.size(0);

@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 
 #include "common/checks.h"
+#include "sparse/sparse_checks.h"
 
 namespace peft_kernels {
 namespace {
@@ -88,14 +89,8 @@ __global__ void sddmm_kernel(
 }
 
 void check_cuda_args(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, int64_t n_rows) {
-  PK_CHECK_DIM(x, 2);
-  PK_CHECK_FLOAT(x);
-  PK_CHECK_DIM(crow, 1);
-  PK_CHECK_DIM(col, 1);
-  PK_CHECK_INDEX(crow);
-  PK_CHECK_INDEX(col);
+  check_csr_operands(x, crow, col, n_rows);
   TORCH_CHECK(crow.scalar_type() == col.scalar_type(), "crow and col must share one index dtype");
-  TORCH_CHECK(crow.size(0) == n_rows + 1, "crow must have ", n_rows + 1, " entries, got ", crow.size(0));
   TORCH_CHECK(x.is_cuda(), "sparse CUDA kernels take CUDA tensors");
   PK_CHECK_SAME_DEVICE(x, crow);
   PK_CHECK_SAME_DEVICE(x, col);
@@ -105,11 +100,8 @@ void check_cuda_args(const at::Tensor& x, const at::Tensor& crow, const at::Tens
 
 at::Tensor sparse_spmm_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                             const at::Tensor& val, int64_t out_features) {
-  TORCH_CHECK(out_features >= 0, "out_features must be >= 0, got ", out_features);
+  check_spmm_values(val, col, out_features);
   check_cuda_args(x, crow, col, out_features);
-  PK_CHECK_DIM(val, 1);
-  TORCH_CHECK(val.scalar_type() == at::kFloat, "val must be float32 (the launcher upcasts it)");
-  TORCH_CHECK(val.size(0) == col.size(0), "val and col must both have nnz entries");
   PK_CHECK_SAME_DEVICE(x, val);
   const c10::cuda::CUDAGuard guard(x.device());
 
