@@ -24,12 +24,19 @@ order varies, so they can differ in the last bits between identical runs (the in
 programs in order and hides this). Autotuning is harmless to them: the GEMM, the only autotuned
 kernel, writes its output once and never accumulates into a buffer.
 
-Base product (``base=`` argument, else ``PEFT_KERNELS_LORA_BASE``, else ``DEFAULT_BASE``):
-``triton`` runs the base GEMMs in Triton with the LoRA terms fused into their epilogues;
-``cublas`` runs them with ``torch.mm``/``torch.addmm`` (cuBLAS) and adds the LoRA terms with the
-same kernel in add-only mode (one extra read+write of the output). Which wins per shape on an
-H100 is UNMEASURED (no GPU in the session that wrote this); the default is the issue's design,
-not a measured choice.
+Base product (``base=`` argument, else ``PEFT_KERNELS_BASE``, else ``DEFAULT_BASE`` = ``auto``):
+``triton`` runs the base GEMMs in Triton with the LoRA terms fused into their epilogues (output
+written once); ``cublas`` runs them with ``torch.mm``/``torch.addmm`` and adds the LoRA terms in
+place with the same kernel in add-only mode (one extra read+write of the output); ``auto`` decides
+inside the ``lora_gemm`` op, per GEMM (forward and dX separately) and per shape key (device,
+dtypes, token bucket, N, K, rank chunk, flags): the first call on a CUDA device times both on its
+own operands and keeps the faster (``base_decisions()`` lists the decisions and both times).
+Both give the same result up to fp32 summation order, so the decision changes speed, not the
+math; pin ``PEFT_KERNELS_BASE`` for bit-reproducibility across processes. Which base wins per
+shape on an H100 is UNMEASURED (no GPU in the sessions that wrote this).
+
+The same kernels serve Monarch (``ops/monarch.py``, dense expansions of its block factors) with
+dropout on the adapter output instead of its input (``LoRAFunction(..., output_dropout=True)``).
 
 Dropout scaling is applied to the fp32 accumulators (``xa``, ``dA``) or folded into ``g``
 instead of to ``x``: ``k * ((mask * x) @ A^T)`` is the same product with one rounding less.
@@ -58,9 +65,10 @@ from ..reference._philox import drop_threshold, keep_scale
 from ._dropout import dropout_keep_tile
 from ._triton import HAS_TRITON, tl, triton
 
-BASE_ENV = "PEFT_KERNELS_LORA_BASE"
-BASES = ("triton", "cublas")
-DEFAULT_BASE = "triton"  # unmeasured: see the module docstring
+BASE_ENV = "PEFT_KERNELS_BASE"
+BASES = ("triton", "cublas")  # who runs the frozen product
+BASE_MODES = BASES + ("auto",)  # auto: both timed once per shape on the GPU, the faster kept
+DEFAULT_BASE = "auto"
 MAX_RANK = 256  # the r-padded tiles live in registers; 256 is the largest the issue asks for
 MIN_DOT = 16  # tl.dot needs every dimension >= 16
 # triton 3.6's interpreter stores bf16 as raw uint16 and its tl.dot multiplies those integers;
@@ -246,11 +254,16 @@ def _lora_bwd_gb_kernel(
     # strides
     stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,
     stride_gm, stride_gr, stride_dbn, stride_dbr,
+    # dropout on the adapter OUTPUT (Monarch's placement): dY is masked as it is read
+    seed, threshold,
     # meta-parameters
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One pass over dY per token block: g = dY @ B (kept in registers, stored once) and
-    dB += dY^T @ xa (fp32 atomics across token blocks; the caller scales by s)."""
+    dB += dY^T @ xa (fp32 atomics across token blocks; the caller scales by s). With HAS_DROPOUT
+    dY is replaced by mask(M, N) * dY (the mask of an output-side dropout, regenerated; the
+    caller applies keep_scale)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
@@ -266,6 +279,9 @@ def _lora_bwd_gb_kernel(
         n_ok = offs_n < N
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep_tile(seed, offs_m, n0, N, threshold, BLOCK_N)
+            dy = tl.where(keep, dy, tl.zeros_like(dy))
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
         g = _mma(dy, b, g, DOT_PRECISION)
@@ -406,19 +422,12 @@ def _(x, lora_A, dropout_p, seed):
     return x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("peft_kernels::lora_gemm", mutates_args=())
-def _lora_gemm(x: Optional[torch.Tensor], w: Optional[torch.Tensor], c: Optional[torch.Tensor],
-               left: torch.Tensor, right: torch.Tensor, bias: Optional[torch.Tensor],
-               scale: float, dropout_p: float, seed: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """out (M, N) = [x @ w] [+ c] + scale * dropout_mask(M, N) * (left @ right) [+ bias].
-
-    ``w`` and ``right`` are read through their strides, so transposed views (W0^T, B^T) cost
-    nothing. ``x``/``w`` absent = add-only mode on top of ``c`` (the cuBLAS-base path)."""
-    M = left.shape[0]
-    N = right.shape[1]
+def _launch_gemm(x, w, c, left, right, bias, scale, dropout_p, seed, out):
+    """The fused GEMM kernel into ``out`` (which may be ``c`` itself: each program reads its
+    ``c`` tile before writing the same ``out`` tile, so the add-only pass can run in place)."""
+    M, N = out.shape
     K = x.shape[1] if x is not None else 0
     R = left.shape[1]
-    out = torch.empty((M, N), device=left.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return out
     has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
@@ -447,20 +456,119 @@ def _lora_gemm(x: Optional[torch.Tensor], w: Optional[torch.Tensor], c: Optional
     return out
 
 
+def _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, base):
+    """One resolved base (``triton`` or ``cublas``) of ``_lora_gemm``."""
+    M, N = left.shape[0], right.shape[1]
+    if x is not None and base == "cublas":
+        # frozen product on cuBLAS, bias folded into it; the LoRA term is added in place
+        y0 = torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
+        if c is not None:
+            y0 += c
+        if y0.dtype != out_dtype:
+            y0 = y0.to(out_dtype)
+        return _launch_gemm(None, None, y0, left, right, None, scale, dropout_p, seed, y0)
+    out = torch.empty((M, N), device=left.device, dtype=out_dtype)
+    return _launch_gemm(x, w, c, left, right, bias, scale, dropout_p, seed, out)
+
+
+# Base chosen by measurement (``base="auto"``), per key; ``base_decisions()`` exposes it.
+_AUTO_CHOICE: dict = {}
+_AUTO_TIMES: dict = {}
+AUTO_REPS = 5
+
+
+def _auto_key(x, w, c, left, right, bias, dropout_p, out_dtype) -> tuple:
+    """What a base decision is valid for: device, dtypes, token bucket (as the autotuner keys),
+    GEMM sizes, the epilogue's rank chunk, and the flags and W layout that change the kernel."""
+    M, K = x.shape
+    return (str(x.device), x.dtype, out_dtype, _m_bucket(M), right.shape[1], K, _r_block(left.shape[1]),
+            dropout_p > 0, bias is not None, c is not None, w.stride(0) == 1)
+
+
+def _time_ms(fn) -> float:
+    """Median time (ms) of ``AUTO_REPS`` calls of ``fn`` on the current CUDA stream, after two
+    warm-up calls (the first one compiles and autotunes the Triton kernel)."""
+    fn()
+    fn()
+    times = []
+    for _ in range(AUTO_REPS):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[len(times) // 2]
+
+
+def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, timer=None) -> str:
+    """``triton`` or ``cublas`` for this call: the cached decision for its key, else both timed
+    on the call's own operands (same output either way) and the faster kept. Off a CUDA device
+    (the interpreter) nothing is measured: ``triton`` (the path the tests must cover). While a
+    CUDA graph is being captured nothing can be timed: ``cublas`` unless a decision exists."""
+    key = _auto_key(x, w, c, left, right, bias, dropout_p, out_dtype)
+    hit = _AUTO_CHOICE.get(key)
+    if hit is not None:
+        return hit
+    if timer is None:
+        if x.device.type != "cuda":
+            return "triton"
+        if torch.cuda.is_current_stream_capturing():
+            return "cublas"
+        timer = _time_ms
+    times = {}
+    for b in BASES:
+        times[b] = timer(lambda b=b: _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed,
+                                                     out_dtype, b))
+    choice = min(BASES, key=lambda b: times[b])
+    _AUTO_CHOICE[key] = choice
+    _AUTO_TIMES[key] = times
+    return choice
+
+
+def base_decisions() -> list[dict]:
+    """Every ``base="auto"`` decision taken in this process, with both measured times (ms)."""
+    names = ("device", "dtype", "out_dtype", "tokens_bucket", "N", "K", "r_block", "dropout", "bias",
+             "c", "w_transposed")
+    return [dict(zip(names, key), choice=_AUTO_CHOICE[key], **{f"{b}_ms": t for b, t in times.items()})
+            for key, times in _AUTO_TIMES.items()]
+
+
+@torch.library.custom_op("peft_kernels::lora_gemm", mutates_args=())
+def _lora_gemm(x: Optional[torch.Tensor], w: Optional[torch.Tensor], c: Optional[torch.Tensor],
+               left: torch.Tensor, right: torch.Tensor, bias: Optional[torch.Tensor],
+               scale: float, dropout_p: float, seed: torch.Tensor, out_dtype: torch.dtype,
+               base: str) -> torch.Tensor:
+    """out (M, N) = [x @ w] [+ c] + scale * dropout_mask(M, N) * (left @ right) [+ bias].
+
+    ``w`` and ``right`` are read through their strides, so transposed views (W0^T, B^T) cost
+    nothing. ``x``/``w`` absent = add-only mode on top of ``c``. ``base`` says who computes
+    ``x @ w``: ``triton`` (this kernel, LoRA term in its epilogue, output written once),
+    ``cublas`` (``torch.mm``/``addmm``, then this kernel adds the LoRA term in place: one more
+    read and write of the output) or ``auto`` (``_auto_base``: measured once per shape)."""
+    if x is not None and base == "auto":
+        base = _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype)
+    return _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, base)
+
+
 @_lora_gemm.register_fake
-def _(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype):
+def _(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, base):
     return left.new_empty((left.shape[0], right.shape[1]), dtype=out_dtype)
 
 
 @torch.library.custom_op("peft_kernels::lora_bwd_gb", mutates_args=())
-def _lora_bwd_gb(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g = dY @ B fp32 (T, r), dY^T @ xa fp32 (d_out, r), unscaled) in one pass over dY."""
+def _lora_bwd_gb(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
+                 dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g = dY' @ B fp32 (T, r), dY'^T @ xa fp32 (d_out, r), unscaled) in one pass over dY, where
+    dY' = dY, or mask(T, d_out) * dY for an output-side dropout (``dropout_p > 0``; the keep scale
+    is the caller's)."""
     M, N = dy.shape
     r = lora_B.shape[1]
     g = torch.empty((M, r), device=dy.device, dtype=torch.float32)
     db = torch.zeros((N, r), device=dy.device, dtype=torch.float32)
     if M == 0:
         return g, db
+    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
     r_pad = _r_pad(r)
     block_m, block_n, warps = _small_blocks(r_pad)
     with _DeviceGuard(dy.device):
@@ -469,14 +577,15 @@ def _lora_bwd_gb(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor) -> tu
             M, N, r,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
             g.stride(0), g.stride(1), db.stride(0), db.stride(1),
-            R_PAD=r_pad, DOT_PRECISION=_dot_precision(dy.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps,
+            seed, thr,
+            HAS_DROPOUT=has_drop, R_PAD=r_pad, DOT_PRECISION=_dot_precision(dy.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )
     return g, db
 
 
 @_lora_bwd_gb.register_fake
-def _(dy, lora_B, xa):
+def _(dy, lora_B, xa, dropout_p, seed):
     r = lora_B.shape[1]
     return (dy.new_empty((dy.shape[0], r), dtype=torch.float32),
             dy.new_empty((dy.shape[1], r), dtype=torch.float32))
@@ -520,55 +629,58 @@ def _(g, x, scale, dropout_p, seed):
 
 
 def base_mode(base: Optional[str] = None) -> str:
-    """The base-GEMM path: the argument, else ``PEFT_KERNELS_LORA_BASE``, else ``DEFAULT_BASE``."""
+    """The base-GEMM path: the argument, else ``PEFT_KERNELS_BASE``, else ``DEFAULT_BASE``."""
     chosen = base or os.environ.get(BASE_ENV, "").strip() or DEFAULT_BASE
-    return check_choice("base" if base else BASE_ENV, chosen, BASES)
+    return check_choice("base" if base else BASE_ENV, chosen, BASE_MODES)
 
 
 class LoRAFunction(torch.autograd.Function):
-    """Fused LoRA linear over 2-D ``(T, d_in)`` input; ``weight`` (W0) is frozen: its gradient is
-    only computed (by one cuBLAS GEMM, outside the fused path) when it requires grad."""
+    """Fused low-rank linear ``y = x W0^T (+ b) + s * D(x A^T B^T)`` over 2-D ``(T, d_in)`` input;
+    ``weight`` (W0) is frozen: its gradient is only computed (by one cuBLAS GEMM, outside the
+    fused path) when it requires grad.
+
+    ``output_dropout=False`` (LoRA): ``D`` drops elements of ``x`` before ``A``.
+    ``output_dropout=True`` (Monarch's placement, which reuses these kernels through dense
+    expansions of its factors): ``D`` drops elements of the ``(T, d_out)`` adapter output. Same
+    mask spec either way, over the tensor it applies to."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, base):
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, base, output_dropout=False):
         x = x.contiguous()
         lora_A = lora_A.contiguous()
-        xa = _lora_down(x, lora_A, dropout_p, seed)
-        b_t = lora_B.t()  # (r, d_out) view, read through strides
-        if base == "triton":
-            y = _lora_gemm(x, weight.t(), None, xa, b_t, bias, scaling, 0.0, seed, x.dtype)
-        else:
-            y0 = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-            y = _lora_gemm(None, None, y0, xa, b_t, None, scaling, 0.0, seed, x.dtype)
+        p_in, p_out = (0.0, dropout_p) if output_dropout else (dropout_p, 0.0)
+        xa = _lora_down(x, lora_A, p_in, seed)
+        s_out = scaling * keep_scale(p_out)  # keep_scale(0) == 1
+        # B^T is an (r, d_out) view read through strides
+        y = _lora_gemm(x, weight.t(), None, xa, lora_B.t(), bias, s_out, p_out, seed, x.dtype, base)
         # the seed is a tensor: saved like one, so compiled autograd carries it to backward
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-        ctx.scaling, ctx.dropout_p, ctx.base = scaling, dropout_p, base
+        ctx.scaling, ctx.p_in, ctx.p_out, ctx.base = scaling, p_in, p_out, base
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
+        s, p_in, p_out = ctx.scaling, ctx.p_in, ctx.p_out
+        # every mask's keep scale rides on the LoRA scale (1.0 when there is no dropout)
+        s = s * keep_scale(p_out)
         dy = dy.contiguous()
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dx = dw = da = db = dbias = None
-        g, db32 = _lora_bwd_gb(dy, lora_B, xa)
+        g, db32 = _lora_bwd_gb(dy, lora_B, xa, p_out, seed)
         if need_b:
             db = (db32 * s).to(lora_B.dtype)
         if need_x:
-            s_keep = s * keep_scale(p)  # the mask's scale rides on the LoRA scale (1.0 when p == 0)
-            if ctx.base == "triton":
-                dx = _lora_gemm(dy, weight, None, g, lora_A, None, s_keep, p, seed, dy.dtype)
-            else:
-                dx = _lora_gemm(None, None, torch.mm(dy, weight), g, lora_A, None, s_keep, p, seed, dy.dtype)
+            dx = _lora_gemm(dy, weight, None, g, lora_A, None, s * keep_scale(p_in), p_in, seed, dy.dtype,
+                            ctx.base)
         if need_a:
-            da = _lora_bwd_da(g, x, s, p, seed).to(lora_A.dtype)
+            da = _lora_bwd_da(g, x, s, p_in, seed).to(lora_A.dtype)
         if need_w:
             dw = torch.mm(dy.t(), x).to(weight.dtype)
         if need_bias and ctx.has_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, da, db, dbias, None, None, None, None
+        return dx, dw, da, db, dbias, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------- public
@@ -593,9 +705,9 @@ def lora_linear(
 ) -> torch.Tensor:
     """``x @ W0^T (+ b) + scaling * dropout(x) @ A^T @ B^T`` over any leading dims of ``x``.
 
-    ``impl`` picks ``triton`` / ``torch`` (default: dispatch). ``base`` (``triton``/``cublas``,
-    default ``PEFT_KERNELS_LORA_BASE`` or ``triton``) picks who runs the base GEMM on the Triton
-    path. Under autocast the Triton path casts every operand to the autocast dtype first (the
+    ``impl`` picks ``triton`` / ``torch`` (default: dispatch). ``base`` (``triton``/``cublas``/
+    ``auto``, default ``PEFT_KERNELS_BASE`` or ``auto``) picks who runs the base GEMM on the Triton
+    path (see the module docstring). Under autocast the Triton path casts every operand to the autocast dtype first (the
     casts are differentiable, so fp32 adapter weights get fp32 gradients). ``seed`` is an int or a
     one-element integer tensor; a tensor is never read here (only inside the custom ops, or by
     tensor ops on the torch path), so ``torch.compile`` traces dropout without a graph break."""
@@ -618,5 +730,5 @@ def lora_linear(
     with torch.autocast(x.device.type, enabled=False):
         cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, lora_A, lora_B, bias)]
         x2 = cast[0].reshape(-1, d_in)
-        y = LoRAFunction.apply(x2, cast[1], cast[2], cast[3], cast[4], scaling, dropout_p, seed, mode)
+        y = LoRAFunction.apply(x2, cast[1], cast[2], cast[3], cast[4], scaling, dropout_p, seed, mode, False)
     return y.reshape(*x.shape[:-1], d_out)

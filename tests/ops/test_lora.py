@@ -25,6 +25,7 @@ CASES = [
     (torch.bfloat16, (3, 13), 4, True, 0.0, False, "triton"),
     (torch.float16, (37,), 33, True, 0.0, True, "cublas"),
     (torch.float32, (37,), 16, True, 0.3, False, "cublas"),
+    (torch.bfloat16, (2, 19), 8, True, 0.3, False, "auto"),
 ]
 
 
@@ -224,10 +225,12 @@ def test_custom_ops_opcheck(interpret):
     seed = torch.tensor([2**40 + 3])
     xa = L._lora_down(x, A, 0.2, seed)
     dy = torch.randn(19, D_OUT, device=interpret)
-    g, _ = L._lora_bwd_gb(dy, B, xa)
+    g, _ = L._lora_bwd_gb(dy, B, xa, 0.0, seed)
     for op, args in [
         (torch.ops.peft_kernels.lora_down.default, (x, A, 0.2, seed)),
-        (torch.ops.peft_kernels.lora_gemm.default, (dy, W, None, g, A, None, 1.5, 0.2, seed, torch.float32)),
+        (torch.ops.peft_kernels.lora_bwd_gb.default, (dy, B, xa, 0.2, seed)),
+        (torch.ops.peft_kernels.lora_gemm.default, (dy, W, None, g, A, None, 1.5, 0.2, seed, torch.float32, "triton")),
+        (torch.ops.peft_kernels.lora_gemm.default, (dy, W, None, g, A, None, 1.5, 0.2, seed, torch.float32, "cublas")),
         (torch.ops.peft_kernels.lora_bwd_da.default, (g, x, 1.5, 0.2, seed)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -235,7 +238,7 @@ def test_custom_ops_opcheck(interpret):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("r", [16, 64, 256])
-@pytest.mark.parametrize("base", ["triton", "cublas"])
+@pytest.mark.parametrize("base", ["triton", "cublas", "auto"])
 def test_lora_large_gpu(r, base):
     """Realistic sizes on a GPU: autotuned tiles, the r = 256 register budget, both bases."""
     dev, dtype = torch.device("cuda"), torch.bfloat16
@@ -279,8 +282,8 @@ def test_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch, ba
     w1 = torch.zeros(1, 1, device=interpret)
     seed = torch.tensor([3])
     xa = L._lora_down(xb, w1, 0.3, seed)
-    L._lora_gemm(xb, w1, None, xa, w1, None, 1.0, 0.3, seed, torch.float32)
-    g, _ = L._lora_bwd_gb(xb, w1, xa)
+    L._lora_gemm(xb, w1, None, xa, w1, None, 1.0, 0.3, seed, torch.float32, "triton")
+    g, _ = L._lora_bwd_gb(xb, w1, xa, 0.3, seed)
     L._lora_bwd_da(g, xb, 1.0, 0.3, seed)
     assert len(big.launches) == 4
     big.assert_grid_within_cuda_limits()
@@ -292,6 +295,65 @@ def test_gemm_op_accepts_strided_bias(interpret):
     xa = L._lora_down(x, A, 0.0, torch.tensor([0]))
     bias2 = torch.randn(D_OUT, 2, device=interpret)
     seed = torch.tensor([0])
-    ref = L._lora_gemm(x, W.t(), None, xa, B.t(), bias2[:, 0].contiguous(), 1.5, 0.0, seed, torch.float32)
-    got = L._lora_gemm(x, W.t(), None, xa, B.t(), bias2[:, 0], 1.5, 0.0, seed, torch.float32)
+    ref = L._lora_gemm(x, W.t(), None, xa, B.t(), bias2[:, 0].contiguous(), 1.5, 0.0, seed, torch.float32, "triton")
+    got = L._lora_gemm(x, W.t(), None, xa, B.t(), bias2[:, 0], 1.5, 0.0, seed, torch.float32, "triton")
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_auto_base_measures_once_per_key_and_keeps_the_faster(interpret, monkeypatch):
+    """``base="auto"``: both bases timed on the call's operands, the faster kept and reused for
+    the same key; a new key (another N) is measured again. The timer is injected (no GPU here)."""
+    monkeypatch.setattr(L, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(L, "_AUTO_TIMES", {})
+    x, W, A, B, b = (t.float().to(interpret) if t is not None else None for t in _inputs((19,), 4, True))
+    seed = torch.tensor([5])
+    xa = L._lora_down(x, A, 0.0, seed)
+    calls = []
+
+    def timer(fn):
+        out = fn()  # the candidate really runs: record which base produced what
+        calls.append(out)
+        return {1: 2.0, 2: 1.0}[len(calls)]  # triton (timed first) 2 ms, cublas 1 ms
+
+    args = (x, W.t(), None, xa, B.t(), b, 1.5, 0.0, seed, torch.float32)
+    assert L._auto_base(*args, timer=timer) == "cublas"
+    torch.testing.assert_close(calls[0], calls[1])  # same result from both bases
+    assert L._auto_base(*args, timer=lambda fn: pytest.fail("measured twice")) == "cublas"
+    (d,) = L.base_decisions()
+    assert d["choice"] == "cublas" and d["triton_ms"] == 2.0 and d["cublas_ms"] == 1.0 and d["N"] == D_OUT
+    # the op follows the cached decision: the add-only path runs after torch.mm
+    got = L._lora_gemm(*args, "auto")
+    torch.testing.assert_close(got, calls[1], rtol=0, atol=0)
+    calls.clear()
+    args2 = (x, W[:50].t(), None, xa, B[:50].t(), b[:50], 1.5, 0.0, seed, torch.float32)
+    assert L._auto_base(*args2, timer=timer) == "cublas" and len(calls) == 2
+    assert len(L.base_decisions()) == 2
+    # with no timer and no CUDA device nothing is measured: the Triton path (what CI must cover)
+    monkeypatch.setattr(L, "_AUTO_CHOICE", {})
+    assert L._auto_base(*args) == "triton" and L._AUTO_CHOICE == {}
+
+
+@pytest.mark.parametrize("dtype,p,base", [(torch.float32, 0.3, "triton"), (torch.bfloat16, 0.3, "cublas"),
+                                          (torch.float16, 0.0, "triton")])
+def test_output_dropout_mode(interpret, dtype, p, base):
+    """``LoRAFunction(..., output_dropout=True)`` (what Monarch runs on): the mask covers the
+    ``(T, d_out)`` adapter output, the same spec regenerated in backward."""
+    from peft_kernels.reference._philox import keep_mask, keep_scale
+
+    r, seed = 8, 77
+    x, W, A, B, b = _inputs((37,), r, True)
+    go = torch.randn(37, D_OUT, dtype=torch.float64)
+    keep = keep_mask(seed, p, 37, D_OUT) if p > 0 else torch.ones(37, D_OUT, dtype=torch.bool)
+
+    def ref(x, W, A, B, b):
+        delta = 0.5 * (x @ A.t() @ B.t())
+        return x @ W.t() + b + torch.where(keep, delta * keep_scale(p), torch.zeros_like(delta))
+
+    y_exact, g_exact = _run(ref, x, W, A, B, b, torch.float64, go)
+    y_same, g_same = _run(ref, x, W, A, B, b, dtype, go)
+    fn = lambda *t: L.LoRAFunction.apply(*t, 0.5, p, torch.tensor([seed]), base, True)
+    to = lambda t: t.to(interpret)
+    y_got, g_got = _run(fn, to(x), to(W), to(A), to(B), to(b), dtype, go.to(interpret))
+    assert_close_to_reference("y", y_got.cpu(), y_same, y_exact)
+    for name, got, same, exact in zip(["dx", "dA", "dB", "dbias"], g_got, g_same, g_exact):
+        assert_close_to_reference(name, got.cpu(), same, exact)
