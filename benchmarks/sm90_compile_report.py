@@ -131,6 +131,7 @@ def _lora_gemm():
     add_dx = (False, True, False, True, 16, ("stride_cn", "stride_lr", "stride_rn", "stride_on"),
               "cuBLAS-base dX, add-only")
     wide = (True, False, False, True, 256, dx_unit, "dX at r=256 (R_BLOCK 64)")
+    out_drop = (True, False, True, True, 128, fwd_unit, "Monarch forward: output dropout, R=128")
 
     def case(dt, mode, c):
         g, hc, b, d, r, unit, note = mode
@@ -145,7 +146,7 @@ def _lora_gemm():
             for i, c in enumerate(cfgs):
                 if (dt, mode, i) != ("bf16", dx, 0):
                     yield case(dt, mode, c)
-    for mode in (add_fwd, add_dx, wide):
+    for mode in (add_fwd, add_dx, wide, out_drop):
         yield case("bf16", mode, cfgs[0])
     yield case("fp16", fwd, cfgs[0])
     yield case("fp16", dx, cfgs[0])
@@ -156,8 +157,11 @@ def _lora_gb():
     for dt, r_pads in (("bf16", (16, 64, 256)), ("fp32", (16, 64, 256)), ("fp16", (16,))):
         for r_pad in r_pads:
             bm, bn, w = lora._small_blocks(r_pad)
-            yield Case(dt, dict(R_PAD=r_pad, DOT_PRECISION=lora._dot_precision(DTYPES[dt]), BLOCK_M=bm, BLOCK_N=bn),
-                       w, 3, fp32=("xa_ptr", "g_ptr", "db_ptr"), unit=unit)
+            # dropout on dY: the output-side dropout of Monarch's fused-GEMM path
+            for drop in (True, False):
+                yield Case(dt, dict(HAS_DROPOUT=drop, R_PAD=r_pad, DOT_PRECISION=lora._dot_precision(DTYPES[dt]),
+                                    BLOCK_M=bm, BLOCK_N=bn),
+                           w, 3, fp32=("xa_ptr", "g_ptr", "db_ptr"), unit=unit)
 
 
 def _lora_da():

@@ -73,10 +73,20 @@ def make_setup(d_in: int, d_out: int, tokens: int, dtype: torch.dtype, device: t
 
 @dataclass
 class Variant:
+    """One competitor row. ``fused``: a peft_kernels fused-path row, built with ``impl=`` the
+    family's resolved implementation (and ``base=`` when ``base`` pins LoRA's base GEMM).
+    ``needs_impl``: the row only means something where that implementation runs (else it is
+    listed as skipped). ``gpu_only`` rows are skipped off CUDA; ``why`` is the reason the table
+    gives for such a skip."""
+
     name: str
     build: Builder
     gpu_only: bool = False
     applies: Callable[[dict], bool] = field(default=lambda cfg: True)
+    fused: bool = False
+    needs_impl: Optional[str] = None
+    base: Optional[str] = None
+    why: str = ""
 
 
 @dataclass
@@ -139,12 +149,16 @@ def _lora_params(setup: Setup, cfg: dict):
     return A, B, 2.0  # alpha = 2r, PEFT's usual choice -> scaling 2
 
 
-def lora_kernel(setup: Setup, cfg: dict, impl: Optional[str] = None):
+def lora_kernel(setup: Setup, cfg: dict, impl: Optional[str] = None, base: Optional[str] = None):
+    """The fused op; ``base`` pins who runs the frozen product on the Triton path (``triton``:
+    Triton GEMM with the LoRA term in its epilogue, ``cublas``: cuBLAS + in-place LoRA pass);
+    ``None`` is the op's own default (``PEFT_KERNELS_BASE``, else ``auto``: timed per shape)."""
     from peft_kernels.ops.lora import lora_linear
 
     A, B, s = _lora_params(setup, cfg)
     x, w, p = setup.x, setup.weight, cfg["dropout"]
-    return (lambda: lora_linear(x, w, A, B, scaling=s, dropout_p=p, seed=SEED, impl=impl)), [A, B]
+    kw = {} if base is None else {"base": base}
+    return (lambda: lora_linear(x, w, A, B, scaling=s, dropout_p=p, seed=SEED, impl=impl, **kw)), [A, B]
 
 
 def lora_reference(setup: Setup, cfg: dict):
@@ -383,26 +397,36 @@ def _lily_configs(sweep: bool) -> list:
 # ------------------------------------------------------------------------------------- registry
 KERNEL = "peft_kernels"      # the fused path (dispatch's choice, or --impl)
 REFERENCE = "pk reference"   # peft_kernels.reference: the package's own plain-torch path
+# LoRA's fused path with its base GEMM pinned (issue 3: Triton GEMM + fused epilogue vs cuBLAS +
+# in-place LoRA pass), beside the KERNEL row, which runs the op's default (``auto``: both timed
+# once per shape, the faster kept; the decisions land in base_decisions.csv)
+LORA_TRITON_BASE = "peft_kernels (triton base)"
+LORA_CUBLAS_BASE = "peft_kernels (cublas base)"
+_BASE_PIN_WHY = "pins its base GEMM"
+_COMPILE_WHY = "compiling every case on the CPU would take longer than the whole CPU default"
 
 FAMILY_SPECS = {
     "lora": Family(
         "lora", _lora_configs, lambda c: f"r={c['r']} drop={c['dropout']:g}",
-        [Variant(KERNEL, lora_kernel), Variant(REFERENCE, lora_reference), Variant("torch", lora_torch),
-         Variant("torch.compile", lora_compiled, gpu_only=True), Variant("HF PEFT", lora_peft)],
+        [Variant(KERNEL, lora_kernel, fused=True),
+         Variant(LORA_TRITON_BASE, lora_kernel, fused=True, needs_impl="triton", base="triton", why=_BASE_PIN_WHY),
+         Variant(LORA_CUBLAS_BASE, lora_kernel, fused=True, needs_impl="triton", base="cublas", why=_BASE_PIN_WHY),
+         Variant(REFERENCE, lora_reference), Variant("torch", lora_torch),
+         Variant("torch.compile", lora_compiled, gpu_only=True, why=_COMPILE_WHY), Variant("HF PEFT", lora_peft)],
         "peft_kernels.ops.lora"),
     "monarch": Family(
         "monarch", _monarch_configs, lambda c: f"N={c['nblocks']} r={c['blk_r']}",
-        [Variant(KERNEL, monarch_kernel), Variant(REFERENCE, monarch_reference),
+        [Variant(KERNEL, monarch_kernel, fused=True), Variant(REFERENCE, monarch_reference),
          Variant("torch two-bmm", monarch_torch)],
         "peft_kernels.ops.monarch"),
     "sparse": Family(
         "sparse", _sparse_configs, lambda c: f"density={100 * c['density']:g}%",
-        [Variant(KERNEL, sparse_kernel), Variant(REFERENCE, sparse_reference),
+        [Variant(KERNEL, sparse_kernel, fused=True), Variant(REFERENCE, sparse_reference),
          Variant("torch densified", sparse_densified), Variant("torch.sparse CSR", sparse_torch_csr)],
         "peft_kernels.ops.sparse"),
     "lily": Family(
         "lily", _lily_configs, lambda c: f"{c['routing']} r={c['r']} E={c['E']}",
-        [Variant(KERNEL, lily_kernel), Variant(REFERENCE, lily_reference),
+        [Variant(KERNEL, lily_kernel, fused=True), Variant(REFERENCE, lily_reference),
          Variant("torch per-expert", lily_torch_per_expert, applies=lambda c: c["routing"] == "token"),
          Variant("HF PEFT", lily_peft, applies=lambda c: c["routing"] == "batch")],
         "peft_kernels.ops.lily"),

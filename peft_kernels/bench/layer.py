@@ -4,11 +4,18 @@ For each (family, shape) the frozen base ``x @ W^T`` (gradient to the input only
 then each variant's forward, backward and forward+backward are timed in the same process and
 divided by the base's. Backward is timed on a retained graph (``backward(retain_graph=True)``);
 where a variant cannot retain its graph the figure is ``fwd+bwd - fwd`` and the row says so.
+
+Rows that cannot mean anything here (GPU-only competitors off CUDA, LoRA's base-pinned rows where
+the fused path is not Triton) are kept with a ``skipped: <why>`` status, so the table and the
+files say what was not measured. After the run, the LoRA GEMM's ``base="auto"`` decisions taken
+in this process (``ops.lora.base_decisions()``, both times measured) are kept in
+``BenchResult.base_decisions``.
 """
 from __future__ import annotations
 
 import gc
 import importlib
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -27,6 +34,7 @@ class BenchResult:
     meta: dict
     settings: dict
     rows: list = field(default_factory=list)
+    base_decisions: list = field(default_factory=list)  # see collect_base_decisions
 
 
 def kernel_impl(family: str, device: torch.device, dtype: torch.dtype, impl: Optional[str]) -> tuple:
@@ -41,6 +49,64 @@ def kernel_impl(family: str, device: torch.device, dtype: torch.dtype, impl: Opt
         return dispatch.choose(family, device, dtype, impl), None
     except Exception as e:  # noqa: BLE001
         return None, f"{type(e).__name__}: {e}"
+
+
+def skip_reason(var: C.Variant, device: torch.device, impl: Optional[str], impl_reason: Optional[str]) -> Optional[str]:
+    """Why ``var`` is not run here (``None``: it runs). ``impl``/``impl_reason`` = ``kernel_impl``."""
+    if var.gpu_only and device.type != "cuda":
+        return f"GPU only ({var.why})" if var.why else "GPU only"
+    if var.needs_impl is not None and impl != var.needs_impl:
+        what = f" ({var.why})" if var.why else ""
+        if impl is None:
+            return f"{var.needs_impl} path only{what}, which cannot run here: {impl_reason}"
+        hint = (f" (--impl {var.needs_impl} with TRITON_INTERPRET=1 runs it on the CPU, slowly)"
+                if device.type == "cpu" and var.needs_impl == "triton" else "")
+        return f"{var.needs_impl} path only{what}; the fused path here is {impl}{hint}"
+    return None
+
+
+def fused_builder(var: C.Variant, impl: str):
+    """``var.build`` with the fused path's ``impl`` (and the pinned ``base``, if any) bound."""
+    kw = {"impl": impl} if var.base is None else {"impl": impl, "base": var.base}
+    return lambda setup, cfg: var.build(setup, cfg, **kw)
+
+
+def default_base(family: str, impl: Optional[str]) -> Optional[str]:
+    """What the base GEMM of the default LoRA row is: ``auto`` unless ``PEFT_KERNELS_BASE`` pins it
+    (``None`` off the Triton path, where there is no base GEMM to choose)."""
+    if family != "lora" or impl != "triton":
+        return None
+    try:
+        from peft_kernels.ops.lora import BASE_ENV, base_mode
+
+        mode = base_mode()
+    except Exception as e:  # noqa: BLE001 - a bad PEFT_KERNELS_BASE shows up in the row's error too
+        return f"invalid ({_error_text(e)})"
+    return mode if mode == "auto" else f"{mode} ({BASE_ENV})"
+
+
+# The base_decisions columns, in table order; the op's own fields first, then two derived here.
+DECISION_COLUMNS = ("gemm", "device", "dtype", "out_dtype", "tokens_bucket", "N", "K", "r_block", "dropout",
+                    "bias", "c", "w_transposed", "choice", "triton_ms", "cublas_ms", "triton_over_cublas")
+
+
+def collect_base_decisions() -> list:
+    """The ``base="auto"`` decisions of the LoRA GEMM taken in this process (LoRA and Monarch's
+    fused path share it), JSON/CSV-ready: dtypes as text, plus ``gemm`` (``fwd`` = ``x @ W0^T``,
+    read through W0's transpose; ``dX`` = ``dY @ W0``: told apart by ``w_transposed``, as
+    ``LoRAFunction`` calls the op) and ``triton_over_cublas`` (> 1: cuBLAS was faster). Empty when
+    the op module was never imported (nothing can have been decided) or took no decision."""
+    mod = sys.modules.get("peft_kernels.ops.lora")
+    if mod is None or not hasattr(mod, "base_decisions"):
+        return []
+    out = []
+    for d in mod.base_decisions():
+        row = {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in d.items()}
+        tri, cub = row.get("triton_ms"), row.get("cublas_ms")
+        row["gemm"] = "fwd" if row.get("w_transposed") else "dX"
+        row["triton_over_cublas"] = tri / cub if tri is not None and cub else None
+        out.append({**{k: row.get(k) for k in DECISION_COLUMNS}, **row})
+    return out
 
 
 def measure(fwd, params: Sequence[torch.Tensor], setup: C.Setup, reps: int, stat: str = "median",
@@ -83,16 +149,14 @@ def _jobs(families, shapes, sweep: bool, device: torch.device):
                 for var in spec.variants:
                     if not var.applies(cfg):
                         continue
-                    if var.gpu_only and device.type != "cuda":
-                        continue
-                    jobs.append((fam, shape, cfg, var))
+                    jobs.append((fam, shape, cfg, var))  # skipped ones too: the table says why
     return jobs
 
 
 def _row(fam, shape, tokens, dtype, cfg_label, variant, impl=None, **extra) -> dict:
     return {"family": fam, "shape": f"{shape[0]}x{shape[1]}", "d_in": shape[0], "d_out": shape[1],
             "tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "config": cfg_label,
-            "variant": variant, "impl": impl, "fwd_ms": None, "bwd_ms": None, "fwdbwd_ms": None,
+            "variant": variant, "impl": impl, "base": None, "fwd_ms": None, "bwd_ms": None, "fwdbwd_ms": None,
             "fwd_ratio": None, "bwd_ratio": None, "fwdbwd_ratio": None, "peak_mib": None,
             "saved_mib": None, "target": None, "meets_target": None, "status": "ok", **extra}
 
@@ -138,7 +202,8 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
                 "impl": impl or "dispatch default",
                 "timer": ("triton.testing.do_bench median" if on_gpu else
                           f"{'time.perf_counter' if clock == 'wall' else 'thread CPU time'} {stat} of >= {reps} calls, {torch.get_num_threads()} torch thread(s)"),
-                "ratio": "variant time / frozen base time (x @ W^T, grad to input only), same process"}
+                "ratio": "variant time / frozen base time (x @ W^T, grad to input only), same process",
+                "base_decisions": "ops.lora base='auto' decisions taken in this process, both bases timed (ms)"}
     result = BenchResult(meta=stamp(device), settings=settings)
 
     impls = {fam: kernel_impl(fam, device, dtype, impl) for fam in families}
@@ -172,21 +237,28 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
                 continue
             label = spec.label(cfg)
             bar.set_postfix_str(f"{fam} {shape[0]}x{shape[1]} {label} {var.name}", refresh=False)
-            name, row_impl = var.name, None
+            name, row_impl, row_base = var.name, None, None
             builder = var.build
-            if var.name == C.KERNEL:
+            skip = skip_reason(var, device, *impls[fam])
+            if skip is not None:
+                result.rows.append(_row(fam, shape, tokens, dtype, label, name, status=f"skipped: {skip}"))
+                bar.update(1)
+                continue
+            if var.fused:
                 row_impl, reason = impls[fam]
-                name = f"{C.KERNEL}[{row_impl}]" if row_impl else C.KERNEL
+                if var.name == C.KERNEL:
+                    name = f"{C.KERNEL}[{row_impl}]" if row_impl else C.KERNEL
+                row_base = var.base or default_base(fam, row_impl)
                 if row_impl is None:
                     result.rows.append(_row(fam, shape, tokens, dtype, label, name, status=f"n/a: {reason}"))
                     bar.update(1)
                     continue
-                builder = (lambda b, i: (lambda s, c: b(s, c, impl=i)))(var.build, row_impl)
+                builder = fused_builder(var, row_impl)
             elif var.name == C.REFERENCE and impls[fam][0] == "torch":
                 # the fused path already runs the reference here; one row is enough
                 bar.update(1)
                 continue
-            row = _row(fam, shape, tokens, dtype, label, name, impl=row_impl or "torch")
+            row = _row(fam, shape, tokens, dtype, label, name, impl=row_impl or "torch", base=row_base)
             try:
                 fwd, params = builder(setup, cfg)
                 m = measure(fwd, params, setup, reps, stat, clock)
@@ -209,4 +281,5 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
             bar.update(1)
     finally:
         bar.close()
+    result.base_decisions = collect_base_decisions()
     return result

@@ -32,12 +32,54 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
 
 
 BENCH_COLUMNS = (
-    ("shape", "shape", None), ("config", "config", None), ("variant", "variant", None),
+    ("shape", "shape", None), ("config", "config", None), ("variant", "variant", None), ("base", "base", None),
     ("fwd ms", "fwd_ms", ".3f"), ("bwd ms", "bwd_ms", ".3f"), ("f+b ms", "fwdbwd_ms", ".3f"),
     ("fwd x", "fwd_ratio", ".2f"), ("bwd x", "bwd_ratio", ".2f"), ("f+b x", "fwdbwd_ratio", ".2f"),
     ("peak MiB", "peak_mib", ".1f"), ("saved MiB", "saved_mib", ".2f"),
     ("target", "target", ".2f"), ("met", "meets_target", None),
 )
+
+
+DECISION_TABLE = (
+    ("gemm", "gemm", None), ("dtype", "dtype", None), ("T bucket", "tokens_bucket", None), ("N", "N", None),
+    ("K", "K", None), ("r blk", "r_block", None), ("dropout", "dropout", None), ("bias", "bias", None),
+    ("triton ms", "triton_ms", ".3f"), ("cublas ms", "cublas_ms", ".3f"), ("tri/cub", "triton_over_cublas", ".2f"),
+    ("choice", "choice", None),
+)
+
+
+def _not_measured(rows: Sequence[dict]) -> list:
+    """One line per status for rows that did not run: a reason shared by many cases and variants
+    (GPU-only competitors on the CPU) is said once, naming the variants and how many cases each."""
+    groups: dict = {}
+    for r in rows:
+        if r["status"] != "ok":
+            groups.setdefault(r["status"], {}).setdefault(r["variant"], []).append(r)
+    lines = []
+    for status, by_variant in groups.items():
+        names = ", ".join(by_variant)
+        counts = {len(rs) for rs in by_variant.values()}
+        if len(by_variant) == 1 and counts == {1}:
+            rs = next(iter(by_variant.values()))
+            where = f"{rs[0]['shape']} {rs[0]['config']} {names}"
+        elif len(by_variant) == 1 and max(counts) <= 3:
+            rs = next(iter(by_variant.values()))
+            where = f"{names}: " + "; ".join(f"{r['shape']} {r['config']}" for r in rs)
+        elif len(counts) == 1:
+            n = counts.pop()
+            where = f"{names}: {n} case{'s' if n > 1 else ''}{' each' if len(by_variant) > 1 else ''}"
+        else:
+            where = f"{names}: {sum(len(rs) for rs in by_variant.values())} cases"
+        lines.append(f"  [{where}] {status}")
+    return lines
+
+
+def decisions_text(decisions: Sequence[dict]) -> str:
+    """The LoRA GEMM's base='auto' decisions (empty string when none were taken)."""
+    if not decisions:
+        return ""
+    return ("== LoRA GEMM base decisions (base=auto: both timed once per shape key, the faster kept; "
+            "fwd = x @ W0^T, dX = dY @ W0) ==\n" + format_table(decisions, DECISION_TABLE))
 
 
 def bench_text(result) -> str:
@@ -57,23 +99,36 @@ def bench_text(result) -> str:
         cols = BENCH_COLUMNS if any(r["target"] is not None for r in ok) else BENCH_COLUMNS[:-2]
         if s["device"].startswith("cpu") or all(r["peak_mib"] is None for r in ok):
             cols = tuple(c for c in cols if c[1] != "peak_mib")
+        if all(r.get("base") is None for r in ok):  # only LoRA's Triton path has a base GEMM to name
+            cols = tuple(c for c in cols if c[1] != "base")
         out.append(format_table(ok, cols))
         derived = [r for r in ok if r.get("bwd_method") == "fwd+bwd minus fwd"]
         if derived:
             names = ", ".join(sorted({r["variant"] for r in derived}))
             out.append(f"  bwd of {names} = f+b - fwd (its graph cannot be retained for a separate backward)")
-        for r in rows:
-            if r["status"] != "ok":
-                out.append(f"  [{r['shape']} {r['config']} {r['variant']}] {r['status']}")
+        missing = _not_measured(rows)
+        if missing:
+            out.append("  not measured:")
+            out += missing
+    table = decisions_text(getattr(result, "base_decisions", None) or [])
+    if table:
+        out += ["", table]
     return "\n".join(out)
 
 
-def write_csv(path: str, rows: Sequence[dict], meta: dict, settings: Optional[dict] = None) -> str:
-    """CSV with the stamp as leading ``#`` comment lines (``pandas.read_csv(comment='#')`` reads it)."""
-    keys = list(rows[0].keys()) if rows else []
+def write_csv(path: str, rows: Sequence[dict], meta: dict, settings: Optional[dict] = None,
+              fieldnames: Optional[Sequence[str]] = None) -> str:
+    """CSV with the stamp as leading ``#`` comment lines (``pandas.read_csv(comment='#')`` reads it).
+    ``fieldnames`` gives the header when ``rows`` may be empty (default: the first row's keys)."""
+    keys = list(fieldnames) if fieldnames is not None else (list(rows[0].keys()) if rows else [])
+    for r in rows:  # keys the caller did not list still reach the file
+        keys += [k for k in r if k not in keys]
     tmp = path + ".tmp"
+    # a setting named like a stamp key (``device``: "cuda" vs the stamp's device name) is written
+    # as ``settings.<key>`` so it cannot hide the stamp
+    header = {**meta, **{(f"settings.{k}" if k in meta else k): v for k, v in (settings or {}).items()}}
     with open(tmp, "w", newline="") as f:
-        for k, v in {**meta, **(settings or {})}.items():
+        for k, v in header.items():
             f.write(f"# {k}: {v}\n")
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -148,11 +203,20 @@ def plot_bench(result, out_dir: str) -> list:
 
 
 def write_bench(result, out_dir: str, plots: bool = True) -> list:
-    """CSV + JSON (+ PNGs) of one bench run into ``out_dir``; returns the paths written."""
+    """CSV + JSON (+ PNGs) of one bench run into ``out_dir``; returns the paths written.
+
+    ``base_decisions.csv`` is written on every run, header only when no decision was taken
+    (CPU, or every LoRA row pinned), so a directory never keeps a stale one from an older run."""
+    from .layer import DECISION_COLUMNS
+
     os.makedirs(out_dir, exist_ok=True)
+    decisions = list(getattr(result, "base_decisions", None) or [])
     paths = [write_csv(os.path.join(out_dir, "bench.csv"), result.rows, result.meta, result.settings),
              write_json(os.path.join(out_dir, "bench.json"),
-                        {"meta": result.meta, "settings": result.settings, "rows": result.rows})]
+                        {"meta": result.meta, "settings": result.settings, "rows": result.rows,
+                         "base_decisions": decisions}),
+             write_csv(os.path.join(out_dir, "base_decisions.csv"), decisions, result.meta, result.settings,
+                       fieldnames=DECISION_COLUMNS)]
     if plots:
         try:
             paths += plot_bench(result, out_dir)

@@ -153,10 +153,10 @@ def _lily_mix_kernel(
     # scalars
     scaling,
     # meta-parameters
-    TOKEN: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``y[tile] += s * Z @ HPcat^T`` with K = E*r (token) or r (batch, HP = HPbar, E = 1)."""
+    """``y[tile] += s * Z @ HPcat^T`` with K = E*r, Z built in registers (token routing, E*r too wide
+    for the fused-GEMM path)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -171,7 +171,7 @@ def _lily_mix_kernel(
         c_ok = c < KZ
         e = c // R
         j = c % R
-        z = _z_tile(h_ptr, p_ptr, rows, row_ok, c_ok, e, j, R, E, TOKEN)
+        z = _z_tile(h_ptr, p_ptr, rows, row_ok, c_ok, e, j, R, E, True)
         # HPcat^T tile (BLOCK_C, BLOCK_N) gathered from HP (E, d_out, r): no repacked copy of HP
         hpt = tl.load(hp_ptr + e[:, None].to(tl.int64) * D_OUT * R + outs[None, :] * R + j[:, None],
                       mask=c_ok[:, None] & out_ok[None, :], other=0.0)
@@ -190,12 +190,10 @@ def _lily_dz_kernel(
     dy_ptr, hp_ptr, dz_ptr,
     # sizes
     T, D_OUT, R, KZ,
-    # scalars
-    scaling,
     # meta-parameters
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``dZ = s * dY @ HPcat`` ``(T, KZ)`` in fp32 (KZ = E*r, or r against HPbar for batch)."""
+    """``dY @ HPcat`` ``(T, KZ)`` in fp32, unscaled (KZ = E*r, or r against HPbar for batch)."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -215,7 +213,7 @@ def _lily_dz_kernel(
         hpc = tl.load(hp_ptr + e[None, :].to(tl.int64) * D_OUT * R + o[:, None] * R + j[None, :],
                       mask=o_ok[:, None] & c_ok[None, :], other=0.0).to(dy.dtype)
         acc = _dot(dy, hpc, acc, DOT)
-    tl.store(dz_ptr + r64[:, None] * KZ + c[None, :], scaling * acc, mask=row_ok[:, None] & c_ok[None, :])
+    tl.store(dz_ptr + r64[:, None] * KZ + c[None, :], acc, mask=row_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -224,13 +222,11 @@ def _lily_dhp_kernel(
     dy_ptr, h_ptr, p_ptr, part_ptr,
     # sizes
     T, D_OUT, R, E, KZ, T_CHUNK,
-    # scalars
-    scaling,
     # meta-parameters
     TOKEN: tl.constexpr, DOT: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Partial ``dHPcat = s * dY^T @ Z`` over one chunk of T, written in HP's (E, d_out, r) layout."""
+    """Partial ``dY^T @ Z`` (unscaled) over one chunk of T, written in HP's (E, d_out, r) layout."""
     pid_o = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -253,7 +249,7 @@ def _lily_dhp_kernel(
         acc = _dot(dyt, z.to(dyt.dtype), acc, DOT)
     base = pid_s.to(tl.int64) * D_OUT * KZ
     tl.store(part_ptr + base + e[None, :].to(tl.int64) * D_OUT * R + o[:, None] * R + j[None, :],
-             scaling * acc, mask=o_ok[:, None] & c_ok[None, :])
+             acc, mask=o_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -262,13 +258,16 @@ def _lily_route_bwd_kernel(
     dz_ptr, h_ptr, p_ptr, router_ptr, dw_ptr, dh_ptr, dlog_ptr,
     # sizes
     T, R, E,
+    # strides: dh and dlog are the two column blocks of one (T, R + E) buffer, the left operand of dX
+    stride_d,
     # scalars
-    inv_t,
+    scaling, inv_t,
     # meta-parameters
     TOKEN: tl.constexpr, ROUTER_H: tl.constexpr,
     BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
 ):
-    """Per row: dp and dh from dZ (token) or dw (batch), softmax backward, router-on-h term."""
+    """Per row: dp and dh from the unscaled ``dY @ HPcat`` (token) or ``dY @ HPbar`` and dw (batch),
+    times s; softmax backward; router-on-h term."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -288,9 +287,12 @@ def _lily_route_bwd_kernel(
             pe = tl.load(p_ptr + r64 * E + e, mask=row_ok, other=0.0)
             dh += pe[:, None] * dze
             dp = tl.where((ee == e)[None, :], tl.sum(dze * h, axis=1)[:, None], dp)
+        # s applied once here instead of to each (T, E*r) element of dZ
+        dh = dh * scaling
+        dp = dp * scaling
     else:
-        # batch: dZ holds s * dY @ HPbar; every token sees the same dp = dw / T
-        dh = tl.load(dz_ptr + r64[:, None] * R + rj[None, :], mask=hm, other=0.0)
+        # batch: dz holds dY @ HPbar; every token sees the same dp = dw / T (dw already scaled)
+        dh = tl.load(dz_ptr + r64[:, None] * R + rj[None, :], mask=hm, other=0.0) * scaling
         dwv = tl.load(dw_ptr + ee, mask=ee < E, other=0.0) * inv_t
         dp = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32) + dwv[None, :]
     dlog = p * (dp - tl.sum(p * dp, axis=1)[:, None])
@@ -298,8 +300,8 @@ def _lily_route_bwd_kernel(
         rt = tl.load(router_ptr + ee[:, None] * R + rj[None, :],
                      mask=(ee[:, None] < E) & (rj[None, :] < R), other=0.0).to(tl.float32)
         dh = tl.dot(dlog, rt, dh, input_precision="ieee")
-    tl.store(dh_ptr + r64[:, None] * R + rj[None, :], dh, mask=hm)
-    tl.store(dlog_ptr + r64[:, None] * E + ee[None, :], dlog, mask=em)
+    tl.store(dh_ptr + r64[:, None] * stride_d + rj[None, :], dh, mask=hm)
+    tl.store(dlog_ptr + r64[:, None] * stride_d + ee[None, :], dlog, mask=em)
 
 
 @triton.jit
@@ -308,6 +310,8 @@ def _lily_gradw_kernel(
     x_ptr, dh_ptr, dlog_ptr, dlp_part_ptr, dr_part_ptr,
     # sizes
     T, D_IN, R, E, T_CHUNK,
+    # strides: row stride of dh and dlog (column blocks of one (T, R + E) buffer)
+    stride_d,
     # meta-parameters
     ROUTER_X: tl.constexpr, DOT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
@@ -330,11 +334,12 @@ def _lily_gradw_kernel(
         row_ok = rows < T
         r64 = rows.to(tl.int64)
         xt = tl.load(x_ptr + r64[:, None] * D_IN + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        dht = tl.load(dh_ptr + r64[None, :] * R + rj[:, None], mask=row_ok[None, :] & (rj[:, None] < R), other=0.0)
+        dht = tl.load(dh_ptr + r64[None, :] * stride_d + rj[:, None], mask=row_ok[None, :] & (rj[:, None] < R),
+                      other=0.0)
         acc_lp = _dot(dht.to(xt.dtype), xt, acc_lp, DOT)
         if ROUTER_X:
-            dlt = tl.load(dlog_ptr + r64[None, :] * E + ee[:, None], mask=row_ok[None, :] & (ee[:, None] < E),
-                          other=0.0)
+            dlt = tl.load(dlog_ptr + r64[None, :] * stride_d + ee[:, None],
+                          mask=row_ok[None, :] & (ee[:, None] < E), other=0.0)
             acc_r = tl.dot(dlt, xt.to(tl.float32), acc_r, input_precision="ieee")
     base = pid_s.to(tl.int64) * D_IN
     tl.store(dlp_part_ptr + base * R + rj[:, None] * D_IN + cols[None, :], acc_lp,

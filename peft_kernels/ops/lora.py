@@ -254,7 +254,7 @@ def _lora_bwd_gb_kernel(
     # strides
     stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,
     stride_gm, stride_gr, stride_dbn, stride_dbr,
-    # dropout on the adapter OUTPUT (Monarch's placement): dY is masked as it is read
+    # dropout on the adapter OUTPUT, Monarch's placement: dY is masked as it is read
     seed, threshold,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,

@@ -46,6 +46,22 @@ The weight gradients are reduced deterministically: every token tile writes its 
 finishes the reduction. The partial buffers hold ``cdiv(T, 64) * R * (p + s)`` fp32 values
 (~16 MB at T = 8192, r = 4, n = m = 4096).
 
+Two paths. (1) ``N * blk_r <= FUSED_GEMM_MAX_R`` (the MoRe defaults and every configuration the
+issue benchmarks): the factors are expanded to the dense, permutation-folded ``B1 (R, n)`` and
+``B2 (m, R)`` (``dense_factors``: one broadcast product each, ``R * (n + m)`` elements, tiny next
+to a ``T x d`` activation) and the layer runs on the LoRA family's kernels (``ops.lora``,
+``LoRAFunction(..., output_dropout=True)``): a down-projection pass over x gives ``Y1flat``
+``(T, R)`` fp32, and the frozen GEMM carries ``D(Y1flat @ B2^T)`` in its epilogue, so the output is
+written once (or, where cuBLAS wins the base product, ``base=auto`` measures and picks it, the
+adapter being added in place). Backward: one pass over dY for ``dY1 = D(dY) @ B2`` and ``dB2``,
+the ``dY1 @ B1`` term in the epilogue of the ``dX`` GEMM, ``dB1`` from ``dY1`` and x; the
+gradients of W1/W2 are ``dB1``/``dB2`` read back at the pattern positions (the autograd of the
+expansion). This saves the two passes over y (and two over dX) that the in-place design below
+pays. Same FLOP waste (a factor ~N) as the gathered tiles below. Its weight gradients are summed
+across token blocks with fp32 atomics (``ops.lora``): not bit-reproducible run to run on a GPU,
+unlike the dedicated path. (2) Wider intermediates: the dedicated kernels below, chunked, whose
+reductions are deterministic.
+
 Dropout mask: the shared spec of ``reference._philox`` over the ``(T, m)`` adapter output (one
 ``tl.randint4x`` per 8 output columns, ``_dropout.dropout_keep_tile``): every output-column tile
 starts at a multiple of BLOCK_M (a power of two >= 16), so it covers whole 8-column counters.
@@ -73,6 +89,9 @@ from ._triton import HAS_TRITON, tl, triton
 # N=8 with blk_r up to 16 in one launch; a (64 x 128) fp32 accumulator is 64 registers per thread
 # at 4 warps. Wider R (e.g. N = r = 64 -> 4096) is processed in chunks of this width.
 MAX_R_CHUNK = 128
+# Widest intermediate R = N * blk_r that runs on the shared fused-GEMM path (see the module
+# docstring, "Two paths"); wider ones use the dedicated kernels below, in chunks.
+FUSED_GEMM_MAX_R = 128
 # tl.dot needs every dimension >= 16.
 _MIN_DOT = 16
 # Backward token tile: fixed (not autotuned) because it sizes the weight-gradient partial buffers.
@@ -563,6 +582,35 @@ class MonarchFunction(torch.autograd.Function):
                 grad_b, None, None)
 
 
+def dense_factors(W1: torch.Tensor, W2: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Monarch factors as dense matrices with both permutations folded in (differentiable):
+    ``B1 (N*r, n)`` with ``B1[k*r + j, k*p + q] = W1[k, j, q]`` and ``B2 (m, N*r)`` with
+    ``B2[c*N + l, i*N + l] = W2[l, c, i]``, zero elsewhere, so that the adapter output is
+    ``x @ B1^T @ B2^T``. One broadcast product with an identity each (exact: times 0 or 1); the
+    padding columns of ``B1`` (``>= n``, they would multiply x's zero padding) and the output
+    rows ``>= m`` are cut off."""
+    N, r, p = W1.shape
+    s = W2.shape[1]
+    eye = torch.eye(N, device=W1.device, dtype=W1.dtype)
+    B1 = (W1[:, :, None, :] * eye[:, None, :, None]).reshape(N * r, N * p)[:, :n]
+    B2 = (W2.permute(1, 0, 2)[:, :, :, None] * eye.to(W2.dtype)[None, :, None, :]).reshape(s * N, r * N)[:m]
+    return B1, B2
+
+
+def _fused_gemm_path(x, weight, W1, W2, bias, dropout_p, seed, base):
+    """Monarch on the LoRA family's fused-GEMM kernels: ``x @ W0^T + b + D(x B1^T B2^T)``, the
+    base GEMM and the stage-2 product in one kernel (or cuBLAS + in-place add, ``base``)."""
+    from .lora import LoRAFunction, base_mode
+
+    m, n = weight.shape
+    dtype = x.dtype
+    B1, B2 = dense_factors(W1, W2, n, m)
+    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (weight, B1, B2, bias)]
+    y = LoRAFunction.apply(x.reshape(-1, n), cast[0], cast[1], cast[2], cast[3], 1.0, dropout_p, seed,
+                           base_mode(base), True)
+    return y.reshape(*x.shape[:-1], m)
+
+
 # ------------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------------
@@ -581,6 +629,8 @@ def monarch_linear(
     dropout_p: float = 0.0,
     seed: int | torch.Tensor = 0,
     impl: Optional[str] = None,
+    *,
+    base: Optional[str] = None,
 ) -> torch.Tensor:
     """MoRe linear ``x @ W0^T + b + dropout(monarch(x))`` -> ``(..., m)`` in ``x.dtype``.
 
@@ -589,9 +639,16 @@ def monarch_linear(
     by default ``dispatch.choose`` picks (Triton on CUDA, the reference elsewhere). ``seed`` is an
     int or a one-element integer tensor (what the module draws); a tensor is never read here, only
     inside the custom ops or by tensor ops on the torch path, so ``torch.compile`` does not
-    graph-break on dropout."""
+    graph-break on dropout. On the Triton path, ``N * blk_r <= FUSED_GEMM_MAX_R`` runs on the
+    fused-GEMM kernels, where ``base`` (``triton``/``cublas``/``auto``, default
+    ``PEFT_KERNELS_BASE`` or ``auto``) picks who computes the frozen product (``ops.lora``);
+    wider intermediates run on the dedicated kernels."""
     # validate everything before any launch (the reference's own checks)
     check_monarch_args(x, weight, W1, W2, bias, dropout_p, seed)
+    if base is not None:
+        from .lora import base_mode
+
+        base_mode(base)  # a bad choice fails here, whichever path runs
     dropout_p = float(dropout_p)
     which = dispatch.choose("monarch", x.device, x.dtype, impl)
     if which == "torch":
@@ -600,7 +657,9 @@ def monarch_linear(
         seed = seed.reshape(1).to(torch.int64)
     else:
         seed = torch.tensor([seed], dtype=torch.int64)
+    if W1.shape[0] * W1.shape[1] <= FUSED_GEMM_MAX_R:
+        return _fused_gemm_path(x, weight, W1, W2, bias, dropout_p, seed, base)
     return MonarchFunction.apply(x, weight, W1, W2, bias, dropout_p, seed)
 
 
-__all__ = ["monarch_linear", "MonarchFunction", "MAX_R_CHUNK"]
+__all__ = ["monarch_linear", "MonarchFunction", "dense_factors", "MAX_R_CHUNK", "FUSED_GEMM_MAX_R"]

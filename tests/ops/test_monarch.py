@@ -14,6 +14,7 @@ import torch
 
 import peft_kernels.ops.monarch as monarch_ops
 from helpers import assert_close_to_reference, grads, leaf
+from peft_kernels.ops import lora as lora_ops
 from peft_kernels.ops.monarch import monarch_linear
 from peft_kernels.reference.monarch import monarch, monarch_dims
 
@@ -69,27 +70,60 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["fused_gemm", "dedicated"])
+def path(request, monkeypatch):
+    """Both Triton paths of ``monarch_linear``: the LoRA family's fused-GEMM kernels on the
+    dense-expanded factors (default for R <= FUSED_GEMM_MAX_R) and the dedicated kernels."""
+    if request.param == "dedicated":
+        monkeypatch.setattr(monarch_ops, "FUSED_GEMM_MAX_R", 0)
+    return request.param
+
+
+@pytest.fixture
+def dedicated(monkeypatch):
+    monkeypatch.setattr(monarch_ops, "FUSED_GEMM_MAX_R", 0)
+
+
 @pytest.mark.parametrize("lead,n,m,N,r,dtype,bias,dropout_p", CASES)
-def test_monarch_matches_reference(interpret, lead, n, m, N, r, dtype, bias, dropout_p):
+def test_monarch_matches_reference(interpret, path, lead, n, m, N, r, dtype, bias, dropout_p):
     _check_case(interpret, lead, n, m, N, r, dtype, bias, dropout_p)
 
 
-def test_monarch_without_input_grad(interpret):
+def test_monarch_without_input_grad(interpret, path):
     """The NEED_DX=False kernel variant (first layer of a model: x needs no grad)."""
     _check_case(interpret, (37,), 123, 77, 4, 4, F32, True, 0.1, x_grad=False)
+
+
+@pytest.mark.parametrize("N,r,n,m", [(4, 4, 123, 77), (8, 3, 50, 131), (1, 5, 20, 9), (16, 2, 40, 40)])
+def test_dense_factors_fold_both_permutations(N, r, n, m):
+    """``x @ B1^T @ B2^T`` is the reference adapter, exactly in fp64, for padded n and m != n."""
+    from peft_kernels.reference.monarch import monarch_adapter
+
+    x, _, W1, W2, _, _ = _make((11,), n, m, N, r, False)
+    B1, B2 = monarch_ops.dense_factors(W1, W2, n, m)
+    assert B1.shape == (N * r, n) and B2.shape == (m, N * r)
+    torch.testing.assert_close(x @ B1.t() @ B2.t(), monarch_adapter(x, W1, W2, m), rtol=1e-12, atol=1e-12)
+    assert int((B1 != 0).sum()) <= W1.numel() and int((B2 != 0).sum()) <= W2.numel()
+
+
+@pytest.mark.parametrize("base", ["triton", "cublas"])
+def test_monarch_fused_gemm_bases(interpret, monkeypatch, base):
+    """Both base products of the fused-GEMM path (the one ``auto`` chooses from on a GPU)."""
+    monkeypatch.setenv("PEFT_KERNELS_BASE", base)
+    _check_case(interpret, (3, 13), 123, 77, 4, 4, BF16, True, 0.2)
 
 
 @pytest.mark.parametrize("lead,n,m,N,r,dtype", [
     ((21,), 123, 77, 8, 3, F32),   # R = 24 in chunks of 16: a block's rows split across launches
     ((5,), 130, 70, 64, 2, BF16),  # nblocks = 64: R = 128 in 8 launches
 ])
-def test_monarch_chunked_intermediate(interpret, monkeypatch, lead, n, m, N, r, dtype):
+def test_monarch_chunked_intermediate(interpret, monkeypatch, dedicated, lead, n, m, N, r, dtype):
     """An intermediate wider than MAX_R_CHUNK runs as several additive launches."""
     monkeypatch.setattr(monarch_ops, "MAX_R_CHUNK", 16)
     _check_case(interpret, lead, n, m, N, r, dtype, bias=True, dropout_p=0.25, seed=2**40 + 3)
 
 
-def test_monarch_mixed_dtypes_and_weight_grad(interpret):
+def test_monarch_mixed_dtypes_and_weight_grad(interpret, path):
     """bf16 activations with fp32 adapter factors (factors are cast to x's dtype as in the
     reference; their grads come back in fp32), and a base weight that requires grad."""
     x, weight, W1, W2, b, dy = (t.to(interpret) for t in _make((2, 9), 123, 77, 4, 4, True))
@@ -108,7 +142,7 @@ def test_monarch_mixed_dtypes_and_weight_grad(interpret):
         assert_close_to_reference(name, g, gs, ge)
 
 
-def test_monarch_torch_compile_fullgraph(interpret):
+def test_monarch_torch_compile_fullgraph(interpret, path):
     """The launchers are custom ops with fake implementations: Dynamo traces without a graph break
     and the compiled forward/backward equal eager bit for bit."""
     x, weight, W1, W2, b, dy = (t.float().to(interpret) for t in _make((6,), 40, 24, 4, 4, True))
@@ -122,8 +156,10 @@ def test_monarch_torch_compile_fullgraph(interpret):
     assert all(torch.equal(g, gc) for g, gc in zip(eager[1], comp[1]))
 
 
-def test_monarch_deterministic_and_seeded(interpret):
-    """Same seed -> bitwise-equal output and gradients (no atomics); another seed -> another mask."""
+def test_monarch_deterministic_and_seeded(interpret, path):
+    """Same seed -> bitwise-equal output and gradients; another seed -> another mask. (The
+    dedicated kernels use no atomics; the fused-GEMM path's dW1/dW2 meet in fp32 atomics, which the
+    interpreter runs in program order, so on a GPU only its output and dx are bit-reproducible.)"""
     x, weight, W1, W2, b, dy = (t.to(interpret) for t in _make((19,), 40, 24, 4, 4, True))
     fn = lambda *a: monarch_linear(*a, impl="triton")  # noqa: E731
     y1, g1 = _run(fn, x, weight, W1, W2, b, dy, F32, 0.5, 7)
@@ -196,6 +232,7 @@ def test_monarch_bad_input_raises_before_launch(monkeypatch, change, exc, match)
         raise AssertionError("a kernel was launched before validation")
 
     monkeypatch.setattr(monarch_ops.MonarchFunction, "apply", no_launch)
+    monkeypatch.setattr(lora_ops.LoRAFunction, "apply", no_launch)
     kwargs = {**_good(), **change}
     with pytest.raises(exc, match=match):
         monarch_linear(impl="triton", **kwargs)
@@ -209,7 +246,7 @@ def test_monarch_gpu_llama_like_shape(dtype, N, r):
     _check_case(torch.device("cuda"), (2, 512), 4096, 11008 // 4, N, r, dtype, True, 0.05)
 
 
-def test_monarch_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch):
+def test_monarch_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch, dedicated):
     """Every launch runs under ``torch.cuda.device(x.device)`` (Triton launches on the current
     device), and no grid axis but 0 grows with T (CUDA caps axes 1/2 at 65535; the interpreter
     does not). Chunked intermediate, so every chunk's launches are covered. The huge-T launches
