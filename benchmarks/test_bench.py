@@ -8,7 +8,9 @@ headline configurations, each variant in a group with the frozen base of the sam
 With CUDA: GUIDE.md's three shapes, T=8192, bf16 (each call ends with a synchronize so the
 host timer sees the GPU work). Without: the CLI's small CPU shapes in fp32, single-threaded.
 The variants, shapes and configurations are the ones in `peft_kernels.bench.cases`, so these
-numbers and the CLI's table measure the same thing. Not collected by `pytest tests`.
+numbers and the CLI's table measure the same thing, including LoRA's two base-pinned rows
+(`-k "lora and base"`: Triton GEMM with the LoRA epilogue vs cuBLAS + in-place LoRA pass; they
+skip, saying why, where the fused path is not Triton). Not collected by `pytest tests`.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_kernels.bench import cases as C
-from peft_kernels.bench.layer import kernel_impl
+from peft_kernels.bench.layer import fused_builder, kernel_impl, skip_reason
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -26,17 +28,22 @@ SHAPES = C.GPU_SHAPES if CUDA else C.CPU_SHAPES
 TOKENS = C.GPU_TOKENS if CUDA else C.CPU_TOKENS
 
 
+def _slug(name: str) -> str:
+    """A variant name usable in ``-k``: "peft_kernels (cublas base)" -> "peft_kernels_cublas_base"."""
+    return name.replace("(", "").replace(")", "").replace(" ", "_")
+
+
 def _cases():
     for fam, spec in C.FAMILY_SPECS.items():
         for shape in SHAPES:
             yield pytest.param(fam, None, None, shape, id=f"{fam}-{shape[0]}x{shape[1]}-frozen_base")
             for cfg in spec.configs(False):
-                for var in spec.variants:
-                    if not var.applies(cfg) or (var.gpu_only and not CUDA):
+                for var in spec.variants:  # GPU-only / Triton-only rows skip in the test, saying why
+                    if not var.applies(cfg):
                         continue
                     label = spec.label(cfg).replace(" ", "_")
                     yield pytest.param(fam, cfg, var, shape,
-                                       id=f"{fam}-{shape[0]}x{shape[1]}-{label}-{var.name.replace(' ', '_')}")
+                                       id=f"{fam}-{shape[0]}x{shape[1]}-{label}-{_slug(var.name)}")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,11 +64,15 @@ def test_fwd_bwd(benchmark, family, cfg, variant, shape):
     else:
         name = variant.name
         impl, reason = kernel_impl(family, DEVICE, DTYPE, None)
-        if variant.name == C.KERNEL:
+        skip = skip_reason(variant, DEVICE, impl, reason)
+        if skip is not None:
+            pytest.skip(skip)
+        if variant.fused:
             if impl is None:
                 pytest.skip(reason)
-            name = f"{C.KERNEL}[{impl}]"
-            fwd, params = variant.build(setup, cfg, impl=impl)
+            if variant.name == C.KERNEL:
+                name = f"{C.KERNEL}[{impl}]"
+            fwd, params = fused_builder(variant, impl)(setup, cfg)
         elif variant.name == C.REFERENCE and impl == "torch":
             pytest.skip("peft_kernels runs its reference here: same case as the kernel row")
         else:

@@ -62,7 +62,27 @@ def test_bench_cpu_writes_table_csv_json_png(tmp_path, capsys):
     comments, csv_rows = _read_csv(out / "bench.csv")
     for k in STAMP_KEYS:
         assert comments.get(k), k
+    assert comments["device"] == meta["meta"]["device"]  # the --device setting must not hide the stamp
     assert len(csv_rows) == len(rows)
+
+    # rows that cannot run on the CPU are kept, skipped with a reason, and said once under the table
+    lora_rows = [r for r in rows if r["family"] == "lora"]
+    for name, why in ((C.LORA_TRITON_BASE, "triton path only"), (C.LORA_CUBLAS_BASE, "triton path only"),
+                      ("torch.compile", "GPU only")):
+        pinned = [r for r in lora_rows if r["variant"] == name]
+        assert len(pinned) == 2 * 2, name  # 2 shapes x 2 default configs
+        assert all(r["status"].startswith("skipped: ") and why in r["status"] for r in pinned), pinned[0]["status"]
+        assert all(r["fwdbwd_ms"] is None for r in pinned)
+        assert sum(1 for line in text.splitlines() if name in line and "skipped: " in line) == 1, name
+    assert "not measured:" in text and "the fused path here is torch" in text
+    # no GPU: no base decision taken; the decisions file is still written (header + stamp) and empty
+    assert meta["base_decisions"] == []
+    assert "base decisions" not in text
+    dec_comments, dec_rows = _read_csv(out / "base_decisions.csv")
+    assert dec_rows == [] and dec_comments["git_commit"] == meta["meta"]["git_commit"]
+    with open(out / "base_decisions.csv") as f:
+        header = next(l for l in f if not l.startswith("#"))
+    assert header.strip().split(",")[:2] == ["gemm", "device"] and "triton_ms" in header
 
     from PIL import Image
 
@@ -221,3 +241,93 @@ def test_report_marks_targets_and_failures(tmp_path):
     assert "NO" in text and "1.10" in text and "error: boom" in text and "peak MiB" in text
     paths = write_bench(res, str(tmp_path))
     assert any(p.endswith("bench_lora.png") for p in paths)
+
+
+# ------------------------------------------------ LoRA base-pinned rows and the auto decisions
+def _fake_decisions():
+    """Two decisions in the form ``ops.lora.base_decisions()`` returns them (dtypes as torch dtypes)."""
+    common = dict(device="cuda:0", dtype=torch.bfloat16, out_dtype=torch.bfloat16, tokens_bucket=8192,
+                  r_block=16, dropout=False, bias=False, c=False)
+    return [dict(common, N=11008, K=4096, w_transposed=True, choice="triton", triton_ms=1.25, cublas_ms=1.5),
+            dict(common, N=4096, K=11008, w_transposed=False, choice="cublas", triton_ms=1.5, cublas_ms=1.2)]
+
+
+def test_bench_writes_and_prints_base_decisions(tmp_path, capsys, monkeypatch):
+    from peft_kernels.ops import lora
+
+    monkeypatch.setattr(lora, "base_decisions", _fake_decisions)
+    out = tmp_path / "bo"
+    rc = main(["bench", "--family", "lora", "--shapes", "24x16", "--tokens", "7", "--reps", "1", "--out",
+               str(out), "--no-progress", "--no-plots"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    table = text[text.index("LoRA GEMM base decisions"):].splitlines()
+    assert table[1].split()[:2] == ["gemm", "dtype"] and "cublas ms" in table[1] and "choice" in table[1]
+    fwd_line, dx_line = table[3], table[4]
+    assert fwd_line.split()[0] == "fwd" and fwd_line.split()[-1] == "triton" and "0.83" in fwd_line
+    assert dx_line.split()[0] == "dX" and dx_line.split()[-1] == "cublas" and "1.25" in dx_line
+
+    data = json.loads((out / "bench.json").read_text())
+    got = data["base_decisions"]
+    assert [d["gemm"] for d in got] == ["fwd", "dX"] and [d["choice"] for d in got] == ["triton", "cublas"]
+    assert got[0]["dtype"] == "bfloat16" and got[0]["N"] == 11008 and got[0]["cublas_ms"] == 1.5
+    assert got[1]["triton_over_cublas"] == pytest.approx(1.5 / 1.2)
+
+    comments, rows = _read_csv(out / "base_decisions.csv")
+    for k in STAMP_KEYS:
+        assert comments.get(k) == str(data["meta"][k]), k
+    assert [r["choice"] for r in rows] == ["triton", "cublas"]
+    assert [float(r["triton_ms"]) for r in rows] == [1.25, 1.5] and rows[1]["K"] == "11008"
+
+
+def test_lora_base_rows_run_on_the_triton_path(interpret, monkeypatch):
+    """Forced onto the Triton path (the interpreter on a CPU-only machine, else the GPU),
+    the default row and the two base-pinned rows are all measured and labelled with their base,
+    and each computes the reference's function (output and every gradient)."""
+    from helpers import assert_close_to_reference, grads
+
+    from peft_kernels.bench.layer import fused_builder, run_bench
+
+    dev = interpret
+    res = run_bench(families=["lora"], shapes=[(24, 16)], tokens=7, dtype=torch.float32, device=dev,
+                    impl="triton", reps=1, progress=False)
+    rows = {(r["config"], r["variant"]): r for r in res.rows}
+    for cfg in ("r=16 drop=0", "r=16 drop=0.05"):
+        for name, base in (("peft_kernels[triton]", "auto"), (C.LORA_TRITON_BASE, "triton"),
+                           (C.LORA_CUBLAS_BASE, "cublas")):
+            r = rows[(cfg, name)]
+            assert r["status"] == "ok" and r["impl"] == "triton" and r["fwdbwd_ms"] > 0, r["status"]
+            if os.environ.get("PEFT_KERNELS_BASE") is None or name != "peft_kernels[triton]":
+                assert r["base"] == base
+    if dev.type == "cuda":  # the auto row timed both bases for its forward and dX GEMMs
+        assert {d["gemm"] for d in res.base_decisions} >= {"fwd", "dX"}
+        assert all(d["triton_ms"] > 0 and d["cublas_ms"] > 0 for d in res.base_decisions)
+    else:  # nothing is timed off a GPU (the auto base runs the Triton GEMM)
+        assert res.base_decisions == []
+
+    spec = C.FAMILY_SPECS["lora"]
+    cfg = dict(r=5, dropout=0.25)
+    exact_setup = C.make_setup(23, 13, 11, torch.float64, torch.device("cpu"))
+    exact_fwd, exact_params = C.lora_reference(exact_setup, cfg)
+    same_setup = C.make_setup(23, 13, 11, torch.float32, torch.device("cpu"))
+    same_fwd, same_params = C.lora_reference(same_setup, cfg)
+    exact_y, same_y = exact_fwd(), same_fwd()
+    exact_g = grads(exact_y, [exact_setup.x, *exact_params], exact_setup.dy)
+    same_g = grads(same_y, [same_setup.x, *same_params], same_setup.dy)
+    from peft_kernels.ops import lora
+
+    asked = []  # the base each row hands the op (None: the op's default)
+    real_base_mode = lora.base_mode
+    monkeypatch.setattr(lora, "base_mode", lambda base=None: asked.append(base) or real_base_mode(base))
+    for var in spec.variants:
+        if not var.fused:
+            continue
+        setup = C.make_setup(23, 13, 11, torch.float32, dev)
+        fwd, params = fused_builder(var, "triton")(setup, cfg)
+        asked.clear()
+        y = fwd()
+        assert asked == [var.base], (var.name, asked)
+        got = grads(y, [setup.x, *params], setup.dy)
+        assert_close_to_reference(f"{var.name} y", y.cpu(), same_y, exact_y)
+        for n, g, sg, eg in zip(("dx", "dA", "dB"), got, same_g, exact_g):
+            assert_close_to_reference(f"{var.name} {n}", g.cpu(), sg, eg)

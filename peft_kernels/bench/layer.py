@@ -59,7 +59,7 @@ def skip_reason(var: C.Variant, device: torch.device, impl: Optional[str], impl_
         what = f" ({var.why})" if var.why else ""
         if impl is None:
             return f"{var.needs_impl} path only{what}, which cannot run here: {impl_reason}"
-        hint = (f" (--impl {var.needs_impl} with TRITON_INTERPRET=1 runs it on the CPU, slowly)"
+        hint = (f" (under TRITON_INTERPRET=1, --impl {var.needs_impl} runs it on the CPU, slowly)"
                 if device.type == "cpu" and var.needs_impl == "triton" else "")
         return f"{var.needs_impl} path only{what}; the fused path here is {impl}{hint}"
     return None

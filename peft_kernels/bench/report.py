@@ -78,8 +78,10 @@ def decisions_text(decisions: Sequence[dict]) -> str:
     """The LoRA GEMM's base='auto' decisions (empty string when none were taken)."""
     if not decisions:
         return ""
-    return ("== LoRA GEMM base decisions (base=auto: both timed once per shape key, the faster kept; "
-            "fwd = x @ W0^T, dX = dY @ W0) ==\n" + format_table(decisions, DECISION_TABLE))
+    return ("== LoRA GEMM base decisions (LoRA, and Monarch's fused-GEMM path; base=auto: Triton GEMM + "
+            "LoRA epilogue vs cuBLAS + in-place LoRA pass, both timed once per shape key, the faster kept; "
+            "fwd = x @ W0^T, dX = dY @ W0; tri/cub > 1: cuBLAS faster) ==\n"
+            + format_table(decisions, DECISION_TABLE))
 
 
 def bench_text(result) -> str:

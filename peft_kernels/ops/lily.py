@@ -5,41 +5,61 @@ Math (GUIDE.md "Lily exactly", spec in ``peft_kernels/reference/lily.py``), for 
 ``(E, d_in)``); ``p = softmax(logits)`` in fp32 ``(T, E)``; HP ``(E, d_out, r)``.
 
 - ``routing="token"``: ``delta = s * Z @ HPcat^T`` with ``Z[t, e*r + j] = p[t, e] * h[t, j]`` and
-  ``HPcat[o, e*r + j] = HP[e, o, j]``: one GEMM with ``K = E*r``. ``Z`` is built tile by tile in
-  registers from ``p`` and ``h`` (both tiny, ``T x (E + r)`` fp32) and ``HPcat`` is gathered from
-  ``HP`` in its own layout, so neither ``Z`` nor the ``(T, E, d_out)`` per-expert outputs exist
-  in memory.
+  ``HPcat[o, e*r + j] = HP[e, o, j]``: one low-rank product with ``K = E*r``; the ``(T, E, d_out)``
+  per-expert outputs never exist.
 - ``routing="batch"`` (HF PEFT's ``lily``): ``w = mean_t p`` ``(E,)``, ``HPbar = sum_e w_e HP_e``,
   ``delta = s * h @ HPbar^T``. The token-mean is a reduction fused into the LP pass (each row
-  block writes its partial sum of ``p``; a ``(blocks, E)`` sum follows: deterministic, no
-  atomics). The mixing GEMM is then the token kernel with ``E = 1`` and ``Z = h``.
+  block writes its partial sum of ``p``; a ``(blocks, E)`` sum follows: deterministic, no atomics).
 
-Passes (forward): (1) ``_lily_proj_kernel`` reads x once: h, logits (router on h or x), fp32
-softmax, partial sums of p. (2) the frozen base ``x @ W0^T + b`` runs on cuBLAS, and
-``_lily_mix_kernel`` adds ``s * Z @ HPcat^T`` onto it in place in its epilogue. Why an in-place
-add on the cuBLAS output rather than a Triton base GEMM with the mixture in its epilogue: the
-base GEMM is ~99% of the FLOPs, cuBLAS (wgmma + TMA on H100) is the fastest GEMM available for
-it at every shape, and a hand-written Triton GEMM that merely matched it would be the whole of
-another project; the price is one read + write of ``y`` (T x d_out), ~40 us at T=8192, d_out=4096,
-bf16 (estimated, not yet measured). It is the first thing to measure on an H100 against a Triton base
-GEMM carrying this epilogue.
+Both are a LoRA-shaped product ``left (T, K) @ right (K, d_out)`` (left = Z or h, right = HPcat^T or
+HPbar^T), so the GEMM-sized work runs on the LoRA family's fused-GEMM primitives, imported from
+``ops/lora.py`` (private names, shared on purpose: one fused GEMM to tune, not two):
+``_lora_gemm`` (base GEMM with a low-rank term in its epilogue; ``base`` = ``triton`` / ``cublas`` /
+``auto``, the latter timed once per shape on the GPU) and ``_lora_bwd_gb`` (``dY @ B`` and
+``dY^T @ xa`` in one pass over dY).
 
-Backward (token): ``dZ = s * dY @ HPcat`` ``(T, E*r)`` (``_lily_dz_kernel``, tiny output);
-``dHPcat = s * dY^T @ Z`` (``_lily_dhp_kernel``, Z rebuilt on the fly, split over T with
-deterministic partial sums); per row (``_lily_route_bwd_kernel``):
-``dp[t,e] = sum_j dZ[t,e*r+j] h[t,j]``, ``dh[t,j] = sum_e p[t,e] dZ[t,e*r+j]``,
-``dlogits = p * (dp - sum_e p dp)`` and, router on h, ``dh += dlogits @ router``. Then
-``dLP = dh^T x`` (and, router on x, ``drouter = dlogits^T x``) in one pass over x
-(``_lily_gradw_kernel``), ``drouter = dlogits^T h`` for the router on h, and
-``dx = dY W0 + [dh, dlogits] @ [LP; router]`` on cuBLAS (``addmm_`` with beta=1 accumulates).
+Forward passes:
+  1. ``_lily_proj_kernel`` reads x once: h, logits (router on h or x), fp32 softmax, partial sums of p.
+  2. ``_lora_gemm(x, W0^T, left, right, bias, s)``: ``y = x @ W0^T + s * left @ right + b``. With the
+     Triton base the mixture sits in the GEMM's epilogue and y is written once; with cuBLAS the
+     mixture is added in place (one more read + write of y); ``auto`` keeps the faster. Token
+     routing materialises ``Z`` (T x E*r fp32, 2 MB at T=8192, E*r=64; one small torch op) and
+     ``HPcat`` (d_out x E*r, one copy of HP's size); batch routing uses h and ``HPbar`` as they are.
+Backward passes:
+  3. ``_lora_bwd_gb(dY, B, xa)``, ONE pass over dY: ``g = dY @ B`` ``(T, K)`` and ``dY^T @ xa``
+     ``(d_out, K)`` (token: B = HPcat, xa = Z rebuilt from the saved h, p, which is cheaper than
+     keeping Z alive between forward and backward; batch: B = HPbar, xa = h). Then
+     ``dHP = s * dHPcat`` back in HP's layout (token), or ``dHPbar = s * dY^T h``,
+     ``dHP_e = w_e dHPbar``, ``dw_e = <HP_e, dHPbar>`` (batch).
+  4. ``_lily_route_bwd_kernel``, per row, writing ``[dh | dlogits]`` into one ``(T, r + E)`` buffer:
+     token ``dp[t,e] = s sum_j g[t,e*r+j] h[t,j]``, ``dh[t,j] = s sum_e p[t,e] g[t,e*r+j]``; batch
+     ``dh = s g``, ``dp[t,e] = dw_e / T`` (the mean couples every token); then
+     ``dlogits = p * (dp - sum_e p dp)`` and, router on h, ``dh += dlogits @ router``.
+  5. ``_lily_gradw_kernel``, one pass over x: ``dLP = dh^T x`` (and, router on x, ``drouter =
+     dlogits^T x`` in fp32); ``drouter = dlogits^T h`` (tiny) for the router on h.
+  6. ``_lora_gemm`` again: ``dx = dY @ W0 + [dh | dlogits] @ [LP; router]`` (router on h: ``dh @ LP``,
+     dh already holding the router term), the low-rank term in the epilogue.
+Passes over T x d tensors: forward reads x twice (1, 2) and writes y once (Triton base); backward
+reads dY twice (3, 6), x once (5) and writes dx once.
 
-Backward (batch): the mean couples every token. ``dHPbar = s * dY^T @ h``; ``dHP_e = w_e dHPbar``;
-``dw_e = <HP_e, dHPbar>``; ``dp[t, e] = dw_e / T`` (the same for every token);
-``dh = s * dY @ HPbar (+ dlogits @ router)``; the rest as for token routing.
+Wide shapes (``K = E*r > FUSED_MAX_K`` = ``lora.MAX_RANK`` = 256 for token routing, ``r > 256`` for
+batch): ``_lora_bwd_gb`` holds a ``(block, K)`` fp32 tile in registers and Z would be T x K fp32 in
+memory, so these keep the Lily-specific kernels: the forward runs the base on cuBLAS and
+``_lily_mix_kernel`` adds ``s * Z @ HPcat^T`` in place with Z built tile by tile in registers and
+HPcat gathered from HP (batch routing at any r still uses step 2, whose epilogue loops over K); the
+backward's step 3 becomes ``_lily_dz_kernel`` (``dY @ HPcat``) and ``_lily_dhp_kernel``
+(``dY^T @ Z``, Z rebuilt in registers, split over T with deterministic partial sums): two passes
+over dY. Steps 4-6 are shared.
 
-h, p and every intermediate stay in fp32; GEMM operands are cast to the input dtype (tensor
-cores) with fp32 accumulation, except for fp32 inputs, which use IEEE fp32 dots (no TF32) so the
-kernel is as accurate as torch's fp32 matmul.
+Determinism: as in ``ops/lora.py``, ``_lora_bwd_gb`` sums ``dY^T @ xa`` across token blocks with fp32
+atomics, so on a GPU ``dHP`` can differ in the last bits between identical runs (the wide path's
+dhp and every other gradient here are deterministic).
+
+h, p, Z and every intermediate stay in fp32; GEMM operands are cast to the input dtype (tensor
+cores) with fp32 accumulation. For fp32 inputs the Lily kernels use IEEE fp32 dots (no TF32) and
+the LoRA primitives follow ``torch.get_float32_matmul_precision()`` (IEEE at the default "highest"),
+as accurate as torch's fp32 matmul. Timings on an H100: UNMEASURED (no GPU in the session that
+wrote this); which base ``auto`` picks per Lily shape is the first thing to measure.
 """
 from __future__ import annotations
 
@@ -53,6 +73,15 @@ from .. import dispatch
 from .._checks import check_tensor
 from ..reference.lily import check_lily_args, lily as reference_lily
 from ._triton import triton, tl
+# the shared fused-GEMM primitives of the LoRA family (private to ops/, reused here on purpose)
+from .lora import MAX_RANK, _lora_bwd_gb, _lora_gemm, base_mode
+
+# Widest mixing K (E*r token, r batch) that runs on the LoRA primitives: _lora_bwd_gb keeps a
+# (BLOCK, K) fp32 tile in registers (lora.MAX_RANK), and token routing materialises Z (T, K) fp32.
+# Wider shapes take the Lily kernels that build Z in registers (_lily_mix/_dz/_dhp).
+FUSED_MAX_K = MAX_RANK
+# the primitives' dropout seed; Lily has no dropout (p = 0), so it is never read
+_NO_SEED = torch.zeros(1, dtype=torch.int64)
 
 # Interpreter runs (CI, CPU) use one small config: fewer programs keep it fast while 32-wide
 # tiles on T=37-ish / d=53-ish shapes still exercise every mask and multi-block path.
@@ -433,25 +462,25 @@ def _mix_blocks(t: torch.Tensor, kz: int) -> tuple[int, int, int, int]:
     return 128, 128, min(64, _pad16(kz)), 8
 
 
-def _launch_mix(y, h, p, hp_like, scaling: float, token: bool):
-    """In place: ``y += s * Z @ HPcat^T``; ``hp_like`` is HP (token) or HPbar ``(1, d_out, r)`` (batch)."""
+def _launch_mix(y, h, p, hp, scaling: float):
+    """In place: ``y += s * Z @ HPcat^T`` (token routing, wide path: Z built in registers)."""
     T, d_out = y.shape
     r = h.shape[1]
     E = p.shape[1]
-    kz = E * r if token else r
+    kz = E * r
     BM, BN, BC, warps = _mix_blocks(y, kz)
     if T:
         with _device_guard(y.device):
             _lily_mix_kernel[(triton.cdiv(T, BM), triton.cdiv(d_out, BN))](
-                y, h, p, hp_like,
+                y, h, p, hp,
                 T, d_out, r, E, kz,
                 float(scaling),
-                TOKEN=token, DOT=_dot_mode(y),
-                BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=warps,
+                DOT=_dot_mode(y), BLOCK_M=BM, BLOCK_N=BN, BLOCK_C=BC, num_warps=warps,
             )
 
 
-def _launch_dz(dy, hp_like, r: int, kz: int, scaling: float):
+def _launch_dz(dy, hp_like, r: int, kz: int):
+    """``dY @ HPcat`` ``(T, kz)`` fp32, unscaled; ``hp_like`` is HP (token) or HPbar ``(1, d_out, r)``."""
     T, d_out = dy.shape
     dz = torch.empty(T, kz, device=dy.device, dtype=torch.float32)
     if _interpreting(dy):
@@ -464,14 +493,13 @@ def _launch_dz(dy, hp_like, r: int, kz: int, scaling: float):
             _lily_dz_kernel[(triton.cdiv(T, BM), triton.cdiv(kz, BC))](
                 dy, hp_like, dz,
                 T, d_out, r, kz,
-                float(scaling),
                 DOT=_dot_mode(dy), BLOCK_M=BM, BLOCK_O=BO, BLOCK_C=BC,
             )
     return dz
 
 
-def _launch_dhp(dy, h, p, n_exp: int, scaling: float, token: bool):
-    """``s * dY^T @ Z`` in HP's layout ``(n_exp, d_out, r)``, fp32."""
+def _launch_dhp(dy, h, p, n_exp: int, token: bool):
+    """``dY^T @ Z`` in HP's layout ``(n_exp, d_out, r)``, fp32, unscaled."""
     T, d_out = dy.shape
     r = h.shape[1]
     E = p.shape[1]
@@ -489,33 +517,36 @@ def _launch_dhp(dy, h, p, n_exp: int, scaling: float, token: bool):
             _lily_dhp_kernel[(triton.cdiv(d_out, BO), triton.cdiv(kz, BC), split)](
                 dy, h, p, part,
                 T, d_out, r, E, kz, chunk,
-                float(scaling),
                 TOKEN=token, DOT=_dot_mode(dy), BLOCK_O=BO, BLOCK_C=BC, BLOCK_T=BT,
             )
     return part.sum(dim=0)
 
 
-def _launch_route_bwd(dz, h, p, router, dw, T: int, token: bool, router_h: bool):
-    r, E = h.shape[1], p.shape[1]
+def _launch_route_bwd(dz, h, p, router, dw, scaling: float, token: bool, router_h: bool):
+    """``dg = [dh | dlogits]`` ``(T, r + E)`` fp32 in one buffer: ``dg`` is the left operand of the
+    dX GEMM as it stands (router on x), ``dg[:, :r]`` a strided view of it (router on h)."""
+    T, r = h.shape
+    E = p.shape[1]
     R_PAD, E_PAD = _pad16(r), _pad16(E)
     BT = _INTERPRET_BLOCK if _interpreting(h) else _rank_tile(R_PAD)
-    dh = torch.empty(T, r, device=h.device, dtype=torch.float32)
-    dlog = torch.empty(T, E, device=h.device, dtype=torch.float32)
+    dg = torch.empty(T, r + E, device=h.device, dtype=torch.float32)
     if T:
         with _device_guard(h.device):
             _lily_route_bwd_kernel[(triton.cdiv(T, BT),)](
-                dz, h, p, router, dw, dh, dlog,
+                dz, h, p, router, dw, dg, dg[:, r:],
                 T, r, E,
-                1.0 / T,
+                dg.stride(0),
+                float(scaling), 1.0 / T,
                 TOKEN=token, ROUTER_H=router_h, BLOCK_T=BT, R_PAD=R_PAD, E_PAD=E_PAD,
             )
-    return dh, dlog
+    return dg
 
 
-def _launch_gradw(x2, dh, dlog, router_h: bool):
-    """``dLP = dh^T x`` ``(r, d_in)`` and, router on x, ``drouter = dlogits^T x`` ``(E, d_in)``; fp32."""
+def _launch_gradw(x2, dg, r: int, router_h: bool):
+    """``dLP = dh^T x`` ``(r, d_in)`` and, router on x, ``drouter = dlogits^T x`` ``(E, d_in)``; fp32.
+    ``dg`` is route_bwd's ``[dh | dlogits]`` buffer."""
     T, d_in = x2.shape
-    r, E = dh.shape[1], dlog.shape[1]
+    E = dg.shape[1] - r
     R_PAD, E_PAD = _pad16(r), _pad16(E)
     if _interpreting(x2):
         BK = BT = _INTERPRET_BLOCK
@@ -528,12 +559,41 @@ def _launch_gradw(x2, dh, dlog, router_h: bool):
     if T:
         with _device_guard(x2.device):
             _lily_gradw_kernel[(triton.cdiv(d_in, BK), split)](
-                x2, dh, dlog, dlp, dr,
+                x2, dg, dg[:, r:], dlp, dr,
                 T, d_in, r, E, chunk,
+                dg.stride(0),
                 ROUTER_X=not router_h, DOT=_dot_mode(x2),
                 BLOCK_K=BK, BLOCK_T=BT, R_PAD=R_PAD, E_PAD=E_PAD,
             )
     return dlp.sum(dim=0), (dr.sum(dim=0) if not router_h else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# the small dense pieces the fused-GEMM primitives take (all tiny: T x E*r or E x d_out x r)
+# ----------------------------------------------------------------------------------------------
+def _fused_path(token: bool, r: int, E: int) -> bool:
+    """Whether the mixing GEMM's K (E*r token, r batch) fits the shared primitives (see the module
+    docstring); wider shapes take the Lily-specific kernels."""
+    return (E * r if token else r) <= FUSED_MAX_K
+
+
+def _z(h, p):
+    """``Z[t, e*r + j] = p[t, e] * h[t, j]`` ``(T, E*r)`` fp32, materialised (T x E*r fp32: 2 MB at
+    T=8192, E*r=64)."""
+    return (p[:, :, None] * h[:, None, :]).reshape(h.shape[0], -1)
+
+
+def _hp_cat(hp, dtype):
+    """``HPcat[o, e*r + j] = HP[e, o, j]`` ``(d_out, E*r)`` in ``dtype`` (one copy: not a strided view of HP)."""
+    E, d_out, r = hp.shape
+    out = torch.empty(d_out, E, r, device=hp.device, dtype=dtype)
+    out.copy_(hp.permute(1, 0, 2))
+    return out.view(d_out, E * r)
+
+
+def _hp_bar(w, hp):
+    """``HPbar = sum_e w_e HP_e`` ``(d_out, r)`` fp32."""
+    return torch.einsum("e,eor->or", w, hp.float())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,28 +602,34 @@ def _launch_gradw(x2, dh, dlog, router_h: bool):
 @torch.library.custom_op("peft_kernels::lily_fwd", mutates_args=())
 def _lily_fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lp: torch.Tensor,
                  router: torch.Tensor, hp: torch.Tensor, scaling: float, token: bool,
-                 router_h: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(y, h, p, w)``: output, fp32 ``h`` ``(T, r)``, fp32 ``p`` ``(T, E)``, fp32 ``w = mean_t p``."""
-    # the kernels index these as dense row-major arrays (no strides): no-ops for LilyFunction's
+                 router_h: bool, base: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(y, h, p, w)``: output, fp32 ``h`` ``(T, r)``, fp32 ``p`` ``(T, E)``, fp32 ``w = mean_t p``.
+    ``base``: ``triton`` / ``cublas`` / ``auto``, who runs the frozen product (``lora._lora_gemm``)."""
+    # the Lily kernels index these as dense row-major arrays (no strides): no-ops for LilyFunction's
     # inputs, but a compiled graph or a direct caller may hand the op strided views
     x2, lp, router, hp = x2.contiguous(), lp.contiguous(), router.contiguous(), hp.contiguous()
     T = x2.shape[0]
+    E, d_out, r = hp.shape
     h, p, psum = _launch_proj(x2, lp, router, router_h)
     w = psum.sum(dim=0) / max(T, 1)
-    # the frozen base on cuBLAS; the adapter is added onto it in place by the mixing kernel
-    y = torch.nn.functional.linear(x2, weight.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
+    weight = weight.to(x2.dtype)
+    bias = None if bias is None else bias.to(x2.dtype)
+    if token and not _fused_path(token, r, E):
+        # wide: Z would be T x E*r fp32 in memory; cuBLAS base, then the mixture added in place
+        y = torch.nn.functional.linear(x2, weight, bias) * 1.0001
+        _launch_mix(y, h, p, hp, scaling)
+        return y, h, p, w
     if token:
-        _launch_mix(y, h, p, hp, scaling, token=True)
+        left, right = _z(h, p), _hp_cat(hp, x2.dtype).t()       # (T, E*r) fp32, (E*r, d_out) view
     else:
-        # (1, d_out, r), tiny; contiguous because the kernel indexes it as a dense (E, d_out, r)
-        # array and einsum's output layout is not guaranteed
-        hp_bar = torch.einsum("e,eor->or", w, hp.float()).contiguous().unsqueeze(0)
-        _launch_mix(y, h, p, hp_bar, scaling, token=False)
+        left, right = h, _hp_bar(w, hp).to(x2.dtype).t()         # (T, r) fp32, (r, d_out) view
+    # x @ W0^T + s * left @ right + b, W0^T a free transposed view; base as decided by _lora_gemm
+    y = _lora_gemm(x2, weight.t(), None, left, right, bias, float(scaling), 0.0, _NO_SEED, x2.dtype, base)
     return y, h, p, w
 
 
 @_lily_fwd_op.register_fake
-def _(x2, weight, bias, lp, router, hp, scaling, token, router_h):
+def _(x2, weight, bias, lp, router, hp, scaling, token, router_h, base):
     T = x2.shape[0]
     f32 = dict(device=x2.device, dtype=torch.float32)
     return (x2.new_empty(T, weight.shape[0]), torch.empty(T, lp.shape[0], **f32),
@@ -573,40 +639,56 @@ def _(x2, weight, bias, lp, router, hp, scaling, token, router_h):
 @torch.library.custom_op("peft_kernels::lily_bwd", mutates_args=())
 def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: torch.Tensor, router: torch.Tensor,
                  hp: torch.Tensor, h: torch.Tensor, p: torch.Tensor, w: torch.Tensor, scaling: float, token: bool,
-                 router_h: bool, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 router_h: bool, need_dx: bool,
+                 base: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx, dlp, drouter, dhp)``: dx in x's dtype (empty when ``need_dx`` is False), the rest fp32."""
     # dense row-major layouts, as in _lily_fwd_op (no-ops for LilyFunction's tensors)
     dy, x2, lp, router, hp = dy.contiguous(), x2.contiguous(), lp.contiguous(), router.contiguous(), hp.contiguous()
     h, p, w = h.contiguous(), p.contiguous(), w.contiguous()
-    T = x2.shape[0]
     E, d_out, r = hp.shape
+    fused = _fused_path(token, r, E)
+    s = float(scaling)
+    # g = dY @ HPcat (token) or dY @ HPbar (batch), and dY^T @ Z (or dY^T @ h): unscaled, fp32
     if token:
-        dz = _launch_dz(dy, hp, r, E * r, scaling)                       # (T, E*r)
-        dhp = _launch_dhp(dy, h, p, E, scaling, token=True)              # (E, d_out, r)
+        if fused:
+            # one pass over dY for both (Z rebuilt from h, p: cheaper than keeping it from forward)
+            g, dhc = _lora_bwd_gb(dy, _hp_cat(hp, dy.dtype), _z(h, p), 0.0, _NO_SEED)
+            dhp = torch.empty(E, d_out, r, device=dy.device, dtype=torch.float32)
+            torch.mul(dhc.view(d_out, E, r).permute(1, 0, 2), s, out=dhp)      # back to HP's layout
+        else:
+            g = _launch_dz(dy, hp, r, E * r)
+            dhp = _launch_dhp(dy, h, p, E, token=True).mul_(s)
         dw = w  # unused by the token path; any fp32 pointer will do
     else:
         hp32 = hp.float()
-        hp_bar = torch.einsum("e,eor->or", w, hp32).contiguous().unsqueeze(0)  # (1, d_out, r), dense
-        dz = _launch_dz(dy, hp_bar, r, r, scaling)                       # s * dY @ HPbar, (T, r)
-        dhp_bar = _launch_dhp(dy, h, p, 1, scaling, token=False)[0]      # s * dY^T @ h, (d_out, r)
-        dhp = w[:, None, None] * dhp_bar                                 # dHP_e = w_e dHPbar
-        dw = torch.einsum("eor,or->e", hp32, dhp_bar).contiguous()       # dL/dw_e
-    dh, dlog = _launch_route_bwd(dz, h, p, router, dw, T, token, router_h)
-    dlp, drouter = _launch_gradw(x2, dh, dlog, router_h)
+        hp_bar = _hp_bar(w, hp32)
+        if fused:
+            g, dhb = _lora_bwd_gb(dy, hp_bar.to(dy.dtype), h, 0.0, _NO_SEED)
+        else:
+            g = _launch_dz(dy, hp_bar.contiguous().unsqueeze(0), r, r)
+            dhb = _launch_dhp(dy, h, p, 1, token=False)[0]
+        dhp_bar = dhb.mul_(s)                                                # s * dY^T @ h, (d_out, r)
+        dhp = w[:, None, None] * dhp_bar                                     # dHP_e = w_e dHPbar
+        dw = torch.einsum("eor,or->e", hp32, dhp_bar).contiguous()          # dL/dw_e
+    dg = _launch_route_bwd(g, h, p, router, dw, s, token, router_h)          # [dh | dlogits], (T, r + E)
+    dlp, drouter = _launch_gradw(x2, dg, r, router_h)
     if router_h:
-        drouter = dlog.t() @ h                                            # (E, r), tiny, fp32
+        drouter = dg[:, r:].t() @ h                                          # (E, r), tiny, fp32
     if need_dx:
-        dx = dy @ weight.to(dy.dtype)
-        g = dh if router_h else torch.cat([dh, dlog], dim=1)
-        m = lp if router_h else torch.cat([lp.to(dy.dtype), router.to(dy.dtype)], dim=0)
-        dx.addmm_(g.to(dy.dtype), m.to(dy.dtype))                         # beta=1: cuBLAS accumulates in place
+        # dx = dY @ W0 + [dh, dlogits] @ [LP; router] in one fused GEMM (router on h: dh already holds
+        # the router term, so the epilogue is dh @ LP)
+        if router_h:
+            left, right = dg[:, :r], lp.to(dy.dtype)
+        else:
+            left, right = dg, torch.cat([lp.to(dy.dtype), router.to(dy.dtype)], dim=0)
+        dx = _lora_gemm(dy, weight.to(dy.dtype), None, left, right, None, 1.0, 0.0, _NO_SEED, dy.dtype, base)
     else:
         dx = dy.new_empty(0)
     return dx, dlp, drouter, dhp
 
 
 @_lily_bwd_op.register_fake
-def _(dy, x2, weight, lp, router, hp, h, p, w, scaling, token, router_h, need_dx):
+def _(dy, x2, weight, lp, router, hp, h, p, w, scaling, token, router_h, need_dx, base):
     f32 = dict(device=x2.device, dtype=torch.float32)
     dx = dy.new_empty(x2.shape) if need_dx else dy.new_empty(0)  # the real dx is in dy's dtype
     return (dx, torch.empty(lp.shape, **f32), torch.empty(router.shape, **f32), torch.empty(hp.shape, **f32))
@@ -619,30 +701,30 @@ class LilyFunction(torch.autograd.Function):
     """Fused Lily / MoE-LoRA linear on 2-D ``x`` ``(T, d_in)``; saves only x, h ``(T, r)``, p ``(T, E)`` and w."""
 
     @staticmethod
-    def forward(ctx, x2, weight, lp, router, hp, bias, scaling, routing, router_input):
+    def forward(ctx, x2, weight, lp, router, hp, bias, scaling, routing, router_input, base):
         token = routing == "token"
         router_h = router_input == "h"
         x2 = x2.contiguous()
         lp_c, router_c, hp_c = lp.contiguous(), router.contiguous(), hp.contiguous()
         y, h, p, w = torch.ops.peft_kernels.lily_fwd(x2, weight, bias, lp_c, router_c, hp_c, float(scaling),
-                                                     token, router_h)
+                                                     token, router_h, base)
         ctx.save_for_backward(x2, weight, lp_c, router_c, hp_c, h, p, w)
-        ctx.cfg = (float(scaling), token, router_h, None if bias is None else bias.dtype)
+        ctx.cfg = (float(scaling), token, router_h, None if bias is None else bias.dtype, base)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, lp, router, hp, h, p, w = ctx.saved_tensors
-        scaling, token, router_h, bias_dtype = ctx.cfg
+        scaling, token, router_h, bias_dtype, base = ctx.cfg
         dy = dy.contiguous()
         need = ctx.needs_input_grad
         dx, dlp, drouter, dhp = torch.ops.peft_kernels.lily_bwd(dy, x2, weight, lp, router, hp, h, p, w, scaling,
-                                                                token, router_h, bool(need[0]))
+                                                                token, router_h, bool(need[0]), base)
         dweight = (dy.t() @ x2).to(weight.dtype) if need[1] else None
         dbias = dy.sum(dim=0).to(bias_dtype) if (bias_dtype is not None and need[5]) else None
         return (dx if need[0] else None, dweight, dlp.to(lp.dtype) if need[2] else None,
                 drouter.to(router.dtype) if need[3] else None, dhp.to(hp.dtype) if need[4] else None,
-                dbias, None, None, None)
+                dbias, None, None, None, None)
 
 
 dispatch.register("lily", "triton")
@@ -660,13 +742,17 @@ def lily_linear(
     routing: str = "token",
     router_input: str = "h",
     impl: Optional[str] = None,
+    *,
+    base: Optional[str] = None,
 ) -> torch.Tensor:
     """``x @ W0^T + b`` plus the Lily / MoE-LoRA mixture; equals ``reference.lily`` exactly.
 
     ``lp`` ``(r, d_in)``, ``router`` ``(E, r)`` (``router_input="h"``) or ``(E, d_in)`` (``"x"``), ``hp``
     ``(E, d_out, r)``. ``routing`` is ``"token"`` (per-token mixture) or ``"batch"`` (PEFT's
     token-mean of the router softmax). Gradients reach x, lp, router, hp and bias (and weight if it
-    requires grad). ``impl`` forces ``"triton"`` or ``"torch"``; default: dispatch.
+    requires grad). ``impl`` forces ``"triton"`` or ``"torch"``; default: dispatch. ``base``
+    (``"triton"`` / ``"cublas"`` / ``"auto"``; default ``PEFT_KERNELS_BASE`` or ``auto``) picks who runs
+    the frozen GEMMs on the Triton path (``lora.base_mode``).
     """
     check_lily_args(x, weight, lp, router, hp, bias, routing, router_input)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
@@ -682,8 +768,9 @@ def lily_linear(
     for name, t in params.items():
         if t is not None:
             check_tensor(name, t, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    mode = base_mode(base)
     x2 = x.reshape(-1, x.shape[-1])
-    y = LilyFunction.apply(x2, weight, lp, router, hp, bias, float(scaling), routing, router_input)
+    y = LilyFunction.apply(x2, weight, lp, router, hp, bias, float(scaling), routing, router_input, mode)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

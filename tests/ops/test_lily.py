@@ -28,7 +28,7 @@ def _make(r, E, router_input, bias, lead=LEAD, d_in=D_IN, d_out=D_OUT):
 
 
 def _check_against_reference(dtype, r, E, routing, router_input, bias, scaling=1.7, lead=LEAD, d_in=D_IN,
-                             d_out=D_OUT):
+                             d_out=D_OUT, base=None):
     x, weight, lp, router, hp, b = _make(r, E, router_input, bias, lead, d_in, d_out)
     dy = torch.randn(*lead, d_out, dtype=torch.float64)
     kw = dict(scaling=scaling, routing=routing, router_input=router_input)
@@ -40,7 +40,7 @@ def _check_against_reference(dtype, r, E, routing, router_input, bias, scaling=1
 
     exact = run(R.lily, torch.float64)
     same = run(R.lily, dtype)
-    got = run(lily_linear, dtype, impl="triton")
+    got = run(lily_linear, dtype, impl="triton", base=base)
     names = ["out", "dx", "dlp", "drouter", "dhp", "dbias"]
     for name, g, s, e in zip(names, got, same, exact):
         if e is None:
@@ -76,6 +76,114 @@ def test_lily_extreme_rank_and_experts(interpret, routing):
     _check_against_reference(torch.float32, 1, 33, routing, "h", True, lead=(19,), d_in=37, d_out=23)
 
 
+def _record_bases(monkeypatch):
+    """Which base (triton / cublas) each of the LoRA fused-GEMM calls resolved to."""
+    import peft_kernels.ops.lora as lora_ops
+    seen = []
+    real = lora_ops._gemm_with_base
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(lora_ops, "_gemm_with_base", spy)
+    return seen
+
+
+# (path, base, routing, router_input, dtype, bias, r, E): both paths x both bases x both routings x
+# both router inputs x 3 dtypes x bias on/off, 3-D input. "wide" forces the Lily-kernel path on these
+# small shapes; "wide*" reaches it for real (E*r = 272 > 256, token routing).
+PATH_CASES = [
+    ("fused", "cublas", "token", "h", torch.bfloat16, True, 4, 3),
+    ("fused", "cublas", "batch", "x", torch.float16, False, 16, 2),
+    ("fused", "cublas", "token", "x", torch.float32, True, 4, 2),
+    ("wide", "triton", "token", "h", torch.float16, True, 4, 3),
+    ("wide", "triton", "token", "x", torch.bfloat16, False, 16, 2),
+    ("wide", "cublas", "batch", "h", torch.float32, True, 4, 3),
+    ("wide", "triton", "batch", "x", torch.bfloat16, True, 5, 2),
+    ("wide*", "cublas", "token", "h", torch.float32, False, 17, 16),
+]
+
+
+@pytest.mark.parametrize("path,base,routing,router_input,dtype,r,E,bias",
+                         [(p, b, ro, ri, dt, r, E, bi) for p, b, ro, ri, dt, bi, r, E in PATH_CASES])
+def test_lily_paths_and_bases_match_reference(interpret, monkeypatch, path, base, routing, router_input, dtype, r,
+                                              E, bias):
+    """Output and every gradient on each path (fused LoRA primitives / wide Lily kernels) and each
+    base, checked against fp64 with the 2x rule; the spies confirm the path and base really taken."""
+    from launch_spy import spy_launches
+    import peft_kernels.ops.lily as lily_ops
+    import peft_kernels.ops.lora as lora_ops
+
+    torch.manual_seed(hash((path, base, routing, router_input, r, E)) % 1000)
+    if path == "wide":
+        _force_wide(monkeypatch)
+    bases = _record_bases(monkeypatch)
+    log = spy_launches(monkeypatch, lily_ops, "_device_guard")
+    log_lora = spy_launches(monkeypatch, lora_ops, "_DeviceGuard")
+    if path == "wide*":  # the real threshold, not a forced one
+        assert E * r > lily_ops.FUSED_MAX_K
+    d = dict(lead=(2, 11), d_in=29, d_out=23) if path == "wide*" else {}
+    _check_against_reference(dtype, r, E, routing, router_input, bias, base=base, **d)
+    want_lily, want_lora = EXPECTED_KERNELS["fused" if path == "fused" else "wide", routing]
+    assert {name for name, *_ in log.launches} == want_lily
+    assert {name for name, *_ in log_lora.launches} == want_lora
+    assert bases and set(bases) == {base}
+
+
+def test_lily_base_option_resolution(interpret, monkeypatch):
+    """base=None follows PEFT_KERNELS_BASE, then "auto" (Triton when nothing can be timed: CPU)."""
+    x, weight, lp, router, hp, b = (t.float() for t in _make(4, 3, "h", True, lead=(5,), d_in=17, d_out=11))
+    bases = _record_bases(monkeypatch)
+    for env, base, want in ((None, None, "triton"), ("cublas", None, "cublas"), ("cublas", "triton", "triton"),
+                            (None, "auto", "triton")):
+        if env is None:
+            monkeypatch.delenv("PEFT_KERNELS_BASE", raising=False)
+        else:
+            monkeypatch.setenv("PEFT_KERNELS_BASE", env)
+        bases.clear()
+        ins = [leaf(x), leaf(lp)]
+        y = lily_linear(ins[0], weight, ins[1], router, hp, b, routing="batch", impl="triton", base=base)
+        grads(y, ins, torch.randn_like(y))
+        assert bases == [want, want], (env, base, bases)  # forward GEMM and dX GEMM
+
+
+@pytest.mark.parametrize("path,dtype", [("fused", torch.float32), ("fused", torch.bfloat16),
+                                        ("wide", torch.float16)])
+def test_lily_shared_hp_gradient_accumulates_over_layers(interpret, monkeypatch, path, dtype):
+    """Three layers (token/h, batch/x, token/x) share one HP leaf; its .grad after backward() is the
+    sum of the three layers' contributions, as the fp64 reference computes it, within the 2x rule."""
+    if path == "wide":
+        _force_wide(monkeypatch)
+    torch.manual_seed(11)
+    d, r, E, lead = 31, 4, 3, (2, 9)
+    x = torch.randn(*lead, d, dtype=torch.float64)
+    hp = torch.randn(E, d, r, dtype=torch.float64) / r ** 0.5
+    modes = [("token", "h"), ("batch", "x"), ("token", "x")]
+    layers = []
+    for _, ri in modes:
+        layers.append((torch.randn(d, d, dtype=torch.float64) / d ** 0.5, torch.randn(d, dtype=torch.float64),
+                       torch.randn(r, d, dtype=torch.float64) / d ** 0.5,
+                       torch.randn(E, r if ri == "h" else d, dtype=torch.float64)))
+    dy = torch.randn(*lead, d, dtype=torch.float64)
+
+    def run(fn, dt, **extra):
+        hp_leaf = leaf(hp, dt)
+        lps = [leaf(lay[2], dt) for lay in layers]
+        hcur = x.to(dt)
+        for (routing, ri), (w, b, _, router), lp in zip(modes, layers, lps):
+            hcur = torch.tanh(fn(hcur, w.to(dt), lp, router.to(dt), hp_leaf, b.to(dt), scaling=1.3, routing=routing,
+                                 router_input=ri, **extra))
+        (hcur * dy.to(dt)).sum().backward()
+        return [hp_leaf.grad, *(lp.grad for lp in lps)]
+
+    exact = run(R.lily, torch.float64)
+    same = run(R.lily, dtype)
+    got = run(lily_linear, dtype, impl="triton", base="triton")
+    for name, g, s_, e in zip(["dhp", "dlp0", "dlp1", "dlp2"], got, same, exact):
+        assert_close_to_reference(name, g, s_, e)
+
+
 def test_lily_input_without_grad_and_dispatch(interpret):
     """Only parameter gradients requested (x is data); the default dispatch on CPU runs the reference."""
     x, weight, lp, router, hp, _ = _make(4, 3, "h", False)
@@ -94,11 +202,11 @@ def test_lily_input_without_grad_and_dispatch(interpret):
 def test_lily_custom_ops_opcheck(interpret):
     """The torch.library ops have consistent fake (meta) implementations for torch.compile."""
     x, weight, lp, router, hp, b = (t.float() for t in _make(4, 2, "h", True, lead=(9,), d_in=17, d_out=11))
-    args = (x, weight, b, lp, router, hp, 1.5, True, True)
+    args = (x, weight, b, lp, router, hp, 1.5, True, True, "triton")
     torch.library.opcheck(torch.ops.peft_kernels.lily_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     y, h, p, w = torch.ops.peft_kernels.lily_fwd(*args)
-    bargs = (torch.randn_like(y), x, weight, lp, router, hp, h, p, w, 1.5, True, True, True)
+    bargs = (torch.randn_like(y), x, weight, lp, router, hp, h, p, w, 1.5, True, True, True, "triton")
     torch.library.opcheck(torch.ops.peft_kernels.lily_bwd.default, bargs,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -125,6 +233,7 @@ def _bad(**over):
     (dict(router_input="z"), ValueError, "router_input"),
     (dict(hp=torch.randn(3, 41, 4, dtype=torch.float64)), TypeError, "hp"),  # forced triton: no fp64 params
     (dict(scaling="2"), TypeError, "scaling"),
+    (dict(base="cuda"), ValueError, "base"),
 ])
 def test_lily_bad_input_raises_before_launch(interpret, monkeypatch, over, exc, match):
     import peft_kernels.ops.lily as ops
@@ -171,55 +280,90 @@ def test_lily_compiles_without_graph_breaks(interpret):
         torch.testing.assert_close(a, b)
 
 
+# Which kernels each path launches (forward + backward with every gradient): the fused path runs the
+# GEMM-sized work on the LoRA primitives, the wide path on the Lily kernels that build Z in registers.
+_LILY_SHARED = {"_lily_proj_kernel", "_lily_route_bwd_kernel", "_lily_gradw_kernel"}
+EXPECTED_KERNELS = {
+    ("fused", "token"): (_LILY_SHARED, {"_lora_gemm_kernel", "_lora_bwd_gb_kernel"}),
+    ("fused", "batch"): (_LILY_SHARED, {"_lora_gemm_kernel", "_lora_bwd_gb_kernel"}),
+    ("wide", "token"): (_LILY_SHARED | {"_lily_mix_kernel", "_lily_dz_kernel", "_lily_dhp_kernel"},
+                        {"_lora_gemm_kernel"}),  # dX only
+    ("wide", "batch"): (_LILY_SHARED | {"_lily_dz_kernel", "_lily_dhp_kernel"}, {"_lora_gemm_kernel"}),
+}
+
+
+def _force_wide(monkeypatch):
+    """Every shape takes the wide path (as E*r > 256 does), so it is tested on small shapes too."""
+    import peft_kernels.ops.lily as lily_ops
+    monkeypatch.setattr(lily_ops, "FUSED_MAX_K", 0)
+
+
+@pytest.mark.parametrize("path", ["fused", "wide"])
 @pytest.mark.parametrize("routing,router_input", [("token", "h"), ("batch", "x")])
-def test_lily_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch, routing, router_input):
-    """Every launch runs under ``torch.cuda.device(x.device)`` (Triton launches on the current
-    device), and no grid axis but 0 grows with T (CUDA caps axes 1/2 at 65535; the interpreter
-    does not). The huge-T launches are only recorded, never run."""
+def test_lily_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch, path, routing, router_input):
+    """Each path launches exactly its kernels; every launch (Lily's and the LoRA primitives') runs
+    under ``torch.cuda.device(x.device)`` (Triton launches on the current device), and no grid axis
+    but 0 grows with T (CUDA caps axes 1/2 at 65535; the interpreter does not). The huge-T launches
+    are only recorded, never run."""
     from launch_spy import spy_launches
     import peft_kernels.ops.lily as lily_ops
+    import peft_kernels.ops.lora as lora_ops
 
+    if path == "wide":
+        _force_wide(monkeypatch)
+    want_lily, want_lora = EXPECTED_KERNELS[path, routing]
     x, weight, lp, router, hp, b = (t.float().to(interpret) for t in _make(4, 3, router_input, True))
     log = spy_launches(monkeypatch, lily_ops, "_device_guard")
+    log_lora = spy_launches(monkeypatch, lora_ops, "_DeviceGuard")
     xs = [leaf(x), leaf(weight, requires_grad=False), leaf(lp), leaf(router), leaf(hp), leaf(b)]
-    y = lily_linear(*xs, scaling=0.7, routing=routing, router_input=router_input, impl="triton")
+    y = lily_linear(*xs, scaling=0.7, routing=routing, router_input=router_input, impl="triton", base="triton")
     grads(y, [xs[0], xs[2], xs[3], xs[4], xs[5]], torch.randn_like(y))
-    assert len({name for name, *_ in log.launches}) == 6
-    log.assert_guarded(x.device)
-    log.assert_grid_within_cuda_limits()
+    assert {name for name, *_ in log.launches} == want_lily
+    assert {name for name, *_ in log_lora.launches} == want_lora
+    for lg in (log, log_lora):
+        lg.assert_guarded(x.device)
+        lg.assert_grid_within_cuda_limits()
 
     big = spy_launches(monkeypatch, lily_ops, "_device_guard", run=False)
+    big_lora = spy_launches(monkeypatch, lora_ops, "_DeviceGuard", run=False)
     T = 65536 * 128 + 1  # more token blocks than CUDA's axis-1/2 limit at any block size <= 128
     xb = torch.zeros(T, 1, device=interpret)
     wb, lpb = torch.zeros(1, 1, device=interpret), torch.zeros(1, 1, device=interpret)
     rb = torch.zeros(2, 1, device=interpret)
     hpb = torch.zeros(2, 1, 1, device=interpret)
     token, router_h = routing == "token", router_input == "h"
-    _, h, p, w = torch.ops.peft_kernels.lily_fwd(xb, wb, None, lpb, rb, hpb, 1.0, token, router_h)
-    torch.ops.peft_kernels.lily_bwd(xb, xb, wb, lpb, rb, hpb, h, p, w, 1.0, token, router_h, False)
-    assert len(big.launches) == 6
+    _, h, p, w = torch.ops.peft_kernels.lily_fwd(xb, wb, None, lpb, rb, hpb, 1.0, token, router_h, "triton")
+    torch.ops.peft_kernels.lily_bwd(xb, xb, wb, lpb, rb, hpb, h, p, w, 1.0, token, router_h, True, "triton")
+    assert {name for name, *_ in big.launches} == want_lily
+    assert {name for name, *_ in big_lora.launches} == want_lora
     big.assert_grid_within_cuda_limits()
+    big_lora.assert_grid_within_cuda_limits()
 
 
-def test_lily_ops_accept_strided_inputs(interpret):
-    """The kernels index x, lp, router, hp, h, p as dense arrays; the custom ops must make them so
-    (a compiled graph may pass strided views). Strided and contiguous calls agree exactly."""
+@pytest.mark.parametrize("path", ["fused", "wide"])
+def test_lily_ops_accept_strided_inputs(interpret, monkeypatch, path):
+    """The Lily kernels index x, lp, router, hp, h, p as dense arrays; the custom ops must make them
+    so (a compiled graph may pass strided views). Strided and contiguous calls agree exactly."""
     def strided(t):
         return t.t().contiguous().t() if t.dim() == 2 else t.transpose(0, 2).contiguous().transpose(0, 2)
 
+    if path == "wide":
+        _force_wide(monkeypatch)
     x, weight, lp, router, hp, b = (t.float().to(interpret) for t in _make(4, 3, "x", True))
     x2 = x.reshape(-1, x.shape[-1])
     args = (weight, b)
     for token in (True, False):
-        ref = torch.ops.peft_kernels.lily_fwd(x2, *args, lp, router, hp, 0.7, token, False)
+        ref = torch.ops.peft_kernels.lily_fwd(x2, *args, lp, router, hp, 0.7, token, False, "triton")
         got = torch.ops.peft_kernels.lily_fwd(strided(x2), *args, strided(lp), strided(router), strided(hp),
-                                              0.7, token, False)
+                                              0.7, token, False, "triton")
         for a, c in zip(ref, got):
             torch.testing.assert_close(c, a, rtol=0, atol=0)
         _, h, p, w = ref
         dy = torch.randn(x2.shape[0], weight.shape[0], device=interpret)
-        bref = torch.ops.peft_kernels.lily_bwd(dy, x2, weight, lp, router, hp, h, p, w, 0.7, token, False, True)
+        bref = torch.ops.peft_kernels.lily_bwd(dy, x2, weight, lp, router, hp, h, p, w, 0.7, token, False, True,
+                                               "triton")
         bgot = torch.ops.peft_kernels.lily_bwd(strided(dy), strided(x2), weight, strided(lp), strided(router),
-                                               strided(hp), strided(h), strided(p), w, 0.7, token, False, True)
+                                               strided(hp), strided(h), strided(p), w, 0.7, token, False, True,
+                                               "triton")
         for a, c in zip(bref, bgot):
             torch.testing.assert_close(c, a, rtol=0, atol=0)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a session that is lent a device (one H100/H200, ~15 device-minutes,
+# 10 minutes per command): build the CUDA extension, run the GPU tests, the headline layer
+# benchmark and the training-speed comparison, each under its own time limit so that a slow or
+# hanging step cannot eat the others' time. Everything lands in one folder and one tarball.
+#
+#   bash benchmarks/gpu_session.sh                  # on the device: OUT is set by the device tool
+#   OUT=/tmp/g STEPS="build tests" bash benchmarks/gpu_session.sh   # a subset, elsewhere
+#
+# Steps (in order; STEPS picks a subset): build tests bench train. Per-step limits (seconds) are
+# the LIMIT_<STEP> variables below; the defaults sum to ~550 s, inside one 600 s command.
+# The device image has torch, triton, peft, transformers, safetensors, tqdm, matplotlib and
+# pytest; nothing is installed: the package runs from the source tree (PYTHONPATH=.).
+set -u -o pipefail
+
+OUT=${OUT:-gpu_out}
+STEPS=${STEPS:-"build tests bench train"}
+LIMIT_BUILD=${LIMIT_BUILD:-150}
+LIMIT_TESTS=${LIMIT_TESTS:-150}
+LIMIT_BENCH=${LIMIT_BENCH:-160}
+LIMIT_TRAIN=${LIMIT_TRAIN:-90}
+mkdir -p "$OUT/logs"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # Hopper only: halves the nvcc time
+PY=${PY:-python3}
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+step() {  # step NAME LIMIT COMMAND...: run with a time limit, log to logs/NAME.log, record rc
+    local name=$1 limit=$2
+    shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+    local t0=$(date +%s)
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
+    local rc=$?
+    note "step $name: rc=$rc ($(( $(date +%s) - t0 )) s of $limit s)$([ $rc = 124 ] && echo ' TIMED OUT')"
+    tail -n 25 "$OUT/logs/$name.log"
+}
+
+note "gpu_session.sh at $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $(hostname), $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader 2>&1 | tee -a "$SUMMARY"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+    2>&1 | tee -a "$SUMMARY"
+
+step build "$LIMIT_BUILD" $PY setup.py build_ext --inplace
+$PY -m peft_kernels info >"$OUT/info.txt" 2>&1
+tail -n 30 "$OUT/info.txt"
+
+# GPU tests first: a kernel that is wrong on the card makes every timing below meaningless.
+step tests "$LIMIT_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider tests -x --durations=10
+
+# Headline table: every family, GUIDE's three shapes, T=8192, bf16 (CSV/JSON/PNG in bench/).
+step bench "$LIMIT_BENCH" $PY -m peft_kernels bench --out "$OUT/bench" --no-progress
+
+# End to end: llama-1b (TinyLlama shape), seq 2048, batch 4, LoRA r16 on every linear.
+step train "$LIMIT_TRAIN" $PY -m peft_kernels train-speed --out "$OUT/train" --steps 6 --warmup 2 --no-progress
+
+# the device tool returns at most 8 files, 2 folders deep: one tarball holds everything
+tar -czf "$OUT/gpu_session.tar.gz" -C "$OUT" --exclude gpu_session.tar.gz . 2>/dev/null
+note "done: $OUT/gpu_session.tar.gz"
