@@ -23,6 +23,9 @@ TORCH_LIBRARY(peft_kernels, m) {
   // x.dtype); dx = dy @ (M.S) is the same op on the transposed CSR; SDDMM dval[k] =
   // sum_t dy[t, row(k)] * x[t, col[k]] at the nnz only (fp32). Fakes: peft_kernels/ops/sparse.py.
   m.def("sparse_spmm(Tensor x, Tensor crow, Tensor col, Tensor val, int out_features) -> Tensor");
+  // in place: y += x @ (M.S)^T (y (T, N) contiguous, x.dtype): adds the adapter onto the frozen
+  // product's output (forward) or onto dY @ W0 (backward) without a separate sum pass
+  m.def("sparse_spmm_add_(Tensor(a!) y, Tensor x, Tensor crow, Tensor col, Tensor val) -> ()");
   m.def("sparse_sddmm(Tensor dy, Tensor x, Tensor crow, Tensor col) -> Tensor");
 }
 

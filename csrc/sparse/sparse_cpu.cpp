@@ -2,6 +2,7 @@
 //
 //   sparse_spmm(x (T, K), crow (N+1), col (nnz), val (nnz) fp32, N)  -> y (T, N) in x.dtype
 //       y[t, r] = sum_{k in row r} val[k] * x[t, col[k]]
+//   sparse_spmm_add_(y (T, N), x, crow, col, val): the same, added into y in place
 //   sparse_sddmm(dy (T, N), x (T, K), crow (N+1), col (nnz))          -> dval (nnz,) fp32
 //       dval[k] = sum_t dy[t, row(k)] * x[t, col[k]]
 //
@@ -52,8 +53,11 @@ void check_common(const at::Tensor& x, const at::Tensor& crow, const at::Tensor&
 
 }  // namespace
 
-at::Tensor sparse_spmm_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                           const at::Tensor& val, int64_t out_features) {
+namespace {
+
+// y^T (N, T) fp32 = (x @ (M.S)^T)^T: the shared body of sparse_spmm and sparse_spmm_add_.
+at::Tensor spmm_token_minor(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                            const at::Tensor& val, int64_t out_features) {
   check_spmm_values(val, col, out_features);
   check_common(x, crow, col, out_features);
   TORCH_CHECK(val.device().is_cpu(), "sparse CPU kernels take CPU tensors");
@@ -88,7 +92,26 @@ at::Tensor sparse_spmm_cpu(const at::Tensor& x, const at::Tensor& crow, const at
       }
     });
   }
-  return yt.t().to(x.scalar_type()).contiguous();
+  return yt;
+}
+
+}  // namespace
+
+at::Tensor sparse_spmm_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                           const at::Tensor& val, int64_t out_features) {
+  return spmm_token_minor(x, crow, col, val, out_features).t().to(x.scalar_type()).contiguous();
+}
+
+void sparse_spmm_add_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                         const at::Tensor& val) {
+  PK_CHECK_DIM(y, 2);
+  TORCH_CHECK(y.device().is_cpu(), "sparse CPU kernels take CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && y.size(0) == x.size(0), "y must be (T, N) with T = x.size(0)");
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "y and x must share one dtype");
+  const int64_t N = y.size(1);
+  // fp32 sum of the two terms, one rounding to y's dtype (as the CUDA kernel does)
+  const at::Tensor yt = spmm_token_minor(x, crow, col, val, N);
+  y.copy_(y.to(at::kFloat).add_(yt.t()));
 }
 
 at::Tensor sparse_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow,
@@ -136,5 +159,6 @@ at::Tensor sparse_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
 
 TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
   m.impl("sparse_spmm", &peft_kernels::sparse_spmm_cpu);
+  m.impl("sparse_spmm_add_", &peft_kernels::sparse_spmm_add_cpu);
   m.impl("sparse_sddmm", &peft_kernels::sparse_sddmm_cpu);
 }

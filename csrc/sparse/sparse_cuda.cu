@@ -1,6 +1,7 @@
 // Sparse-masked adapter (RoSA-style), CUDA kernels: same ops and math as sparse_cpu.cpp.
 //
 //   sparse_spmm:  y[t, r]  = sum_{k in row r} val[k] * x[t, col[k]]     (y (T, N), x.dtype)
+//   sparse_spmm_add_: the same added into y in place (fp32 sum, one rounding)
 //   sparse_sddmm: dval[k]  = sum_t dy[t, row(k)] * x[t, col[k]]         (fp32, nnz only)
 //
 // Both kernels read token-minor copies x^T (K, T) / dy^T (N, T), so the 32 lanes of a warp
@@ -27,14 +28,14 @@ constexpr int kRowsPerPass = 8;
 // SDDMM: warps per block; each warp owns one nonzero at a time.
 constexpr int kSddmmWarps = 8;
 
-template <typename scalar_t, typename index_t>
+template <typename scalar_t, typename index_t, bool kAccumulate>
 __global__ void spmm_kernel(
     // pointers
     const scalar_t* __restrict__ xt,    // (K, T) token-minor input
     const index_t* __restrict__ crow,   // (N + 1,)
     const index_t* __restrict__ col,    // (nnz,)
     const float* __restrict__ val,      // (nnz,)
-    scalar_t* __restrict__ y,           // (T, N) output
+    scalar_t* __restrict__ y,           // (T, N) output (kAccumulate: added into, in place)
     // sizes
     int64_t T, int64_t N) {
   // blockIdx.x walks row tiles fastest, so the blocks resident at one time share a token tile
@@ -59,7 +60,11 @@ __global__ void spmm_kernel(
   for (int j = threadIdx.y; j < kTile; j += kRowsPerPass) {
     const int64_t tt = t0 + j;
     const int64_t rr = r0 + threadIdx.x;
-    if (tt < T && rr < N) y[tt * N + rr] = static_cast<scalar_t>(tile[threadIdx.x][j]);
+    if (tt < T && rr < N) {
+      float v = tile[threadIdx.x][j];
+      if (kAccumulate) v += static_cast<float>(y[tt * N + rr]);  // one rounding of the fp32 sum
+      y[tt * N + rr] = static_cast<scalar_t>(v);
+    }
   }
 }
 
@@ -96,6 +101,27 @@ void check_cuda_args(const at::Tensor& x, const at::Tensor& crow, const at::Tens
   PK_CHECK_SAME_DEVICE(x, col);
 }
 
+// Launch the SpMM into y (T, N), overwriting it or (kAccumulate) adding to it.
+template <bool kAccumulate>
+void launch_spmm(at::Tensor& y, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                 const at::Tensor& val) {
+  const int64_t T = x.size(0), N = y.size(1);
+  TORCH_CHECK((T + kTile - 1) / kTile <= 65535, "sparse_spmm: too many tokens for one launch (T=", T, ")");
+  const at::Tensor xt = x.t().contiguous();  // (K, T); free when x is a transposed view
+  const at::Tensor crowc = crow.contiguous(), colc = col.contiguous(), valc = val.contiguous();
+  const dim3 block(kTile, kRowsPerPass);
+  const dim3 grid(static_cast<unsigned int>((N + kTile - 1) / kTile), static_cast<unsigned int>((T + kTile - 1) / kTile));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_spmm_cuda", [&] {
+    AT_DISPATCH_INDEX_TYPES(crowc.scalar_type(), "sparse_spmm_cuda_index", [&] {
+      spmm_kernel<scalar_t, index_t, kAccumulate><<<grid, block, 0, stream>>>(
+          xt.data_ptr<scalar_t>(), crowc.data_ptr<index_t>(), colc.data_ptr<index_t>(), valc.data_ptr<float>(),
+          y.data_ptr<scalar_t>(), T, N);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 at::Tensor sparse_spmm_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
@@ -109,21 +135,24 @@ at::Tensor sparse_spmm_cuda(const at::Tensor& x, const at::Tensor& crow, const a
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
   if (nnz == 0) return y.zero_();
-  TORCH_CHECK((T + kTile - 1) / kTile <= 65535, "sparse_spmm: too many tokens for one launch (T=", T, ")");
-  const at::Tensor xt = x.t().contiguous();  // (K, T); free when x is a transposed view
-  const at::Tensor crowc = crow.contiguous(), colc = col.contiguous(), valc = val.contiguous();
-  const dim3 block(kTile, kRowsPerPass);
-  const dim3 grid(static_cast<unsigned int>((N + kTile - 1) / kTile), static_cast<unsigned int>((T + kTile - 1) / kTile));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse_spmm_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(crowc.scalar_type(), "sparse_spmm_cuda_index", [&] {
-      spmm_kernel<scalar_t, index_t><<<grid, block, 0, stream>>>(
-          xt.data_ptr<scalar_t>(), crowc.data_ptr<index_t>(), colc.data_ptr<index_t>(), valc.data_ptr<float>(),
-          y.data_ptr<scalar_t>(), T, N);
-    });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_spmm<false>(y, x, crow, col, val);
   return y;
+}
+
+void sparse_spmm_add_cuda(at::Tensor& y, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                          const at::Tensor& val) {
+  PK_CHECK_DIM(y, 2);
+  const int64_t N = y.size(1);
+  check_spmm_values(val, col, N);
+  check_cuda_args(x, crow, col, N);
+  PK_CHECK_SAME_DEVICE(x, val);
+  PK_CHECK_SAME_DEVICE(x, y);
+  TORCH_CHECK(y.size(0) == x.size(0), "y must be (T, N) with T = x.size(0)");
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "y and x must share one dtype");
+  TORCH_CHECK(y.is_contiguous(), "sparse_spmm_add_: y must be contiguous");
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.size(0) == 0 || N == 0 || col.size(0) == 0) return;
+  launch_spmm<true>(y, x, crow, col, val);
 }
 
 at::Tensor sparse_sddmm_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow,
@@ -158,6 +187,7 @@ at::Tensor sparse_sddmm_cuda(const at::Tensor& dy, const at::Tensor& x, const at
 
 TORCH_LIBRARY_IMPL(peft_kernels, CUDA, m) {
   m.impl("sparse_spmm", &peft_kernels::sparse_spmm_cuda);
+  m.impl("sparse_spmm_add_", &peft_kernels::sparse_spmm_add_cuda);
   m.impl("sparse_sddmm", &peft_kernels::sparse_sddmm_cuda);
 }
 #endif  // PEFT_KERNELS_WITH_CUDA

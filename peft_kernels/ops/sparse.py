@@ -10,6 +10,14 @@
   because it is deterministic, has no write contention on popular columns, and reuses one kernel.
 - SDDMM (backward): ``dval[k] = sum_t dy[t, row(k)] * x[t, col[k]]`` for the nnz entries only.
 
+``sparse_linear`` (``SparseLinearFunction``) adds the adapter *in place*: the SpMM kernels have an
+accumulate mode (``sparse_spmm_add_``: ``y += x @ (M⊙S)^T``, fp32 sum rounded once) that runs on
+the frozen product's output in forward and on ``dY @ W0`` in backward, so no adapter-sized output
+is written and no separate sum pass runs (``base + adapter`` costs a write of the adapter output
+plus a read of both and a write of the sum: 4 passes over ``T x d_out`` forward where the in-place
+add costs 2, and the same over ``T x d_in`` for dX). ``sparse_adapter`` (the adapter alone, and
+SparseLinear's RoSA form beside a LoRA) keeps the out-of-place ops.
+
 No step ever allocates a dense ``(d_out, d_in)`` tensor. Accumulation is fp32; ``val`` is upcast to
 fp32 (an nnz-sized copy) before every kernel, outputs are cast back to ``x.dtype`` / ``val.dtype``.
 
@@ -78,6 +86,7 @@ def _spmm_kernel(
     stride_xt_k,
     stride_y_t,
     # meta-parameters
+    ACCUMULATE: tl.constexpr,  # add into y (in place) instead of overwriting it
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -106,8 +115,11 @@ def _spmm_kernel(
         xg = tl.load(xt_ptr + cols[None, :] * stride_xt_k + offs_t[:, None],
                      mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         acc += xg * vals[None, :]
-    tl.store(y_ptr + offs_t[:, None].to(tl.int64) * stride_y_t + offs_r[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_r[None, :])
+    y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_y_t + offs_r[None, :]
+    y_mask = mask_t[:, None] & mask_r[None, :]
+    if ACCUMULATE:  # one rounding of the fp32 sum, as the native kernels do
+        acc += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -158,13 +170,13 @@ def _coo_rows(crow: torch.Tensor, nnz: int) -> torch.Tensor:
                                    output_size=nnz)
 
 
-@torch.library.custom_op("peft_kernels::sparse_spmm_triton", mutates_args=())
-def _spmm_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
-                 out_features: int) -> torch.Tensor:
-    T = x.shape[0]
-    y = torch.empty(T, out_features, dtype=x.dtype, device=x.device)
+def _launch_spmm(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
+                 accumulate: bool) -> None:
+    """The Triton SpMM into ``y`` ``(T, N)`` (row stride free, unit column stride), overwriting
+    it or adding to it."""
+    T, out_features = y.shape
     if T == 0 or out_features == 0:
-        return y
+        return
     xt = x.t().contiguous()  # (K, T); free when x is already a transposed view
     crow, col = crow.contiguous(), col.contiguous()  # indexed densely by the kernel (no-ops normally)
     n_blocks = triton.cdiv(out_features, SPMM_BLOCK_R)
@@ -178,14 +190,35 @@ def _spmm_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: to
             xt, crow, col, val.contiguous(), steps, y,
             T, out_features,
             xt.stride(0), y.stride(0),
-            BLOCK_T=SPMM_BLOCK_T, BLOCK_R=SPMM_BLOCK_R,
+            ACCUMULATE=accumulate, BLOCK_T=SPMM_BLOCK_T, BLOCK_R=SPMM_BLOCK_R,
         )
+
+
+@torch.library.custom_op("peft_kernels::sparse_spmm_triton", mutates_args=())
+def _spmm_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
+                 out_features: int) -> torch.Tensor:
+    y = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    _launch_spmm(y, x, crow, col, val, accumulate=False)
     return y
 
 
 @_spmm_triton.register_fake
 def _(x, crow, col, val, out_features):
     return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("peft_kernels::sparse_spmm_add_triton", mutates_args=("y",))
+def _spmm_add_triton(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                     val: torch.Tensor) -> None:
+    """``y += x @ (M⊙S)^T`` in place (``y`` ``(T, N)`` with a unit column stride)."""
+    if y.stride(1) != 1:
+        raise ValueError(f"y must have a unit column stride, got strides {tuple(y.stride())}")
+    _launch_spmm(y, x, crow, col, val, accumulate=True)
+
+
+@_spmm_add_triton.register_fake
+def _(y, x, crow, col, val):
+    return None
 
 
 @torch.library.custom_op("peft_kernels::sparse_sddmm_triton", mutates_args=())
@@ -229,12 +262,23 @@ if _native_ops_loaded():
     def _(dy, x, crow, col):
         return x.new_empty((col.shape[0],), dtype=torch.float32)
 
+    @torch.library.register_fake("peft_kernels::sparse_spmm_add_")
+    def _(y, x, crow, col, val):
+        return None
+
 
 def _kernels(impl: str):
     """(spmm, sddmm) callables of one implementation."""
     if impl == "triton":
         return torch.ops.peft_kernels.sparse_spmm_triton, torch.ops.peft_kernels.sparse_sddmm_triton
     return torch.ops.peft_kernels.sparse_spmm, torch.ops.peft_kernels.sparse_sddmm
+
+
+def _spmm_add(impl: str):
+    """The in-place ``y += x @ (M⊙S)^T`` of one implementation."""
+    if impl == "triton":
+        return torch.ops.peft_kernels.sparse_spmm_add_triton
+    return torch.ops.peft_kernels.sparse_spmm_add_
 
 
 def _native_check(device, dtype) -> Optional[str]:
@@ -315,6 +359,50 @@ class SparseAdapterFunction(torch.autograd.Function):
         return dx, dval, None, None, None, None, None, None, None
 
 
+class SparseLinearFunction(torch.autograd.Function):
+    """``x2 @ W0^T (+ b) + x2 @ (M⊙S)^T`` with the adapter added *in place* onto the frozen
+    product (forward) and onto ``dY @ W0`` (backward): no separate adapter output and no sum pass,
+    which saves two passes over a ``T x d_out`` tensor forward and two over ``T x d_in`` backward
+    against ``base + adapter`` (an adapter output written, then read twice and a sum written).
+
+    forward(x2, weight, bias, val, crow, col, crow_t, row_t, perm, impl)
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, val, crow, col, crow_t, row_t, perm, impl):
+        _, d_in = x2.shape
+        xt = x2.t().contiguous()  # one token-minor copy serves the forward gather and the SDDMM
+        w = weight.to(x2.dtype)
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(x2.dtype), x2, w.t())
+        _spmm_add(impl)(y, xt.t(), crow, col, val.float())
+        ctx.impl = impl
+        ctx.val_dtype, ctx.weight_dtype = val.dtype, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        need_xt = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
+        ctx.save_for_backward(xt if need_xt else None, w, val, crow, col, crow_t, row_t, perm)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xt, w, val, crow, col, crow_t, row_t, perm = ctx.saved_tensors
+        need_x, need_w, need_b, need_val = ctx.needs_input_grad[:4]
+        _, sddmm = _kernels(ctx.impl)
+        dy = dy.contiguous()
+        dx = dw = db = dval = None
+        if need_x:
+            dx = torch.mm(dy, w)
+            _spmm_add(ctx.impl)(dx, dy, crow_t, row_t, val.float()[perm])
+        if need_val or need_w:
+            dyt = dy.t().contiguous()  # token-minor dY for the SDDMM
+            if need_val:
+                dval = sddmm(dyt.t(), xt.t(), crow, col).to(ctx.val_dtype)
+            if need_w:
+                dw = torch.mm(dyt, xt.t()).to(ctx.weight_dtype)
+        if need_b:
+            db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return dx, dw, db, dval, None, None, None, None, None, None
+
+
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
@@ -328,12 +416,9 @@ def _check_adapter_args(x, crow, col, val, out_features: int):
     return d_in
 
 
-def _adapter(x2, crow, col, val, out_features, which, csr_t):
-    d_in = x2.shape[1]
-    if csr_t is not None:
-        _check_csr_t(csr_t, col.shape[0], d_in, x2.device)
-    if which == "torch":
-        return _reference_sparse_adapter(x2, crow, col, val, out_features)
+def _kernel_csr(crow, col, d_in: int, csr_t):
+    """(crow, col, crow_t, row_t, perm) in the kernels' index dtypes (one per CSR), the transpose
+    built when not cached."""
     if crow.dtype != col.dtype:  # the kernels take one index dtype
         crow, col = crow.to(torch.int64), col.to(torch.int64)
     if csr_t is None:
@@ -341,6 +426,16 @@ def _adapter(x2, crow, col, val, out_features, which, csr_t):
     crow_t, row_t, perm = csr_t
     if row_t.dtype != crow_t.dtype:
         crow_t, row_t = crow_t.to(torch.int64), row_t.to(torch.int64)
+    return crow, col, crow_t, row_t, perm
+
+
+def _adapter(x2, crow, col, val, out_features, which, csr_t):
+    d_in = x2.shape[1]
+    if csr_t is not None:
+        _check_csr_t(csr_t, col.shape[0], d_in, x2.device)
+    if which == "torch":
+        return _reference_sparse_adapter(x2, crow, col, val, out_features)
+    crow, col, crow_t, row_t, perm = _kernel_csr(crow, col, d_in, csr_t)
     return SparseAdapterFunction.apply(x2, val, crow, col, crow_t, row_t, perm, out_features, which)
 
 
@@ -373,10 +468,12 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col
         if csr_t is not None:
             _check_csr_t(csr_t, col.shape[0], d_in, x.device)
         return _reference_sparse(x, weight, crow, col, val, bias, check_values=False)
+    if csr_t is not None:
+        _check_csr_t(csr_t, col.shape[0], d_in, x.device)
     x2 = flatten_tokens(x)
-    base = torch.nn.functional.linear(x2, weight.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
-    y = base + _adapter(x2, crow, col, val, d_out, which, csr_t)
+    crow, col, crow_t, row_t, perm = _kernel_csr(crow, col, d_in, csr_t)
+    y = SparseLinearFunction.apply(x2, weight, bias, val, crow, col, crow_t, row_t, perm, which)
     return y.reshape(*x.shape[:-1], d_out)
 
 
-__all__ = ["SparseAdapterFunction", "csr_transpose", "sparse_adapter", "sparse_linear"]
+__all__ = ["SparseAdapterFunction", "SparseLinearFunction", "csr_transpose", "sparse_adapter", "sparse_linear"]

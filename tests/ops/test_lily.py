@@ -5,6 +5,8 @@ kernel AND of a same-dtype torch run against an fp64 reference, with the 2x rule
 """
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -14,6 +16,11 @@ from peft_kernels.ops.lily import lily_linear
 
 D_IN, D_OUT = 53, 41          # primes: partial tiles in every direction
 LEAD = (3, 13)                # 3-D input, T = 39 (two 32-row blocks, the second partial)
+
+
+def _seed(*key) -> int:
+    """A per-case seed that is the same in every run (``hash`` of strings is salted per process)."""
+    return zlib.crc32(repr(key).encode()) % 1000
 
 
 def _make(r, E, router_input, bias, lead=LEAD, d_in=D_IN, d_out=D_OUT):
@@ -66,7 +73,7 @@ CASES = [
 
 @pytest.mark.parametrize("routing,router_input,dtype,r,E,bias", CASES)
 def test_lily_kernel_matches_reference(interpret, routing, router_input, dtype, r, E, bias):
-    torch.manual_seed(hash((routing, router_input, r, E)) % 1000)
+    torch.manual_seed(_seed(routing, router_input, r, E))
     _check_against_reference(dtype, r, E, routing, router_input, bias)
 
 
@@ -105,17 +112,16 @@ PATH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path,base,routing,router_input,dtype,r,E,bias",
-                         [(p, b, ro, ri, dt, r, E, bi) for p, b, ro, ri, dt, bi, r, E in PATH_CASES])
-def test_lily_paths_and_bases_match_reference(interpret, monkeypatch, path, base, routing, router_input, dtype, r,
-                                              E, bias):
+@pytest.mark.parametrize("path,base,routing,router_input,dtype,bias,r,E", PATH_CASES)
+def test_lily_paths_and_bases_match_reference(interpret, monkeypatch, path, base, routing, router_input, dtype, bias,
+                                              r, E):
     """Output and every gradient on each path (fused LoRA primitives / wide Lily kernels) and each
     base, checked against fp64 with the 2x rule; the spies confirm the path and base really taken."""
     from launch_spy import spy_launches
     import peft_kernels.ops.lily as lily_ops
     import peft_kernels.ops.lora as lora_ops
 
-    torch.manual_seed(hash((path, base, routing, router_input, r, E)) % 1000)
+    torch.manual_seed(_seed(path, base, routing, router_input, r, E))
     if path == "wide":
         _force_wide(monkeypatch)
     bases = _record_bases(monkeypatch)

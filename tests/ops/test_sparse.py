@@ -287,3 +287,53 @@ def test_triton_ops_accept_strided_index_tensors(interpret):
     spmm, sddmm = torch.ops.peft_kernels.sparse_spmm_triton, torch.ops.peft_kernels.sparse_sddmm_triton
     torch.testing.assert_close(spmm(x, crow_s, col_s, val, 11), spmm(x, crow, col, val, 11), rtol=0, atol=0)
     torch.testing.assert_close(sddmm(dy, x, crow_s, col_s), sddmm(dy, x, crow, col), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spmm_add_accumulates_in_place(request, impl, dtype):
+    """``y += x @ (M⊙S)^T`` in place (what sparse_linear runs on the frozen product's output and on
+    dY @ W0): the same storage comes back holding the fp32 sum rounded once; schema/fake checked."""
+    dev = _impl_device(request, impl)
+    g = torch.Generator().manual_seed(8)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    x = torch.randn(37, D_IN, generator=g)
+    val = torch.randn(col.shape[0], generator=g)
+    y0 = torch.randn(37, D_OUT, generator=g)
+    exact = y0.double() + sparse_adapter(x.double(), crow, col, val.double(), D_OUT)
+    same = y0.to(dtype) + sparse_adapter(x.to(dtype), crow, col, val.to(dtype), D_OUT)
+    op = ops._spmm_add(impl)
+    y = y0.to(dev, dtype)
+    ptr = y.data_ptr()
+    args = (x.to(dev, dtype), crow.to(dev), col.to(dev), val.to(dev))
+    assert op(y, *args) is None
+    assert y.data_ptr() == ptr
+    assert_close_to_reference(f"{impl}/{dtype}/y+=", y.cpu(), same, exact)
+    utils = ("test_schema", "test_faketensor") if impl == "triton" else ("test_schema", "test_faketensor",
+                                                                         "test_autograd_registration")
+    torch.library.opcheck(op.default, (y0.to(dev, dtype), *args), test_utils=utils)
+
+
+@needs_cpp
+def test_sparse_linear_weight_bias_grads_and_compile():
+    """The fused SparseLinearFunction also gives W0 and bias gradients when they require them, and
+    traces whole (fwd + bwd, in-place adds included) under torch.compile."""
+    g = torch.Generator().manual_seed(9)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    x, W = torch.randn(*T_SHAPE, D_IN, generator=g), torch.randn(D_OUT, D_IN, generator=g) / D_IN**0.5
+    b, val = torch.randn(D_OUT, generator=g), torch.randn(col.shape[0], generator=g)
+    dy = torch.randn(*T_SHAPE, D_OUT, generator=g)
+
+    def run(fn, dt):
+        ts = [leaf(t, dt) for t in (x, W, b, val)]
+        y = fn(ts[0], ts[1], crow, col, ts[3], ts[2])
+        return [y, *grads(y, ts, dy.to(dt))]
+
+    exact = run(sparse, torch.float64)
+    same = run(sparse, torch.float32)
+    got = run(lambda *a: ops.sparse_linear(*a, impl="cpp"), torch.float32)
+    comp = run(torch.compile(lambda *a: ops.sparse_linear(*a, impl="cpp"), backend="aot_eager", fullgraph=True),
+               torch.float32)
+    for name, k, c, s, e in zip(("y", "dx", "dW", "db", "dval"), got, comp, same, exact):
+        assert_close_to_reference(name, k, s, e)
+        torch.testing.assert_close(c, k, rtol=0, atol=0)
