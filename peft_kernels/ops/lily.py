@@ -580,7 +580,7 @@ def _fused_path(token: bool, r: int, E: int) -> bool:
 def _z(h, p):
     """``Z[t, e*r + j] = p[t, e] * h[t, j]`` ``(T, E*r)`` fp32, materialised (T x E*r fp32: 2 MB at
     T=8192, E*r=64)."""
-    return (p[:, :, None] * h[:, None, :]).reshape(h.shape[0], -1)
+    return (p[:, :, None] * h[:, None, :]).reshape(h.shape[0], p.shape[1] * h.shape[1])
 
 
 def _hp_cat(hp, dtype):

@@ -190,6 +190,22 @@ def test_lily_shared_hp_gradient_accumulates_over_layers(interpret, monkeypatch,
         assert_close_to_reference(name, g, s_, e)
 
 
+@pytest.mark.parametrize("path", ["fused", "wide"])
+def test_lily_empty_input(interpret, monkeypatch, path):
+    """T = 0 tokens: an empty output and zero parameter gradients on both paths and routings."""
+    if path == "wide":
+        _force_wide(monkeypatch)
+    x, weight, lp, router, hp, b = (t.float() for t in _make(3, 2, "x", True, lead=(0, 4), d_in=7, d_out=5))
+    for routing in ("token", "batch"):
+        ins = [leaf(t) for t in (x, lp, router, hp, b)]
+        y = lily_linear(ins[0], weight, *ins[1:], routing=routing, router_input="x", impl="triton", base="triton")
+        assert y.shape == (0, 4, 5)
+        gs = grads(y, ins, torch.randn_like(y))
+        assert gs[0].shape == x.shape
+        for g, t in zip(gs[1:], ins[1:]):
+            assert g.shape == t.shape and not g.any()
+
+
 def test_lily_input_without_grad_and_dispatch(interpret):
     """Only parameter gradients requested (x is data); the default dispatch on CPU runs the reference."""
     x, weight, lp, router, hp, _ = _make(4, 3, "h", False)
