@@ -231,12 +231,12 @@ def _lily_proj():
 
 
 def _lily_mix():
+    # token routing only; launched only for E*r > lily.FUSED_MAX_K (BLOCK_C saturates at 64 well below that)
     for dt, r in _lily_dtypes():
-        for token in (True, False):
-            kz = _LILY_E * r if token else r
-            bm, bn, bc, w = lily._mix_blocks(_on_cuda(DTYPES[dt]), kz)
-            yield Case(dt, dict(TOKEN=token, DOT=lily._dot_mode(_on_cuda(DTYPES[dt])), BLOCK_M=bm, BLOCK_N=bn,
-                                BLOCK_C=bc), w, 3, fp32=("h_ptr", "p_ptr"), note=f"r={r} E={_LILY_E}")
+        kz = _LILY_E * r
+        bm, bn, bc, w = lily._mix_blocks(_on_cuda(DTYPES[dt]), kz)
+        yield Case(dt, dict(DOT=lily._dot_mode(_on_cuda(DTYPES[dt])), BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc), w, 3,
+                   fp32=("h_ptr", "p_ptr"), note=f"r={r} E={_LILY_E}")
 
 
 def _lily_dz():
