@@ -387,19 +387,19 @@ class SparseLinearFunction(torch.autograd.Function):
         xt, w, val, crow, col, crow_t, row_t, perm = ctx.saved_tensors
         need_x, need_w, need_b, need_val = ctx.needs_input_grad[:4]
         _, sddmm = _kernels(ctx.impl)
-        dy = dy.contiguous()
         dx = dw = db = dval = None
+        # one token-minor copy of dY serves the dX gather and the SDDMM (the kernels take x^T
+        # layouts; passing dyt.t() makes their own transposes free)
+        dyt = dy.t().contiguous()
         if need_x:
-            dx = torch.mm(dy, w)
-            _spmm_add(ctx.impl)(dx, dy, crow_t, row_t, val.float()[perm])
-        if need_val or need_w:
-            dyt = dy.t().contiguous()  # token-minor dY for the SDDMM
-            if need_val:
-                dval = sddmm(dyt.t(), xt.t(), crow, col).to(ctx.val_dtype)
-            if need_w:
-                dw = torch.mm(dyt, xt.t()).to(ctx.weight_dtype)
+            dx = torch.mm(dyt.t(), w)
+            _spmm_add(ctx.impl)(dx, dyt.t(), crow_t, row_t, val.float()[perm])
+        if need_val:
+            dval = sddmm(dyt.t(), xt.t(), crow, col).to(ctx.val_dtype)
+        if need_w:
+            dw = torch.mm(dyt, xt.t()).to(ctx.weight_dtype)
         if need_b:
-            db = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+            db = dyt.sum(1, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, db, dval, None, None, None, None, None, None
 
 
