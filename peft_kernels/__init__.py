@@ -19,6 +19,7 @@ _LAZY = {
     "monarch_linear": "peft_kernels.ops.monarch",
     "sparse_linear": "peft_kernels.ops.sparse",
     "sparse_adapter": "peft_kernels.ops.sparse",
+    "rosa_linear": "peft_kernels.ops.sparse",
     "lily_linear": "peft_kernels.ops.lily",
     # drop-in modules
     "LoRALinear": "peft_kernels.modules.lora",

@@ -23,8 +23,7 @@ from torch import nn
 
 from .. import dispatch
 from .._checks import check_density, check_tensor
-from ..ops.lora import lora_linear
-from ..ops.sparse import csr_transpose, sparse_adapter, sparse_linear
+from ..ops.sparse import csr_transpose, rosa_linear, sparse_linear
 from ..reference.lora import lora_delta_weight
 from ..reference.sparse import check_csr, sparse_delta_weight
 from .lora import _AdapterLinear
@@ -173,10 +172,9 @@ class SparseLinear(_AdapterLinear):
             return sparse_linear(x, weight, self.crow, self.col, self.values, bias, impl=self.impl,
                                  csr_t=self.csr_t())
         p, seed = self._dropout_and_seed()
-        y = lora_linear(x, weight, self.lora_A.weight, self.lora_B.weight, bias, self.scaling, p, seed,
-                        impl=self._lora_impl(x))
-        return y + sparse_adapter(x, self.crow, self.col, self.values, self.out_features, impl=self.impl,
-                                  csr_t=self.csr_t())
+        return rosa_linear(x, weight, self.crow, self.col, self.values, self.lora_A.weight, self.lora_B.weight,
+                           bias, self.scaling, p, seed, impl=self.impl, csr_t=self.csr_t(),
+                           lora_impl=self._lora_impl(x))
 
     def adapter_config(self) -> dict:
         """Options that rebuild a module with the same parameter shapes. The mask itself travels in

@@ -403,6 +403,63 @@ class SparseLinearFunction(torch.autograd.Function):
         return dx, dw, db, dval, None, None, None, None, None, None
 
 
+class RoSAFunction(torch.autograd.Function):
+    """RoSA's ``x2 @ W0^T (+ b) + s * dropout(x2) @ A^T @ B^T + x2 @ (M⊙S)^T`` in one Function.
+
+    The LoRA part runs on the LoRA family's fused kernels (``ops.lora``: down-projection, the base
+    GEMM with the LoRA term in its epilogue, one pass over dY for g/dB, the dX GEMM with the
+    ``g @ A`` term in its epilogue, dA) and the sparse part is added *in place* into the same
+    output / dX (``sparse_spmm_add_``), so the composition ``lora + sparse`` costs no adapter-sized
+    output and no sum pass. Only the token-minor ``x^T`` is saved (the LoRA kernels read it
+    through strides), not x as well.
+
+    forward(x2, weight, bias, lora_A, lora_B, val, crow, col, crow_t, row_t, perm, scaling,
+    dropout_p, seed, base, impl)
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, lora_A, lora_B, val, crow, col, crow_t, row_t, perm, scaling, dropout_p,
+                seed, base, impl):
+        from .lora import _lora_down, _lora_gemm
+
+        xt = x2.t().contiguous()
+        xa = _lora_down(x2, lora_A, dropout_p, seed)
+        y = _lora_gemm(x2, weight.t(), None, xa, lora_B.t(), bias, scaling, 0.0, seed, x2.dtype, base)
+        _spmm_add(impl)(y, xt.t(), crow, col, val.float())
+        ctx.save_for_backward(xt, weight, lora_A, lora_B, xa, seed, val, crow, col, crow_t, row_t, perm)
+        ctx.scaling, ctx.dropout_p, ctx.base, ctx.impl = scaling, dropout_p, base, impl
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ..reference._philox import keep_scale
+        from .lora import _lora_bwd_da, _lora_bwd_gb, _lora_gemm
+
+        xt, weight, lora_A, lora_B, xa, seed, val, crow, col, crow_t, row_t, perm = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        need_x, need_w, need_b, need_a, need_lb, need_val = ctx.needs_input_grad[:6]
+        dx = dw = db = da = dlb = dval = None
+        dy = dy.contiguous()
+        dyt = dy.t().contiguous()  # token-minor dY: the dX gather and the SDDMM
+        g, db32 = _lora_bwd_gb(dy, lora_B, xa, 0.0, seed)
+        if need_lb:
+            dlb = (db32 * s).to(lora_B.dtype)
+        if need_x:
+            dx = _lora_gemm(dy, weight, None, g, lora_A, None, s * keep_scale(p), p, seed, dy.dtype, ctx.base)
+            _spmm_add(ctx.impl)(dx, dyt.t(), crow_t, row_t, val.float()[perm])
+        if need_a:
+            da = _lora_bwd_da(g, xt.t(), s, p, seed).to(lora_A.dtype)
+        if need_val:
+            _, sddmm = _kernels(ctx.impl)
+            dval = sddmm(dyt.t(), xt.t(), crow, col).to(val.dtype)
+        if need_w:
+            dw = torch.mm(dyt, xt.t()).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            db = dyt.sum(1, dtype=torch.float32).to(dy.dtype)
+        return dx, dw, db, da, dlb, dval, *([None] * 10)
+
+
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
@@ -476,4 +533,40 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col
     return y.reshape(*x.shape[:-1], d_out)
 
 
-__all__ = ["SparseAdapterFunction", "SparseLinearFunction", "csr_transpose", "sparse_adapter", "sparse_linear"]
+def rosa_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
+                lora_A: torch.Tensor, lora_B: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                scaling: float = 1.0, dropout_p: float = 0.0, seed: int | torch.Tensor = 0,
+                impl: Optional[str] = None, csr_t=None, *, lora_impl: Optional[str] = None,
+                base: Optional[str] = None) -> torch.Tensor:
+    """RoSA (``W0 + M⊙S + s * B A``): ``lora_linear(x, ...) + sparse_adapter(x, ...)``, fused.
+
+    ``impl`` picks the sparse implementation and ``lora_impl`` the LoRA one (each family's
+    dispatch by default); the LoRA dropout applies to the LoRA branch only, as in the composition.
+    When the LoRA part runs on its Triton kernels (r <= 256) and the sparse part on a native or
+    Triton kernel, ``RoSAFunction`` runs both in one pass structure (sparse added in place);
+    otherwise the two reference-equal functions are composed."""
+    from .lora import MAX_RANK, _seed_tensor, base_mode, lora_linear
+    from ..reference.lora import check_lora_args
+
+    check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed)
+    d_out, d_in = weight.shape
+    check_csr(crow, col, val, (d_out, d_in), check_values=False)
+    check_same_device(x=x, crow=crow, col=col, val=val)
+    if csr_t is not None:
+        _check_csr_t(csr_t, col.shape[0], d_in, x.device)
+    which = dispatch.choose("sparse", x.device, x.dtype, impl)
+    lora_which = dispatch.choose("lora", x.device, x.dtype, lora_impl)
+    fused = (which != "torch" and lora_which == "triton" and lora_A.shape[0] <= MAX_RANK
+             and not torch.is_autocast_enabled(x.device.type)
+             and all(t.dtype == x.dtype for t in (weight, lora_A, lora_B) + ((bias,) if bias is not None else ())))
+    if not fused:
+        y = lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, impl=lora_which, base=base)
+        return y + sparse_adapter(x, crow, col, val, d_out, impl=which, csr_t=csr_t)
+    x2 = flatten_tokens(x).contiguous()
+    crow, col, crow_t, row_t, perm = _kernel_csr(crow, col, d_in, csr_t)
+    y = RoSAFunction.apply(x2, weight, bias, lora_A.contiguous(), lora_B, val, crow, col, crow_t, row_t, perm,
+                           float(scaling), float(dropout_p), _seed_tensor(seed), base_mode(base), which)
+    return y.reshape(*x.shape[:-1], d_out)
+
+
+__all__ = ["RoSAFunction", "SparseAdapterFunction", "SparseLinearFunction", "rosa_linear", "csr_transpose", "sparse_adapter", "sparse_linear"]

@@ -337,3 +337,70 @@ def test_sparse_linear_weight_bias_grads_and_compile():
     for name, k, c, s, e in zip(("y", "dx", "dW", "db", "dval"), got, comp, same, exact):
         assert_close_to_reference(name, k, s, e)
         torch.testing.assert_close(c, k, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl,dtype,p,use_bias,base", [
+    ("cpp", torch.float32, 0.3, True, "triton"),
+    ("triton", torch.bfloat16, 0.0, False, "cublas"),
+    ("cpp", torch.float16, 0.2, False, "cublas"),
+    pytest.param("cuda", torch.bfloat16, 0.1, True, "auto", marks=pytest.mark.gpu),
+])
+def test_rosa_fused_matches_reference(request, monkeypatch, impl, dtype, p, use_bias, base):
+    """RoSA (W0 + M⊙S + s B A) in one Function (LoRA on its Triton kernels, the sparse part added in
+    place) against the fp64 composition of the two references: output and every gradient."""
+    from peft_kernels.reference import lora as lora_reference
+
+    calls = []
+    fused_apply = ops.RoSAFunction.apply
+    monkeypatch.setattr(ops.RoSAFunction, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+
+    dev = _impl_device(request, impl)
+    if dev.type == "cpu":
+        dev = request.getfixturevalue("interpret")  # the LoRA kernels run under the interpreter
+    g = torch.Generator().manual_seed(10)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    r, s, seed = 5, 1.7, 321
+    x = torch.randn(*T_SHAPE, D_IN, generator=g)
+    W = torch.randn(D_OUT, D_IN, generator=g) / D_IN**0.5
+    A, B = torch.randn(r, D_IN, generator=g) / D_IN**0.5, torch.randn(D_OUT, r, generator=g) / r**0.5
+    b = torch.randn(D_OUT, generator=g) if use_bias else None
+    val = torch.randn(col.shape[0], generator=g)
+    dy = torch.randn(*T_SHAPE, D_OUT, generator=g)
+
+    def ref(x, W, A, B, val, b):
+        return lora_reference(x, W, A, B, b, s, p, seed) + ops.sparse_adapter(x, crow, col, val, D_OUT, impl="torch")
+
+    def run(fn, dt, d):
+        ts = [leaf(t.to(d), dt) for t in (x, A, B, val)]
+        bb = None if b is None else leaf(b.to(d), dt)
+        y = fn(ts[0], W.to(d, dt), ts[1], ts[2], ts[3], bb)
+        return [y, *grads(y, ts + [bb], dy.to(d, dt))]
+
+    exact = run(ref, torch.float64, "cpu")
+    same = run(ref, dtype, "cpu")
+    cr, cc = crow.to(dev), col.to(dev)
+    got = run(lambda x, W, A, B, val, b: ops.rosa_linear(x, W, cr, cc, val, A, B, b, s, p, seed, impl=impl,
+                                                         lora_impl="triton", base=base), dtype, dev)
+    assert calls == [1]  # the fused Function ran, not the composition
+    for name, k, sm, e in zip(("y", "dx", "dA", "dB", "dval", "dbias"), got, same, exact):
+        if e is None:
+            assert k is None, name
+            continue
+        assert k.dtype == dtype, name
+        assert_close_to_reference(f"{impl}/{dtype}/{name}", k.cpu(), sm, e)
+
+
+def test_rosa_falls_back_to_the_composition_on_the_torch_path():
+    """Where the LoRA family has no kernel (CPU without the interpreter), rosa_linear is exactly
+    lora_linear + sparse_adapter."""
+    from peft_kernels.ops.lora import lora_linear
+
+    g = torch.Generator().manual_seed(11)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    x, W = torch.randn(7, D_IN, generator=g), torch.randn(D_OUT, D_IN, generator=g)
+    A, B, val = torch.randn(3, D_IN, generator=g), torch.randn(D_OUT, 3, generator=g), torch.randn(col.shape[0])
+    got = ops.rosa_linear(x, W, crow, col, val, A, B, None, 0.5, 0.2, 9, lora_impl="torch")
+    want = lora_linear(x, W, A, B, None, 0.5, 0.2, 9, impl="torch") + ops.sparse_adapter(x, crow, col, val, D_OUT)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="lora_A"):
+        ops.rosa_linear(x, W, crow, col, val, A[:, :5], B, lora_impl="torch")
