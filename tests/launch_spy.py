@@ -41,6 +41,11 @@ class _KernelSpy:
     def __init__(self, name, kernel, log: LaunchLog, run: bool):
         self.name, self.kernel, self.log, self.run = name, kernel, log, run
 
+    @property
+    def fn(self):
+        """An autotuned kernel's JITFunction, launched directly with a fixed config."""
+        return _KernelSpy(self.name, self.kernel.fn, self.log, self.run)
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             g = grid

@@ -21,8 +21,9 @@ size ``T x d_out``.
 Determinism: the forward and dX are bit-reproducible run to run (fixed tile order, no atomics).
 dA and dB are NOT on a GPU: their token-split partial sums meet in fp32 ``tl.atomic_add``, whose
 order varies, so they can differ in the last bits between identical runs (the interpreter runs
-programs in order and hides this). Autotuning is harmless to them: the GEMM, the only autotuned
-kernel, writes its output once and never accumulates into a buffer.
+programs in order and hides this). Autotuning is harmless to them: the autotuned GEMM writes a fresh
+output once; its add-only mode, which adds into an output in place, runs with one fixed tile and is
+never autotuned (the autotuner's benchmark runs would each add the LoRA term again).
 
 Base product (``base=`` argument, else ``PEFT_KERNELS_BASE``, else ``DEFAULT_BASE`` = ``auto``):
 ``triton`` runs the base GEMMs in Triton with the LoRA terms fused into their epilogues (output
@@ -31,8 +32,9 @@ place with the same kernel in add-only mode (one extra read+write of the output)
 inside the ``lora_gemm`` op, per GEMM (forward and dX separately) and per shape key (device,
 dtypes, token bucket, N, K, rank chunk, flags): the first call on a CUDA device times both on its
 own operands and keeps the faster (``base_decisions()`` lists the decisions and both times).
-Both give the same result up to fp32 summation order, so the decision changes speed, not the
-math; pin ``PEFT_KERNELS_BASE`` for bit-reproducibility across processes. Which base wins per
+Both give the same result up to fp32 summation order and, on the cuBLAS path, one more rounding
+of the base product (to the output dtype, before the LoRA term is added), so the decision
+changes speed, not the math; pin ``PEFT_KERNELS_BASE`` for bit-reproducibility across processes. Which base wins per
 shape on an H100 is UNMEASURED (no GPU in the sessions that wrote this).
 
 The same kernels serve Monarch (``ops/monarch.py``, dense expansions of its block factors) with
@@ -163,7 +165,11 @@ def _lora_down_kernel(
              mask=t_ok[:, None] & r_ok[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R_BLOCK", "HAS_GEMM", "HAS_DROPOUT"])
+# key: the W layout (stride_wk is 1 for the forward's W0^T view, d_in for dX's row-major W0) and
+# every flag that changes the code; the add-only mode is never autotuned (``_launch_add_only``)
+@triton.autotune(configs=_gemm_configs(),
+                 key=["M_BUCKET", "N", "K", "R_BLOCK", "stride_wk", "HAS_GEMM", "HAS_BIAS", "HAS_DROPOUT",
+                      "DOT_PRECISION"])
 @triton.jit
 def _lora_gemm_kernel(
     # pointers
@@ -456,17 +462,52 @@ def _launch_gemm(x, w, c, left, right, bias, scale, dropout_p, seed, out):
     return out
 
 
+# The add-only pass (cuBLAS base) adds into its output in place, so it must not be autotuned: the
+# autotuner benchmarks every config on the live arguments and each run would add the LoRA term
+# again. It is memory-bound; one fixed tile (interpreter: the interpreter's tile).
+def _add_only_config() -> dict:
+    if dispatch.interpreter_enabled():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+
+
+def _launch_add_only(c, left, right, scale, dropout_p, seed):
+    """``c += scale * mask * (left @ right)`` in place, with the fixed add-only tile."""
+    M, N = c.shape
+    R = left.shape[1]
+    if M == 0 or N == 0:
+        return c
+    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
+    cfg = _add_only_config()
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    with _DeviceGuard(left.device):
+        _lora_gemm_kernel.fn[grid](
+            left, left, c, left, right, left, c,
+            M, N, 0, R, _m_bucket(M),
+            0, 0, 0, 0, c.stride(0), c.stride(1),
+            left.stride(0), left.stride(1), right.stride(0), right.stride(1), c.stride(0), c.stride(1),
+            scale, seed, thr,
+            HAS_GEMM=False, HAS_C=True, HAS_BIAS=False, HAS_DROPOUT=has_drop,
+            R_BLOCK=_r_block(R), DOT_PRECISION=_dot_precision(right.dtype), **cfg,
+        )
+    return c
+
+
 def _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, base):
     """One resolved base (``triton`` or ``cublas``) of ``_lora_gemm``."""
     M, N = left.shape[0], right.shape[1]
     if x is not None and base == "cublas":
-        # frozen product on cuBLAS, bias folded into it; the LoRA term is added in place
-        y0 = torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
+        # frozen product on cuBLAS in the operands' dtype (autocast off: it would silently change the
+        # precision inside the op), bias folded into it; the LoRA term is then added in place
+        with torch.autocast(x.device.type, enabled=False):
+            y0 = torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
         if c is not None:
             y0 += c
         if y0.dtype != out_dtype:
             y0 = y0.to(out_dtype)
-        return _launch_gemm(None, None, y0, left, right, None, scale, dropout_p, seed, y0)
+        return _launch_add_only(y0, left, right, scale, dropout_p, seed)
+    if x is None:  # add-only on a caller's c: on a copy, the caller's tensor stays as it was
+        return _launch_add_only(c.to(out_dtype, copy=True), left, right, scale, dropout_p, seed)
     out = torch.empty((M, N), device=left.device, dtype=out_dtype)
     return _launch_gemm(x, w, c, left, right, bias, scale, dropout_p, seed, out)
 
@@ -474,38 +515,48 @@ def _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtyp
 # Base chosen by measurement (``base="auto"``), per key; ``base_decisions()`` exposes it.
 _AUTO_CHOICE: dict = {}
 _AUTO_TIMES: dict = {}
-AUTO_REPS = 5
+AUTO_ROUNDS = 5  # timing rounds, the two bases interleaved in each
+AUTO_CALLS = 3  # back-to-back calls per timed sample (launch latency amortised, as in training)
 
 
 def _auto_key(x, w, c, left, right, bias, dropout_p, out_dtype) -> tuple:
-    """What a base decision is valid for: device, dtypes, token bucket (as the autotuner keys),
-    GEMM sizes, the epilogue's rank chunk, and the flags and W layout that change the kernel."""
+    """What a base decision is valid for: device, dtypes, dot precision, token bucket (as the
+    autotuner keys), GEMM sizes, the padded rank (the epilogue's cost), and the flags and operand
+    layouts that change the kernel."""
     M, K = x.shape
-    return (str(x.device), x.dtype, out_dtype, _m_bucket(M), right.shape[1], K, _r_block(left.shape[1]),
-            dropout_p > 0, bias is not None, c is not None, w.stride(0) == 1)
+    return (str(x.device), x.dtype, out_dtype, _dot_precision(right.dtype), _m_bucket(M), right.shape[1], K,
+            _r_pad(left.shape[1]), dropout_p > 0, bias is not None, c is not None, w.stride(0) == 1,
+            right.stride(0) == 1)
 
 
-def _time_ms(fn) -> float:
-    """Median time (ms) of ``AUTO_REPS`` calls of ``fn`` on the current CUDA stream, after two
-    warm-up calls (the first one compiles and autotunes the Triton kernel)."""
-    fn()
-    fn()
-    times = []
-    for _ in range(AUTO_REPS):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+def _time_ms(fns: dict) -> dict:
+    """Per-call time (ms) of each callable: two warm-up calls each (the first compiles and
+    autotunes the Triton kernel), then ``AUTO_ROUNDS`` rounds that time ``AUTO_CALLS``
+    back-to-back calls of every callable in turn (interleaved, so clock drift hits both alike);
+    the median per callable."""
+    for fn in fns.values():
         fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]
+        fn()
+    samples = {name: [] for name in fns}
+    for _ in range(AUTO_ROUNDS):
+        for name, fn in fns.items():
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(AUTO_CALLS):
+                fn()
+            stop.record()
+            stop.synchronize()
+            samples[name].append(start.elapsed_time(stop) / AUTO_CALLS)
+    return {name: sorted(t)[len(t) // 2] for name, t in samples.items()}
 
 
 def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, timer=None) -> str:
     """``triton`` or ``cublas`` for this call: the cached decision for its key, else both timed
-    on the call's own operands (same output either way) and the faster kept. Off a CUDA device
-    (the interpreter) nothing is measured: ``triton`` (the path the tests must cover). While a
-    CUDA graph is being captured nothing can be timed: ``cublas`` unless a decision exists."""
+    on the call's own operands (same output either way, up to one more rounding of the base product
+    on the cuBLAS path) and the faster kept. ``timer`` maps ``{base: callable}`` to ``{base: ms}``.
+    Off a CUDA device (the interpreter) nothing is measured: ``triton`` (the path the tests must
+    cover). While a CUDA graph is being captured nothing can be timed: ``cublas`` unless a
+    decision exists."""
     key = _auto_key(x, w, c, left, right, bias, dropout_p, out_dtype)
     hit = _AUTO_CHOICE.get(key)
     if hit is not None:
@@ -516,10 +567,10 @@ def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, ti
         if torch.cuda.is_current_stream_capturing():
             return "cublas"
         timer = _time_ms
-    times = {}
-    for b in BASES:
-        times[b] = timer(lambda b=b: _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed,
-                                                     out_dtype, b))
+    fns = {b: (lambda b=b: _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, b))
+           for b in BASES}
+    with _DeviceGuard(x.device):  # events and launches on the operands' GPU, not the current one
+        times = timer(fns)
     choice = min(BASES, key=lambda b: times[b])
     _AUTO_CHOICE[key] = choice
     _AUTO_TIMES[key] = times
@@ -528,8 +579,8 @@ def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, ti
 
 def base_decisions() -> list[dict]:
     """Every ``base="auto"`` decision taken in this process, with both measured times (ms)."""
-    names = ("device", "dtype", "out_dtype", "tokens_bucket", "N", "K", "r_block", "dropout", "bias",
-             "c", "w_transposed")
+    names = ("device", "dtype", "out_dtype", "dot_precision", "tokens_bucket", "N", "K", "r_pad", "dropout", "bias",
+             "c", "w_transposed", "right_transposed")
     return [dict(zip(names, key), choice=_AUTO_CHOICE[key], **{f"{b}_ms": t for b, t in times.items()})
             for key, times in _AUTO_TIMES.items()]
 
@@ -723,9 +774,9 @@ def lora_linear(
         if impl is not None or dispatch.forced_impl("lora") is not None:
             raise ValueError(f"lora_A has rank {lora_A.shape[0]}; the fused kernels take r <= {MAX_RANK}")
         chosen = "torch"  # picked by default only: fall back rather than fail
+    mode = base_mode(base)  # a bad choice fails whichever path runs
     if chosen == "torch":
         return lora_reference(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
-    mode = base_mode(base)
     seed = _seed_tensor(seed)
     with torch.autocast(x.device.type, enabled=False):
         cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, lora_A, lora_B, bias)]

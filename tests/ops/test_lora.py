@@ -310,15 +310,15 @@ def test_auto_base_measures_once_per_key_and_keeps_the_faster(interpret, monkeyp
     xa = L._lora_down(x, A, 0.0, seed)
     calls = []
 
-    def timer(fn):
-        out = fn()  # the candidate really runs: record which base produced what
-        calls.append(out)
-        return {1: 2.0, 2: 1.0}[len(calls)]  # triton (timed first) 2 ms, cublas 1 ms
+    def timer(fns):
+        assert list(fns) == ["triton", "cublas"]
+        calls.extend(fn() for fn in fns.values())  # the candidates really run
+        return {"triton": 2.0, "cublas": 1.0}
 
     args = (x, W.t(), None, xa, B.t(), b, 1.5, 0.0, seed, torch.float32)
     assert L._auto_base(*args, timer=timer) == "cublas"
     torch.testing.assert_close(calls[0], calls[1])  # same result from both bases
-    assert L._auto_base(*args, timer=lambda fn: pytest.fail("measured twice")) == "cublas"
+    assert L._auto_base(*args, timer=lambda fns: pytest.fail("measured twice")) == "cublas"
     (d,) = L.base_decisions()
     assert d["choice"] == "cublas" and d["triton_ms"] == 2.0 and d["cublas_ms"] == 1.0 and d["N"] == D_OUT
     # the op follows the cached decision: the add-only path runs after torch.mm
@@ -328,6 +328,10 @@ def test_auto_base_measures_once_per_key_and_keeps_the_faster(interpret, monkeyp
     args2 = (x, W[:50].t(), None, xa, B[:50].t(), b[:50], 1.5, 0.0, seed, torch.float32)
     assert L._auto_base(*args2, timer=timer) == "cublas" and len(calls) == 2
     assert len(L.base_decisions()) == 2
+    # another rank (same rank chunk on a GPU) is another decision
+    xa8 = L._lora_down(x, torch.randn(40, D_IN, device=interpret), 0.0, seed)
+    args3 = (x, W.t(), None, xa8, torch.randn(40, D_OUT, device=interpret), b, 1.5, 0.0, seed, torch.float32)
+    assert L._auto_base(*args3, timer=timer) == "cublas" and len(L.base_decisions()) == 3
     # with no timer and no CUDA device nothing is measured: the Triton path (what CI must cover)
     monkeypatch.setattr(L, "_AUTO_CHOICE", {})
     assert L._auto_base(*args) == "triton" and L._AUTO_CHOICE == {}
@@ -357,3 +361,22 @@ def test_output_dropout_mode(interpret, dtype, p, base):
     assert_close_to_reference("y", y_got.cpu(), y_same, y_exact)
     for name, got, same, exact in zip(["dx", "dA", "dB", "dbias"], g_got, g_same, g_exact):
         assert_close_to_reference(name, got.cpu(), same, exact)
+
+
+def test_add_only_pass_is_not_autotuned_and_leaves_inputs_alone(interpret, monkeypatch):
+    """The cuBLAS path adds the LoRA term into its own fresh output in place, with one fixed tile:
+    an autotuner benchmarking configs on that live output would add the term once per run. And the
+    op's add-only mode on a caller's ``c`` never writes into ``c``."""
+    x, W, A, B, b = (t.float().to(interpret) if t is not None else None for t in _inputs((19,), 4, True))
+    seed = torch.tensor([5])
+    xa = L._lora_down(x, A, 0.0, seed)
+    runs = []
+    monkeypatch.setattr(L._lora_gemm_kernel, "run", lambda *a, **k: runs.append(1) or pytest.fail("autotuned"))
+    want = x @ W.t() + b + 1.5 * (xa @ B.t())
+    got = L._lora_gemm(x, W.t(), None, xa, B.t(), b, 1.5, 0.0, seed, torch.float32, "cublas")
+    torch.testing.assert_close(got, want)
+    c = torch.randn(19, D_OUT, device=interpret)
+    c0 = c.clone()
+    got = L._lora_gemm(None, None, c, xa, B.t(), None, 1.5, 0.0, seed, torch.float32, "triton")
+    torch.testing.assert_close(got, c0 + 1.5 * (xa @ B.t()))
+    assert torch.equal(c, c0) and runs == []
