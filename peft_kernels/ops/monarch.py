@@ -650,16 +650,26 @@ def monarch_linear(
 
         base_mode(base)  # a bad choice fails here, whichever path runs
     dropout_p = float(dropout_p)
-    which = dispatch.choose("monarch", x.device, x.dtype, impl)
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    which = dispatch.choose("monarch", x.device, dtype, impl)
     if which == "torch":
         return monarch_reference(x, weight, W1, W2, bias, dropout_p, seed)
     if isinstance(seed, torch.Tensor):
         seed = seed.reshape(1).to(torch.int64)
     else:
         seed = torch.tensor([seed], dtype=torch.int64)
-    if W1.shape[0] * W1.shape[1] <= FUSED_GEMM_MAX_R:
-        return _fused_gemm_path(x, weight, W1, W2, bias, dropout_p, seed, base)
-    return MonarchFunction.apply(x, weight, W1, W2, bias, dropout_p, seed)
+    # Under autocast the kernels run in the autocast dtype (as F.linear would), with autocast off
+    # inside so that no op of either path changes precision on its own; the casts are
+    # differentiable, so fp32 inputs and factors get fp32 gradients.
+    with torch.autocast(x.device.type, enabled=False):
+        if dtype != x.dtype:
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if W1.shape[0] * W1.shape[1] <= FUSED_GEMM_MAX_R:
+            return _fused_gemm_path(x, weight, W1, W2, bias, dropout_p, seed, base)
+        return MonarchFunction.apply(x, weight, W1, W2, bias, dropout_p, seed)
 
 
 __all__ = ["monarch_linear", "MonarchFunction", "dense_factors", "MAX_R_CHUNK", "FUSED_GEMM_MAX_R"]

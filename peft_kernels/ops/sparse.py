@@ -210,7 +210,13 @@ def _(x, crow, col, val, out_features):
 @torch.library.custom_op("peft_kernels::sparse_spmm_add_triton", mutates_args=("y",))
 def _spmm_add_triton(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
                      val: torch.Tensor) -> None:
-    """``y += x @ (M⊙S)^T`` in place (``y`` ``(T, N)`` with a unit column stride)."""
+    """``y += x @ (M⊙S)^T`` in place (``y`` ``(T, N)`` with a unit column stride, x's dtype; the
+    native ops take the same, contiguous ``y`` on CUDA)."""
+    if y.dim() != 2 or x.dim() != 2 or y.shape[0] != x.shape[0] or y.shape[1] != crow.shape[0] - 1:
+        raise ValueError(f"y must be (T, N) = ({x.shape[0]}, {crow.shape[0] - 1}) for x {tuple(x.shape)}, "
+                         f"got {tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        raise ValueError(f"y and x must share one dtype, got {y.dtype} and {x.dtype}")
     if y.stride(1) != 1:
         raise ValueError(f"y must have a unit column stride, got strides {tuple(y.stride())}")
     _launch_spmm(y, x, crow, col, val, accumulate=True)
@@ -248,8 +254,13 @@ def _(dy, x, crow, col):
     return x.new_empty((col.shape[0],), dtype=torch.float32)
 
 
+_NATIVE_OPS = ("sparse_spmm", "sparse_sddmm", "sparse_spmm_add_")
+
+
 def _native_ops_loaded() -> bool:
-    return _ext.native() is not None and hasattr(torch.ops.peft_kernels, "sparse_spmm")
+    """All of this module's native ops are registered (an extension built from older sources may
+    lack the newest: then the native implementations are unavailable, never an import error)."""
+    return _ext.native() is not None and all(hasattr(torch.ops.peft_kernels, op) for op in _NATIVE_OPS)
 
 
 # The native schemas live in csrc/registration.cpp; their fake (meta) kernels live here.
@@ -283,7 +294,7 @@ def _spmm_add(impl: str):
 
 def _native_check(device, dtype) -> Optional[str]:
     if not _native_ops_loaded():
-        return "peft_kernels._C has no sparse ops (rebuild the extension)"
+        return f"peft_kernels._C lacks some of the sparse ops {_NATIVE_OPS} (rebuild the extension)"
     return None
 
 
@@ -520,16 +531,21 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col
     check_csr(crow, col, val, (d_out, d_in), check_values=False)
     check_bias(bias, d_out)
     check_same_device(x=x, weight=weight, crow=crow, col=col, val=val, bias=bias)
-    which = dispatch.choose("sparse", x.device, x.dtype, impl)
-    if which == "torch":
-        if csr_t is not None:
-            _check_csr_t(csr_t, col.shape[0], d_in, x.device)
-        return _reference_sparse(x, weight, crow, col, val, bias, check_values=False)
     if csr_t is not None:
         _check_csr_t(csr_t, col.shape[0], d_in, x.device)
-    x2 = flatten_tokens(x)
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    which = dispatch.choose("sparse", x.device, dtype, impl)
+    if which == "torch":
+        return _reference_sparse(x, weight, crow, col, val, bias, check_values=False)
     crow, col, crow_t, row_t, perm = _kernel_csr(crow, col, d_in, csr_t)
-    y = SparseLinearFunction.apply(x2, weight, bias, val, crow, col, crow_t, row_t, perm, which)
+    # Under autocast: the base GEMM and the adapter run in the autocast dtype (as F.linear would),
+    # autocast off inside so the in-place add sees one dtype; differentiable casts keep fp32 grads.
+    with torch.autocast(x.device.type, enabled=False):
+        x2 = flatten_tokens(x).to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        y = SparseLinearFunction.apply(x2, weight, bias, val, crow, col, crow_t, row_t, perm, which)
     return y.reshape(*x.shape[:-1], d_out)
 
 

@@ -291,3 +291,24 @@ def test_monarch_fake_gradients_contiguous_for_strided_factors(interpret):
     torch.library.opcheck(torch.ops.peft_kernels.monarch_bwd.default,
                           (dy, x, weight, W1s, W2s, y1, 0.1, seed, True),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_monarch_under_autocast(interpret, path):
+    """fp32 inputs and factors under bf16 autocast run the kernels in bf16 on both paths and
+    whichever base runs (the cuBLAS product must not pick its own precision); fp32 gradients."""
+    x, weight, W1, W2, b, dy = (t.to(interpret) for t in _make((2, 9), 123, 77, 4, 4, True))
+
+    def run(fn, dt, autocast, base=None):
+        xs, ws, bs = leaf(x, dt), leaf(weight, dt, requires_grad=False), leaf(b, dt)
+        W1s, W2s = leaf(W1, dt), leaf(W2, dt)
+        with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+            y = fn(xs, ws, W1s, W2s, bs, 0.1, 99)
+        return [y, *grads(y, [xs, W1s, W2s, bs], dy.to(y.dtype))]
+
+    same = run(monarch, BF16, False)
+    exact = run(monarch, torch.float64, False)
+    for base in ("triton", "cublas"):
+        got = run(lambda *a: monarch_linear(*a, impl="triton", base=base), F32, True)
+        assert got[0].dtype == BF16 and all(g.dtype == F32 for g in got[1:])
+        for name, g, gs, ge in zip(("y", "dx", "dW1", "dW2", "dbias"), got, same, exact):
+            assert_close_to_reference(f"{base}/{name}", g.to(gs.dtype), gs, ge)

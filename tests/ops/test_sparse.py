@@ -404,3 +404,28 @@ def test_rosa_falls_back_to_the_composition_on_the_torch_path():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="lora_A"):
         ops.rosa_linear(x, W, crow, col, val, A[:, :5], B, lora_impl="torch")
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_sparse_linear_under_autocast(request, impl):
+    """fp32 inputs under bf16 autocast: the base GEMM and the in-place adapter run in bf16 (as
+    F.linear would), the output is bf16 and the fp32 leaves get fp32 gradients."""
+    dev = _impl_device(request, impl)
+    g = torch.Generator().manual_seed(12)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    x, W = torch.randn(*T_SHAPE, D_IN, generator=g), torch.randn(D_OUT, D_IN, generator=g) / D_IN**0.5
+    b, val = torch.randn(D_OUT, generator=g), torch.randn(col.shape[0], generator=g)
+    dy = torch.randn(*T_SHAPE, D_OUT, generator=g)
+
+    def run(fn, dt, d, autocast):
+        xx, vv = leaf(x.to(d), dt), leaf(val.to(d), dt)
+        with torch.autocast(d.type if isinstance(d, torch.device) else d, dtype=torch.bfloat16, enabled=autocast):
+            y = fn(xx, W.to(d, dt), crow.to(d), col.to(d), vv, b.to(d, dt))
+        return [y, *grads(y, [xx, vv], dy.to(d, y.dtype))]
+
+    exact = run(sparse, torch.float64, "cpu", False)
+    same = run(sparse, torch.bfloat16, "cpu", False)
+    got = run(lambda *a: ops.sparse_linear(*a, impl=impl), torch.float32, dev, True)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    for name, k, s, e in zip(("y", "dx", "dval"), got, same, exact):
+        assert_close_to_reference(f"{impl}/autocast/{name}", k.cpu().to(s.dtype), s, e)
