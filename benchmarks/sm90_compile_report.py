@@ -146,7 +146,12 @@ def _lora_gemm():
             for i, c in enumerate(cfgs):
                 if (dt, mode, i) != ("bf16", dx, 0):
                     yield case(dt, mode, c)
-    for mode in (add_fwd, add_dx, wide, out_drop):
+    add_cfg = lora._add_only_config()  # the add-only mode's one fixed tile (never autotuned)
+    add_cfg = triton.Config({k: v for k, v in add_cfg.items() if k.isupper()}, num_warps=add_cfg["num_warps"],
+                            num_stages=add_cfg["num_stages"])
+    for mode in (add_fwd, add_dx):
+        yield case("bf16", mode, add_cfg)
+    for mode in (wide, out_drop):
         yield case("bf16", mode, cfgs[0])
     yield case("fp16", fwd, cfgs[0])
     yield case("fp16", dx, cfgs[0])
@@ -279,8 +284,9 @@ def _lily_gradw():
 
 
 def _sparse_spmm():
-    for dt in ("bf16", "fp32", "fp16"):
-        yield Case(dt, dict(BLOCK_T=sparse.SPMM_BLOCK_T, BLOCK_R=sparse.SPMM_BLOCK_R), 4, 3,
+    # ACCUMULATE: sparse_linear's in-place add onto the frozen product (first: the training path)
+    for dt, acc in (("bf16", True), ("bf16", False), ("fp32", True), ("fp16", True)):
+        yield Case(dt, dict(ACCUMULATE=acc, BLOCK_T=sparse.SPMM_BLOCK_T, BLOCK_R=sparse.SPMM_BLOCK_R), 4, 3,
                    fp32=("val_ptr",), note="crow/col/steps int32")
 
 
