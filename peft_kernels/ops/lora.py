@@ -34,7 +34,12 @@ dtypes, token bucket, N, K, rank chunk, flags): the first call on a CUDA device 
 own operands and keeps the faster (``base_decisions()`` lists the decisions and both times).
 Both give the same result up to fp32 summation order and, on the cuBLAS path, one more rounding
 of the base product (to the output dtype, before the LoRA term is added), so the decision
-changes speed, not the math; pin ``PEFT_KERNELS_BASE`` for bit-reproducibility across processes. Which base wins per
+changes speed, not the math; pin ``PEFT_KERNELS_BASE`` for bit-reproducibility across processes (and across DDP ranks,
+which may decide differently). Cost of a decision: each new key autotunes the Triton GEMM (8
+configs) and times both bases (2 warm-up + 5 x 3 timed calls each), ~1-2 s on the first call of a
+new token bucket or layer shape; power-of-two token buckets keep that to a handful of keys per
+layer shape, but a new bucket (an eval batch) pays it mid-run, and benchmarks need warm-up steps.
+During CUDA-graph capture nothing can be timed: a key without a decision takes ``cublas``. Which base wins per
 shape on an H100 is UNMEASURED (no GPU in the sessions that wrote this).
 
 The same kernels serve Monarch (``ops/monarch.py``, dense expansions of its block factors) with

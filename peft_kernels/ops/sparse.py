@@ -15,8 +15,10 @@ accumulate mode (``sparse_spmm_add_``: ``y += x @ (M⊙S)^T``, fp32 sum rounded 
 the frozen product's output in forward and on ``dY @ W0`` in backward, so no adapter-sized output
 is written and no separate sum pass runs (``base + adapter`` costs a write of the adapter output
 plus a read of both and a write of the sum: 4 passes over ``T x d_out`` forward where the in-place
-add costs 2, and the same over ``T x d_in`` for dX). ``sparse_adapter`` (the adapter alone, and
-SparseLinear's RoSA form beside a LoRA) keeps the out-of-place ops.
+add costs 2, and the same over ``T x d_in`` for dX; true of the CUDA and Triton kernels, while the
+C++ CPU op builds its fp32 ``(N, T)`` result and adds it). ``rosa_linear`` (RoSA: the sparse delta
+beside a LoRA) does the same inside the LoRA family's fused kernels; ``sparse_adapter`` (the adapter
+alone) keeps the out-of-place ops.
 
 No step ever allocates a dense ``(d_out, d_in)`` tensor. Accumulation is fp32; ``val`` is upcast to
 fp32 (an nnz-sized copy) before every kernel, outputs are cast back to ``x.dtype`` / ``val.dtype``.
