@@ -60,9 +60,9 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, MockTensor  # noqa: E402
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
 
-from peft_kernels.ops import _dropout, lily, lora, monarch, sparse  # noqa: E402
+from peft_kernels.ops import _casts, _dropout, lily, lora, monarch, sparse  # noqa: E402
 
-MODULES = (lora, monarch, lily, sparse, _dropout)
+MODULES = (lora, monarch, lily, sparse, _dropout, _casts)
 TARGET = GPUTarget("cuda", 90, 32)  # H100: compute capability 9.0, warp size 32
 # sm_90's largest shared-memory allocation per block (227 KiB, opt-in): a kernel above it compiles
 # but fails to launch (triton raises OutOfResources; the autotuner then just skips the config)

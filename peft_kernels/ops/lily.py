@@ -59,10 +59,8 @@ h, p, Z and every intermediate stay in fp32; GEMM operands are cast to the input
 cores) with fp32 accumulation. For fp32 inputs the Lily kernels use IEEE fp32 dots (no TF32) and
 the LoRA primitives follow ``torch.get_float32_matmul_precision()`` (IEEE at the default "highest"),
 as accurate as torch's fp32 matmul. Triton 3.6's interpreter (CPU runs, CI) truncates fp32 -> bf16
-casts where a GPU rounds to nearest even, so the Lily kernels round on the bits there (``_cast``) and
-the fp32 operands handed to the LoRA primitives are rounded by torch first (``_rounded_operand``):
-the backward's intermediates then equal the GPU's; the LoRA primitives' own forward and output
-casts still truncate under the interpreter (``ops/lora.py``). Timings on an H100: UNMEASURED (no GPU
+casts where a GPU rounds to nearest even, so every cast in the Lily kernels and in the LoRA
+primitives rounds on the bits there (``_casts.to_rne``): CPU runs compute what the GPU does. Timings on an H100: UNMEASURED (no GPU
 in the session that wrote this); which base ``auto`` picks per Lily shape is the first thing to measure.
 """
 from __future__ import annotations
@@ -76,6 +74,7 @@ import torch
 from .. import dispatch
 from .._checks import check_tensor
 from ..reference.lily import check_lily_args, lily as reference_lily
+from ._casts import to_rne
 from ._triton import triton, tl
 # the shared fused-GEMM primitives of the LoRA family (private to ops/, reused here on purpose)
 from .lora import MAX_RANK, _lora_bwd_gb, _lora_gemm, base_mode
@@ -101,7 +100,7 @@ _DOT_NATIVE = 0   # fp16/bf16 on GPU: tensor cores, fp32 accumulation
 _DOT_IEEE = 1     # fp32: IEEE, so the kernel matches torch's fp32 matmul (TF32 would not)
 _DOT_UPCAST = 2   # bf16 under the interpreter: triton 3.6's interpreter returns garbage (~1e10) for
                   # bf16 tl.dot, so operands go to fp32 first (exact for bf16; same fp32 accumulation),
-                  # and its fp32 -> bf16 casts truncate, so _cast rounds on the bits (see there)
+                  # and its fp32 -> bf16 casts truncate, so to_rne rounds on the bits (ops/_casts.py)
 
 
 @triton.jit
@@ -112,24 +111,6 @@ def _dot(a, b, acc, DOT: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, DOT: tl.constexpr):
-    """``x.to(dtype)``, rounding to nearest even as a GPU does.
-
-    Triton 3.6's interpreter casts fp32 -> bf16 by truncation (round toward zero): one-sided errors that
-    add up over a reduction instead of cancelling (seen: dY^T h over T tokens, then the router gradient
-    of batch routing, up to 4x as far from fp64 as the same computation rounded to nearest). Under it
-    (DOT == _DOT_UPCAST, i.e. bf16 on the interpreter) the rounding is done on the fp32 bits, so CPU runs
-    compute what the GPU does; on a GPU this is a plain cast (constexpr branch, no cost)."""
-    if DOT == 2:
-        tl.static_assert(dtype == tl.bfloat16)
-        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16  # RNE to the top 16 bits (ties to even; inf stays inf)
-        return u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -170,8 +151,8 @@ def _lily_proj_kernel(
         xt = tl.load(x_ptr + r64[:, None] * D_IN + cols[None, :],
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         # LP^T tile (BLOCK_K, R_PAD), rounded to the input dtype like the reference's lp.to(x.dtype)
-        lpt = _cast(tl.load(lp_ptr + rj[None, :] * D_IN + cols[:, None],
-                            mask=(rj[None, :] < R) & col_ok[:, None], other=0.0), xt.dtype, DOT)
+        lpt = to_rne(tl.load(lp_ptr + rj[None, :] * D_IN + cols[:, None],
+                            mask=(rj[None, :] < R) & col_ok[:, None], other=0.0), xt.dtype, DOT == 2)
         h = _dot(xt, lpt, h, DOT)
         if ROUTER_X:
             # the router reads x: logits in fp32 (x exactly representable), as the spec demands
@@ -227,13 +208,14 @@ def _lily_mix_kernel(
         # HPcat^T tile (BLOCK_C, BLOCK_N) gathered from HP (E, d_out, r): no repacked copy of HP
         hpt = tl.load(hp_ptr + e[:, None].to(tl.int64) * D_OUT * R + outs[None, :] * R + j[:, None],
                       mask=c_ok[:, None] & out_ok[None, :], other=0.0)
-        acc = _dot(_cast(z, y_ptr.dtype.element_ty, DOT), _cast(hpt, y_ptr.dtype.element_ty, DOT), acc, DOT)
+        acc = _dot(to_rne(z, y_ptr.dtype.element_ty, DOT == 2), to_rne(hpt, y_ptr.dtype.element_ty, DOT == 2),
+                   acc, DOT)
 
     # epilogue: add onto the cuBLAS base output in place
     yp = y_ptr + rows[:, None].to(tl.int64) * D_OUT + outs[None, :]
     m = row_ok[:, None] & out_ok[None, :]
     y = tl.load(yp, mask=m, other=0.0).to(tl.float32) + scaling * acc
-    tl.store(yp, _cast(y, y_ptr.dtype.element_ty, DOT), mask=m)
+    tl.store(yp, to_rne(y, y_ptr.dtype.element_ty, DOT == 2), mask=m)
 
 
 @triton.jit
@@ -262,8 +244,8 @@ def _lily_dz_kernel(
         o = o0 + oo
         o_ok = o < D_OUT
         dy = tl.load(dy_ptr + r64[:, None] * D_OUT + o[None, :], mask=row_ok[:, None] & o_ok[None, :], other=0.0)
-        hpc = _cast(tl.load(hp_ptr + e[None, :].to(tl.int64) * D_OUT * R + o[:, None] * R + j[None, :],
-                            mask=o_ok[:, None] & c_ok[None, :], other=0.0), dy.dtype, DOT)
+        hpc = to_rne(tl.load(hp_ptr + e[None, :].to(tl.int64) * D_OUT * R + o[:, None] * R + j[None, :],
+                            mask=o_ok[:, None] & c_ok[None, :], other=0.0), dy.dtype, DOT == 2)
         acc = _dot(dy, hpc, acc, DOT)
     tl.store(dz_ptr + r64[:, None] * KZ + c[None, :], acc, mask=row_ok[:, None] & c_ok[None, :])
 
@@ -298,7 +280,7 @@ def _lily_dhp_kernel(
         dyt = tl.load(dy_ptr + rows[None, :].to(tl.int64) * D_OUT + o[:, None],
                       mask=row_ok[None, :] & o_ok[:, None], other=0.0)
         z = _z_tile(h_ptr, p_ptr, rows, row_ok, c_ok, e, j, R, E, TOKEN)
-        acc = _dot(dyt, _cast(z, dyt.dtype, DOT), acc, DOT)
+        acc = _dot(dyt, to_rne(z, dyt.dtype, DOT == 2), acc, DOT)
     base = pid_s.to(tl.int64) * D_OUT * KZ
     tl.store(part_ptr + base + e[None, :].to(tl.int64) * D_OUT * R + o[:, None] * R + j[None, :],
              acc, mask=o_ok[:, None] & c_ok[None, :])
@@ -388,7 +370,7 @@ def _lily_gradw_kernel(
         xt = tl.load(x_ptr + r64[:, None] * D_IN + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         dht = tl.load(dh_ptr + r64[None, :] * stride_d + rj[:, None], mask=row_ok[None, :] & (rj[:, None] < R),
                       other=0.0)
-        acc_lp = _dot(_cast(dht, xt.dtype, DOT), xt, acc_lp, DOT)
+        acc_lp = _dot(to_rne(dht, xt.dtype, DOT == 2), xt, acc_lp, DOT)
         if ROUTER_X:
             dlt = tl.load(dlog_ptr + r64[None, :] * stride_d + ee[:, None],
                           mask=row_ok[None, :] & (ee[:, None] < E), other=0.0)
@@ -614,22 +596,6 @@ def _hp_cat(hp, dtype):
     return out.view(d_out, E * r)
 
 
-def _rounded_operand(t, dtype):
-    """An fp32 operand that a LoRA primitive rounds to ``dtype`` (and, at most, scales by 1) inside its
-    kernel: ``xa`` of ``_lora_bwd_gb``, ``left`` of the dX ``_lora_gemm``.
-
-    Triton 3.6's interpreter truncates fp32 -> bf16 casts where a GPU rounds to nearest even (see
-    ``_cast``); the truncation bias of h adds up over T in ``dY^T h`` (batch routing's dHPbar, dw, and so
-    drouter: up to 4x the error of the same computation rounded to nearest). Under the interpreter the operand
-    is rounded here by torch (RNE), which makes the in-kernel cast a no-op, so CPU runs compute exactly
-    what the GPU does; on a GPU ``t`` goes as it is (no extra pass). Not for the forward GEMM's left
-    operand: the kernel rounds ``s * left`` there, and rounding ``left`` first would round twice.
-    """
-    if dtype == torch.bfloat16 and _interpreting(t):
-        return t.to(dtype)
-    return t
-
-
 def _hp_bar(w, hp):
     """``HPbar = sum_e w_e HP_e`` ``(d_out, r)`` fp32."""
     return torch.einsum("e,eor->or", w, hp.float())
@@ -691,7 +657,7 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
     if token:
         if fused:
             # one pass over dY for both (Z rebuilt from h, p: cheaper than keeping it from forward)
-            g, dhc = _lora_bwd_gb(dy, _hp_cat(hp, dy.dtype), _rounded_operand(_z(h, p), dy.dtype), 0.0, _NO_SEED)
+            g, dhc = _lora_bwd_gb(dy, _hp_cat(hp, dy.dtype), _z(h, p), 0.0, _NO_SEED)
             dhp = torch.empty(E, d_out, r, device=dy.device, dtype=torch.float32)
             torch.mul(dhc.view(d_out, E, r).permute(1, 0, 2), s, out=dhp)      # back to HP's layout
         else:
@@ -702,7 +668,7 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
         hp32 = hp.float()
         hp_bar = _hp_bar(w, hp32)
         if fused:
-            g, dhb = _lora_bwd_gb(dy, hp_bar.to(dy.dtype), _rounded_operand(h, dy.dtype), 0.0, _NO_SEED)
+            g, dhb = _lora_bwd_gb(dy, hp_bar.to(dy.dtype), h, 0.0, _NO_SEED)
         else:
             g = _launch_dz(dy, hp_bar.contiguous().unsqueeze(0), r, r)
             dhb = _launch_dhp(dy, h, p, 1, token=False)[0]
@@ -720,7 +686,6 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
             left, right = dg[:, :r], lp.to(dy.dtype)
         else:
             left, right = dg, torch.cat([lp.to(dy.dtype), router.to(dy.dtype)], dim=0)
-        left = _rounded_operand(left, dy.dtype)  # scale 1.0: the kernel's s * left is left, rounded once
         dx = _lora_gemm(dy, weight.to(dy.dtype), None, left, right, None, 1.0, 0.0, _NO_SEED, dy.dtype, base)
     else:
         dx = dy.new_empty(0)

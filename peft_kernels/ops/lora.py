@@ -69,6 +69,7 @@ from .. import dispatch
 from .._checks import check_choice
 from ..reference.lora import check_lora_args, lora as lora_reference
 from ..reference._philox import drop_threshold, keep_scale
+from ._casts import to_rne
 from ._dropout import dropout_keep_tile
 from ._triton import HAS_TRITON, tl, triton
 
@@ -78,8 +79,9 @@ BASE_MODES = BASES + ("auto",)  # auto: both timed once per shape on the GPU, th
 DEFAULT_BASE = "auto"
 MAX_RANK = 256  # the r-padded tiles live in registers; 256 is the largest the issue asks for
 MIN_DOT = 16  # tl.dot needs every dimension >= 16
-# triton 3.6's interpreter stores bf16 as raw uint16 and its tl.dot multiplies those integers;
-# under the interpreter (only) dot operands are upcast to fp32. Compiled kernels never see this.
+# triton 3.6's interpreter stores bf16 as raw uint16 and its tl.dot multiplies those integers, and it
+# casts fp32 -> bf16 by truncation: under the interpreter (only) dot operands are upcast to fp32 and
+# casts round on the bits (``_casts.to_rne``). Compiled kernels never see this.
 _INTERPRETER = tl.constexpr(dispatch.interpreter_enabled()) if HAS_TRITON else False
 
 # ----------------------------------------------------------------------------------------- configs
@@ -241,7 +243,7 @@ def _lora_gemm_kernel(
                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         right = tl.load(right_ptr + offs_r[:, None] * stride_rr + cols[None, :] * stride_rn,
                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        left = (left.to(tl.float32) * scale).to(right.dtype)
+        left = to_rne(left.to(tl.float32) * scale, right.dtype, _INTERPRETER)
         lora = _mma(left, right, lora, DOT_PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N)
@@ -253,7 +255,7 @@ def _lora_gemm_kernel(
         bias = tl.load(bias_ptr + cols, mask=n_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+             to_rne(acc, out_ptr.dtype.element_ty, _INTERPRETER), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -283,7 +285,7 @@ def _lora_bwd_gb_kernel(
     rows = offs_m.to(tl.int64)
     xa = tl.load(xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar,
                  mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    xa = xa.to(dy_ptr.dtype.element_ty)
+    xa = to_rne(xa, dy_ptr.dtype.element_ty, _INTERPRETER)
     g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -340,7 +342,7 @@ def _lora_bwd_da_kernel(
             x = tl.where(keep, x, tl.zeros_like(x))
         g_t = tl.load(g_ptr + offs_r[:, None] * stride_gr + rows[None, :] * stride_gm,
                       mask=r_ok[:, None] & m_ok[None, :], other=0.0)
-        acc = _mma(g_t.to(x.dtype), x, acc, DOT_PRECISION)
+        acc = _mma(to_rne(g_t, x.dtype, _INTERPRETER), x, acc, DOT_PRECISION)
     acc = acc * scale
     tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
                   mask=r_ok[:, None] & k_ok[None, :])

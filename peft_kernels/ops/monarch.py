@@ -80,6 +80,7 @@ from .. import dispatch
 from ..reference.monarch import check_monarch_args
 from ..reference.monarch import monarch as monarch_reference
 from ..reference._philox import drop_threshold, keep_scale
+from ._casts import to_rne
 from ._dropout import dropout_keep_tile
 from ._triton import HAS_TRITON, tl, triton
 
@@ -157,17 +158,6 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _to(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """``x.to(dtype)``, rounding to nearest even under INTERP_BF16 as the GPU does."""
-    if INTERP_BF16:
-        if x.dtype == tl.float32:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -252,27 +242,27 @@ def _monarch_fwd_kernel(
         xt = tl.load(X + rows64[:, None] * n + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         w_offs, w_ok = _w1_tile(kf, jf, f_ok, cols, col_ok, r, p)
         w = tl.load(W1 + w_offs, mask=w_ok, other=0.0)
-        acc = _dot(xt, _to(w, dtype, INTERP_BF16), acc, DOT_PREC, INTERP_BF16)
+        acc = _dot(xt, to_rne(w, dtype, INTERP_BF16), acc, DOT_PREC, INTERP_BF16)
     # every column split computed the same Y1 tile; the first one saves it
     y1_ok = row_ok[:, None] & f_ok[None, :] & (tl.program_id(1) == 0)
     tl.store(Y1 + rows64[:, None] * R + f[None, :], acc, mask=y1_ok)
 
     # stage 2 with both permutations, then dropout and the in-place add, on this split's columns
-    y1 = _to(acc, dtype, INTERP_BF16)
+    y1 = to_rne(acc, dtype, INTERP_BF16)
     m_lo, m_hi = _split_range(0, m, BLOCK_M)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         cols = m0 + tl.arange(0, BLOCK_M)
         col_ok = cols < m_hi
         w_offs, w_ok = _w2_tile(i_f, l_f, f_ok, cols, col_ok, N, s, r)
         w = tl.load(W2 + w_offs, mask=w_ok, other=0.0)
-        out = _dot(y1, _to(w, dtype, INTERP_BF16), tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32), DOT_PREC,
+        out = _dot(y1, to_rne(w, dtype, INTERP_BF16), tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32), DOT_PREC,
                    INTERP_BF16)
         offs = rows64[:, None] * m + cols[None, :]
         msk = row_ok[:, None] & col_ok[None, :]
         if HAS_DROPOUT:
             out = _keep_scale(out, rows, m0, m, seed, threshold, scale, BLOCK_M)
         y = tl.load(Y + offs, mask=msk, other=0.0)
-        tl.store(Y + offs, _to(y.to(tl.float32) + out, dtype, INTERP_BF16), mask=msk)
+        tl.store(Y + offs, to_rne(y.to(tl.float32) + out, dtype, INTERP_BF16), mask=msk)
 
 
 # plain stores only (DY1P, P2: one writer per entry), so the benchmark runs need no restore
@@ -307,7 +297,7 @@ def _monarch_bwd_dy1_kernel(
     l_f = f - i_f * N
     y1_ok = row_ok[:, None] & f_ok[None, :]
     y1 = tl.load(Y1 + rows64[:, None] * R + f[None, :], mask=y1_ok, other=0.0)
-    y1 = _to(y1, dtype, INTERP_BF16)
+    y1 = to_rne(y1, dtype, INTERP_BF16)
 
     # each (l, c, i) of W2 is hit by exactly one (col, f) pair, so the partial is written with plain
     # stores; the token tile owns row pid_t of P2 and the column split owns the columns
@@ -321,9 +311,9 @@ def _monarch_bwd_dy1_kernel(
         g = tl.load(DY + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             g = _keep_scale(g.to(tl.float32), rows, m0, m, seed, threshold, scale, BLOCK_M)  # the forward's mask
-        g = _to(g, dtype, INTERP_BF16)
+        g = to_rne(g, dtype, INTERP_BF16)
         w_offs, w_ok = _w2_tile(i_f, l_f, f_ok, cols, col_ok, N, s, r)
-        w = _to(tl.load(W2 + w_offs, mask=w_ok, other=0.0), dtype, INTERP_BF16)
+        w = to_rne(tl.load(W2 + w_offs, mask=w_ok, other=0.0), dtype, INTERP_BF16)
         dy1 = _dot(g, tl.trans(w), dy1, DOT_PREC, INTERP_BF16)
         dw2 = _dot(tl.trans(y1), g, tl.zeros((RB, BLOCK_M), dtype=tl.float32), DOT_PREC, INTERP_BF16)
         tl.store(p2 + w_offs, dw2, mask=w_ok)
@@ -360,7 +350,7 @@ def _monarch_bwd_dx_kernel(
     kf = f // r
     jf = f - kf * r
     dy1 = tl.load(DY1 + rows64[:, None] * R + f[None, :], mask=row_ok[:, None] & f_ok[None, :], other=0.0)
-    dy1 = _to(dy1, dtype, INTERP_BF16)
+    dy1 = to_rne(dy1, dtype, INTERP_BF16)
 
     p1 = P1 + pid_t.to(tl.int64) * (N * r * p)
     k_lo, k_hi = _split_range(col_lo, col_hi, BLOCK_K)
@@ -374,10 +364,10 @@ def _monarch_bwd_dx_kernel(
         dw1 = _dot(tl.trans(xt), dy1, tl.zeros((BLOCK_K, RB), dtype=tl.float32), DOT_PREC, INTERP_BF16)
         tl.store(p1 + w_offs, dw1, mask=w_ok)
         if NEED_DX:
-            w = _to(tl.load(W1 + w_offs, mask=w_ok, other=0.0), dtype, INTERP_BF16)
+            w = to_rne(tl.load(W1 + w_offs, mask=w_ok, other=0.0), dtype, INTERP_BF16)
             dx = _dot(dy1, tl.trans(w), tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32), DOT_PREC, INTERP_BF16)
             old = tl.load(DX + x_offs, mask=x_msk, other=0.0)
-            tl.store(DX + x_offs, _to(old.to(tl.float32) + dx, dtype, INTERP_BF16), mask=x_msk)
+            tl.store(DX + x_offs, to_rne(old.to(tl.float32) + dx, dtype, INTERP_BF16), mask=x_msk)
 
 
 # ------------------------------------------------------------------------------------------------
