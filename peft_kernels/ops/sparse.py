@@ -55,7 +55,11 @@ from ..reference._common import flatten_tokens
 from ..reference.sparse import check_csr
 from ..reference.sparse import sparse as _reference_sparse
 from ..reference.sparse import sparse_adapter as _reference_sparse_adapter
-from ._triton import tl, triton
+from ._casts import to_rne
+from ._triton import HAS_TRITON, tl, triton
+
+# bf16 casts round to nearest under the interpreter as on a GPU (see ``_casts``)
+_INTERPRETER = tl.constexpr(dispatch.interpreter_enabled()) if HAS_TRITON else False
 
 # ---------------------------------------------------------------------------------------------
 # constants
@@ -121,7 +125,7 @@ def _spmm_kernel(
     y_mask = mask_t[:, None] & mask_r[None, :]
     if ACCUMULATE:  # one rounding of the fp32 sum, as the native kernels do
         acc += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    tl.store(y_ptrs, to_rne(acc, y_ptr.dtype.element_ty, _INTERPRETER), mask=y_mask)
 
 
 @triton.jit
