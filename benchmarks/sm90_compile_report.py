@@ -164,9 +164,14 @@ def _lora_gb():
             bm, bn, w = lora._small_blocks(r_pad)
             # dropout on dY: the output-side dropout of Monarch's fused-GEMM path
             for drop in (True, False):
-                yield Case(dt, dict(HAS_DROPOUT=drop, R_PAD=r_pad, DOT_PRECISION=lora._dot_precision(DTYPES[dt]),
-                                    BLOCK_M=bm, BLOCK_N=bn),
+                yield Case(dt, dict(HAS_DB=True, HAS_DROPOUT=drop, R_PAD=r_pad,
+                                    DOT_PRECISION=lora._dot_precision(DTYPES[dt]), BLOCK_M=bm, BLOCK_N=bn),
                            w, 3, fp32=("xa_ptr", "g_ptr", "db_ptr"), unit=unit)
+    # deterministic mode: g only (dB from the dA kernel)
+    bm, bn, w = lora._small_blocks(16)
+    yield Case("bf16", dict(HAS_DB=False, HAS_DROPOUT=False, R_PAD=16, DOT_PRECISION="tf32", BLOCK_M=bm,
+                            BLOCK_N=bn), w, 3, fp32=("xa_ptr", "g_ptr", "db_ptr"), unit=unit,
+               note="deterministic: g only")
 
 
 def _lora_da():
@@ -175,8 +180,13 @@ def _lora_da():
         for r_pad in r_pads:
             bm, bk, w = lora._small_blocks(r_pad)
             for drop in (True, False):
-                yield Case(dt, dict(HAS_DROPOUT=drop, R_PAD=r_pad, DOT_PRECISION=lora._dot_precision(DTYPES[dt]),
-                                    BLOCK_M=bm, BLOCK_K=bk), w, 3, fp32=("g_ptr", "da_ptr"), unit=unit)
+                yield Case(dt, dict(DETERMINISTIC=False, HAS_DROPOUT=drop, R_PAD=r_pad,
+                                    DOT_PRECISION=lora._dot_precision(DTYPES[dt]), BLOCK_M=bm, BLOCK_K=bk),
+                           w, 3, fp32=("g_ptr", "da_ptr"), unit=unit)
+    # deterministic mode: per-split partials instead of atomics (dA, and dB with g = xa, x = dY)
+    bm, bk, w = lora._small_blocks(16)
+    yield Case("bf16", dict(DETERMINISTIC=True, HAS_DROPOUT=True, R_PAD=16, DOT_PRECISION="tf32", BLOCK_M=bm,
+                            BLOCK_K=bk), w, 3, fp32=("g_ptr", "da_ptr"), unit=unit, note="deterministic partials")
 
 
 def _monarch_rb(N, r, n=4096):

@@ -52,8 +52,9 @@ backward's step 3 becomes ``_lily_dz_kernel`` (``dY @ HPcat``) and ``_lily_dhp_k
 over dY. Steps 4-6 are shared.
 
 Determinism: as in ``ops/lora.py``, ``_lora_bwd_gb`` sums ``dY^T @ xa`` across token blocks with fp32
-atomics, so on a GPU ``dHP`` can differ in the last bits between identical runs (the wide path's
-dhp and every other gradient here are deterministic).
+atomics, so on a GPU ``dHP`` can differ in the last bits between identical runs, unless
+``torch.use_deterministic_algorithms(True)`` (then fixed-order partial sums; the wide path's dhp and
+every other gradient here are deterministic either way).
 
 h, p, Z and every intermediate stay in fp32; GEMM operands are cast to the input dtype (tensor
 cores) with fp32 accumulation. For fp32 inputs the Lily kernels use IEEE fp32 dots (no TF32) and
@@ -77,7 +78,7 @@ from ..reference.lily import check_lily_args, lily as reference_lily
 from ._casts import to_rne
 from ._triton import triton, tl
 # the shared fused-GEMM primitives of the LoRA family (private to ops/, reused here on purpose)
-from .lora import MAX_RANK, _lora_bwd_gb, _lora_gemm, base_mode
+from .lora import MAX_RANK, _lora_bwd_gb, _lora_gemm, base_mode, deterministic
 
 # Widest mixing K (E*r token, r batch) that runs on the LoRA primitives: _lora_bwd_gb keeps a
 # (BLOCK, K) fp32 tile in registers (lora.MAX_RANK), and token routing materialises Z (T, K) fp32.
@@ -657,7 +658,7 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
     if token:
         if fused:
             # one pass over dY for both (Z rebuilt from h, p: cheaper than keeping it from forward)
-            g, dhc = _lora_bwd_gb(dy, _hp_cat(hp, dy.dtype), _z(h, p), 0.0, _NO_SEED)
+            g, dhc = _lora_bwd_gb(dy, _hp_cat(hp, dy.dtype), _z(h, p), 0.0, _NO_SEED, deterministic())
             dhp = torch.empty(E, d_out, r, device=dy.device, dtype=torch.float32)
             torch.mul(dhc.view(d_out, E, r).permute(1, 0, 2), s, out=dhp)      # back to HP's layout
         else:
@@ -668,7 +669,7 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
         hp32 = hp.float()
         hp_bar = _hp_bar(w, hp32)
         if fused:
-            g, dhb = _lora_bwd_gb(dy, hp_bar.to(dy.dtype), h, 0.0, _NO_SEED)
+            g, dhb = _lora_bwd_gb(dy, hp_bar.to(dy.dtype), h, 0.0, _NO_SEED, deterministic())
         else:
             g = _launch_dz(dy, hp_bar.contiguous().unsqueeze(0), r, r)
             dhb = _launch_dhp(dy, h, p, 1, token=False)[0]

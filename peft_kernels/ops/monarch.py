@@ -59,7 +59,8 @@ gradients of W1/W2 are ``dB1``/``dB2`` read back at the pattern positions (the a
 expansion). This saves the two passes over y (and two over dX) that the in-place design below
 pays. Same FLOP waste (a factor ~N) as the gathered tiles below. Its weight gradients are summed
 across token blocks with fp32 atomics (``ops.lora``): not bit-reproducible run to run on a GPU,
-unlike the dedicated path; with fp32 factors and half-precision x its dW1/dW2 come from dB1/dB2
+unlike the dedicated path, unless ``torch.use_deterministic_algorithms(True)`` (then fixed-order
+partial sums); with fp32 factors and half-precision x its dW1/dW2 come from dB1/dB2
 rounded to x's dtype (the dedicated path accumulates them in fp32): both within the GUIDE
 tolerance, not bit-equal. (2) Wider intermediates: the dedicated kernels below, chunked, whose
 reductions are deterministic.

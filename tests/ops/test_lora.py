@@ -232,6 +232,8 @@ def test_custom_ops_opcheck(interpret):
         (torch.ops.peft_kernels.lora_gemm.default, (dy, W, None, g, A, None, 1.5, 0.2, seed, torch.float32, "triton")),
         (torch.ops.peft_kernels.lora_gemm.default, (dy, W, None, g, A, None, 1.5, 0.2, seed, torch.float32, "cublas")),
         (torch.ops.peft_kernels.lora_bwd_da.default, (g, x, 1.5, 0.2, seed)),
+        (torch.ops.peft_kernels.lora_bwd_da.default, (g, x, 1.5, 0.2, seed, True)),
+        (torch.ops.peft_kernels.lora_bwd_gb.default, (dy, B, xa, 0.2, seed, True)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
@@ -380,3 +382,33 @@ def test_add_only_pass_is_not_autotuned_and_leaves_inputs_alone(interpret, monke
     got = L._lora_gemm(None, None, c, xa, B.t(), None, 1.5, 0.0, seed, torch.float32, "triton")
     torch.testing.assert_close(got, c0 + 1.5 * (xa @ B.t()))
     assert torch.equal(c, c0) and runs == []
+
+
+@pytest.mark.parametrize("p,output_dropout", [(0.0, False), (0.3, False), (0.3, True)])
+def test_deterministic_mode_reduces_without_atomics(interpret, monkeypatch, p, output_dropout):
+    """Under torch.use_deterministic_algorithms(True) dA and dB come from per-split partials summed
+    in a fixed order (no fp32 atomics): same values as the atomic path up to fp32 summation order,
+    and bit-identical between two runs."""
+    x, W, A, B, b = (t.float().to(interpret) if t is not None else None for t in _inputs((37,), 5, True))
+    go = torch.randn(37, D_OUT, device=interpret)
+    seen = []
+    orig = L._launch_da
+    monkeypatch.setattr(L, "_launch_da", lambda *a: seen.append(a[-1]) or orig(*a))
+
+    def run():
+        xs = [leaf(x), leaf(W, requires_grad=False), leaf(A), leaf(B), leaf(b)]
+        y = L.LoRAFunction.apply(*xs, 1.5, p, torch.tensor([7]), "triton", output_dropout)
+        return [y, *grads(y, [xs[0], xs[2], xs[3], xs[4]], go)]
+
+    atomic = run()
+    assert seen == [False]  # dB from the g pass's atomics, dA from atomics
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det1, det2 = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert seen[1:] == [True, True] * 2  # dB and dA, both runs, from fixed-order partial sums
+    for a, d1, d2 in zip(atomic, det1, det2):
+        torch.testing.assert_close(d1, a, rtol=1e-5, atol=1e-5)
+        assert torch.equal(d1, d2)
