@@ -49,7 +49,7 @@ $PY -m peft_kernels info >"$OUT/info.txt" 2>&1
 tail -n 30 "$OUT/info.txt"
 
 # GPU tests first: a kernel that is wrong on the card makes every timing below meaningless.
-step tests "$LIMIT_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider tests -x --durations=10
+step tests "$LIMIT_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider tests -rfE --maxfail=10 --durations=10
 
 # Headline table: every family, GUIDE's three shapes, T=8192, bf16 (CSV/JSON/PNG in bench/).
 step bench "$LIMIT_BENCH" $PY -m peft_kernels bench --out "$OUT/bench" --no-progress
