@@ -22,7 +22,9 @@ Signatures come from the kernels themselves: ``fn.params`` gives the names and w
 Non-constexpr arguments are specialised the way a real launch specialises them (triton's own
 ``native_specialize_impl``): pointers as 16-byte aligned tensors of the case's dtype (fp32 where the
 case lists the buffer as fp32), contiguous-axis strides as the constant 1, other integers as a
-multiple of 16 (LLM shapes: T = 8192, d = 4096), the seed as an int64, float scalars as fp32. The
+multiple of 16 (LLM shapes: T = 8192, d = 4096), the seed as an int64, float scalars as fp32, host-side
+tensor descriptors (the ``# tensor descriptors`` group) as 4096 x 4096 row-major TensorDescriptors over a
+MockTensor whose block shapes the case's ``pre_hook`` (the autotune config's own) sets. The
 constexpr values come from the launchers' own helpers and the autotuners' ``.configs`` wherever the
 ops modules expose them (and this script runs without ``TRITON_INTERPRET``, so those helpers return
 their GPU choices); block sizes that are inline literals in a launcher are repeated in ``CASES``.
@@ -58,6 +60,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, MockTensor  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
 
 from peft_kernels.ops import _casts, _dropout, lily, lora, monarch, sparse  # noqa: E402
@@ -90,6 +93,9 @@ class Case:
     fp32: tuple = ()  # pointer arguments that are fp32 buffers whatever the data dtype
     unit: tuple = ()  # stride arguments that are 1 at the real launch (contiguous axis)
     note: str = ""  # what the case stands for (which launch / autotune config)
+    # sets the tensor descriptors' block shapes from the constexprs (an autotune config's pre_hook,
+    # called as the autotuner calls it: with a dict of the arguments); None: no descriptor arguments
+    pre_hook: Optional[Callable] = None
 
 
 def _at_configs(kernel) -> list:
@@ -151,6 +157,36 @@ def _lora_gemm():
                             num_stages=add_cfg["num_stages"])
     for mode in (add_fwd, add_dx):
         yield case("bf16", mode, add_cfg)
+    for mode in (wide, out_drop):
+        yield case("bf16", mode, cfgs[0])
+    yield case("fp16", fwd, cfgs[0])
+    yield case("fp16", dx, cfgs[0])
+
+
+def _lora_gemm_tma():
+    """The TMA base GEMM (forward and dX only: it has no add-only mode). Its descriptors' block
+    shapes come from the configs' own pre_hook (``lora._set_tma_blocks``), as at a launch."""
+    cfgs = _at_configs(lora._lora_gemm_tma_kernel)
+    # (W_NK, HAS_BIAS, HAS_DROPOUT, R, unit strides, which launch); `left` (xa or g) is fp32
+    fwd = (True, True, False, 16, ("stride_lr", "stride_rr", "stride_on"), "forward x@W0^T + s xa B^T + b, TMA")
+    dx = (False, False, True, 16, ("stride_lr", "stride_rn", "stride_on"), "backward dX = dY W0 + mask*g A, TMA")
+    wide = (False, False, True, 256, dx[4], "dX at r=256 (R_BLOCK 64), TMA")
+    out_drop = (True, True, True, 128, fwd[4], "Monarch forward: output dropout, R=128, TMA")
+
+    def case(dt, mode, c):
+        w_nk, b, d, r, unit, note = mode
+        kw, w, s = _cfg(c)
+        # fp32 takes the TMA base only with TF32 dots (lora.tma_eligible), whatever this process's setting
+        cx = dict(W_NK=w_nk, HAS_C=False, HAS_BIAS=b, HAS_DROPOUT=d, R_BLOCK=lora._r_block(r),
+                  DOT_PRECISION="tf32" if dt == "fp32" else lora._dot_precision(DTYPES[dt]), **kw)
+        return Case(dt, cx, w, s, fp32=("left_ptr",), unit=unit, note=note, pre_hook=c.pre_hook)
+
+    yield case("bf16", dx, cfgs[0])
+    for dt in ("bf16", "fp32"):
+        for mode in (fwd, dx):
+            for i, c in enumerate(cfgs):
+                if (dt, mode, i) != ("bf16", dx, 0):
+                    yield case(dt, mode, c)
     for mode in (wide, out_drop):
         yield case("bf16", mode, cfgs[0])
     yield case("fp16", fwd, cfgs[0])
@@ -312,6 +348,7 @@ INT32_PTRS = ("crow_ptr", "col_ptr", "steps_ptr", "rows_ptr")
 CASES: dict[str, Callable[[], Iterator[Case]]] = {
     "lora._lora_down_kernel": _lora_down,
     "lora._lora_gemm_kernel": _lora_gemm,
+    "lora._lora_gemm_tma_kernel": _lora_gemm_tma,
     "lora._lora_bwd_gb_kernel": _lora_gb,
     "lora._lora_bwd_da_kernel": _lora_da,
     "monarch._monarch_fwd_kernel": _monarch_fwd,
@@ -441,6 +478,15 @@ def build(jit: JITFunction, case: Case):
     extra = set(case.constexprs) - declared
     if extra:
         raise KeyError(f"case sets constexprs the kernel does not declare: {sorted(extra)}")
+    descs = {}  # tensor-descriptor arguments: (INT_VALUE, INT_VALUE) row-major matrices of the data dtype
+    for p in jit.params:
+        if not p.is_constexpr and groups.get(p.name, "").startswith("tensor desc"):
+            descs[p.name] = TensorDescriptor(MockTensor(DTYPES[case.dtype]), [INT_VALUE, INT_VALUE], [INT_VALUE, 1],
+                                             [16, 16])
+    if descs:
+        if case.pre_hook is None:
+            raise KeyError(f"descriptor arguments {sorted(descs)} need a case pre_hook to set their block shapes")
+        case.pre_hook({**descs, **case.constexprs})
     for i, p in enumerate(jit.params):
         name = p.name
         if p.is_constexpr:
@@ -449,7 +495,9 @@ def build(jit: JITFunction, case: Case):
             signature[name] = "constexpr"
             constexprs[name] = case.constexprs[name]
             continue
-        if groups.get(name, "").startswith("pointer"):
+        if name in descs:
+            value = descs[name]  # specialises as tensordesc<dtype[block shape]>, as at a launch
+        elif groups.get(name, "").startswith("pointer"):
             dt = torch.int32 if name in INT32_PTRS else torch.float32 if name in case.fp32 else DTYPES[case.dtype]
             value = MockTensor(dt)  # data_ptr() = 0: 16-byte aligned, like every torch allocation
         elif name in FLOAT_SCALARS:

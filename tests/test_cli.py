@@ -68,7 +68,7 @@ def test_bench_cpu_writes_table_csv_json_png(tmp_path, capsys):
     # rows that cannot run on the CPU are kept, skipped with a reason, and said once under the table
     lora_rows = [r for r in rows if r["family"] == "lora"]
     for name, why in ((C.LORA_TRITON_BASE, "triton path only"), (C.LORA_CUBLAS_BASE, "triton path only"),
-                      ("torch.compile", "GPU only")):
+                      (C.LORA_TMA_BASE, "triton path only"), ("torch.compile", "GPU only")):
         pinned = [r for r in lora_rows if r["variant"] == name]
         assert len(pinned) == 2 * 2, name  # 2 shapes x 2 default configs
         assert all(r["status"].startswith("skipped: ") and why in r["status"] for r in pinned), pinned[0]["status"]
@@ -247,7 +247,7 @@ def test_report_marks_targets_and_failures(tmp_path):
 def _fake_decisions():
     """Two decisions in the form ``ops.lora.base_decisions()`` returns them (dtypes as torch dtypes)."""
     common = dict(device="cuda:0", dtype=torch.bfloat16, out_dtype=torch.bfloat16, tokens_bucket=8192,
-                  r_block=16, dropout=False, bias=False, c=False)
+                  r_pad=16, dropout=False, bias=False, c=False)
     return [dict(common, N=11008, K=4096, w_transposed=True, choice="triton", triton_ms=1.25, cublas_ms=1.5),
             dict(common, N=4096, K=11008, w_transposed=False, choice="cublas", triton_ms=1.5, cublas_ms=1.2)]
 
@@ -294,7 +294,7 @@ def test_lora_base_rows_run_on_the_triton_path(interpret, monkeypatch):
     rows = {(r["config"], r["variant"]): r for r in res.rows}
     for cfg in ("r=16 drop=0", "r=16 drop=0.05"):
         for name, base in (("peft_kernels[triton]", "auto"), (C.LORA_TRITON_BASE, "triton"),
-                           (C.LORA_CUBLAS_BASE, "cublas")):
+                           (C.LORA_CUBLAS_BASE, "cublas"), (C.LORA_TMA_BASE, "tma")):
             r = rows[(cfg, name)]
             assert r["status"] == "ok" and r["impl"] == "triton" and r["fwdbwd_ms"] > 0, r["status"]
             if os.environ.get("PEFT_KERNELS_BASE") is None or name != "peft_kernels[triton]":

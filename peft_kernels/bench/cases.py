@@ -402,6 +402,7 @@ REFERENCE = "pk reference"   # peft_kernels.reference: the package's own plain-t
 # once per shape, the faster kept; the decisions land in base_decisions.csv)
 LORA_TRITON_BASE = "peft_kernels (triton base)"
 LORA_CUBLAS_BASE = "peft_kernels (cublas base)"
+LORA_TMA_BASE = "peft_kernels (tma base)"
 _BASE_PIN_WHY = "pins its base GEMM"
 _COMPILE_WHY = "compiling every case on the CPU would take longer than the whole CPU default"
 
@@ -411,6 +412,7 @@ FAMILY_SPECS = {
         [Variant(KERNEL, lora_kernel, fused=True),
          Variant(LORA_TRITON_BASE, lora_kernel, fused=True, needs_impl="triton", base="triton", why=_BASE_PIN_WHY),
          Variant(LORA_CUBLAS_BASE, lora_kernel, fused=True, needs_impl="triton", base="cublas", why=_BASE_PIN_WHY),
+         Variant(LORA_TMA_BASE, lora_kernel, fused=True, needs_impl="triton", base="tma", why=_BASE_PIN_WHY),
          Variant(REFERENCE, lora_reference), Variant("torch", lora_torch),
          Variant("torch.compile", lora_compiled, gpu_only=True, why=_COMPILE_WHY), Variant("HF PEFT", lora_peft)],
         "peft_kernels.ops.lora"),

@@ -86,8 +86,8 @@ def default_base(family: str, impl: Optional[str]) -> Optional[str]:
 
 
 # The base_decisions columns, in table order; the op's own fields first, then two derived here.
-DECISION_COLUMNS = ("gemm", "device", "dtype", "out_dtype", "tokens_bucket", "N", "K", "r_block", "dropout",
-                    "bias", "c", "w_transposed", "choice", "triton_ms", "cublas_ms", "triton_over_cublas")
+DECISION_COLUMNS = ("gemm", "device", "dtype", "out_dtype", "tokens_bucket", "N", "K", "r_pad", "dropout",
+                    "bias", "c", "w_transposed", "choice", "triton_ms", "cublas_ms", "tma_ms", "triton_over_cublas")
 
 
 def collect_base_decisions() -> list:

@@ -42,8 +42,9 @@ BENCH_COLUMNS = (
 
 DECISION_TABLE = (
     ("gemm", "gemm", None), ("dtype", "dtype", None), ("T bucket", "tokens_bucket", None), ("N", "N", None),
-    ("K", "K", None), ("r blk", "r_block", None), ("dropout", "dropout", None), ("bias", "bias", None),
-    ("triton ms", "triton_ms", ".3f"), ("cublas ms", "cublas_ms", ".3f"), ("tri/cub", "triton_over_cublas", ".2f"),
+    ("K", "K", None), ("r pad", "r_pad", None), ("dropout", "dropout", None), ("bias", "bias", None),
+    ("triton ms", "triton_ms", ".3f"), ("cublas ms", "cublas_ms", ".3f"), ("tma ms", "tma_ms", ".3f"),
+    ("tri/cub", "triton_over_cublas", ".2f"),
     ("choice", "choice", None),
 )
 

@@ -44,7 +44,13 @@ which may decide differently). Cost of a decision: each new key autotunes the Tr
 configs) and times both bases (2 warm-up + 5 x 3 timed calls each), ~1-2 s on the first call of a
 new token bucket or layer shape; power-of-two token buckets keep that to a handful of keys per
 layer shape, but a new bucket (an eval batch) pays it mid-run, and benchmarks need warm-up steps.
-During CUDA-graph capture nothing can be timed: a key without a decision takes ``cublas``. Which base wins per
+During CUDA-graph capture nothing can be timed: a key without a decision takes ``cublas``.
+``tma`` (Hopper and newer) is ``triton`` with the x and W0 tiles loaded through host-side TMA tensor
+descriptors (``_lora_gemm_tma_kernel``, same epilogue ``_lora_epilogue``): it needs x and W0 stored
+row-major with 16-byte aligned rows and data pointers, fp16/bf16, or fp32 with TF32 dots
+(``tma_eligible``); elsewhere ``base="tma"`` runs as ``triton``, and ``auto`` times it only where it
+is eligible. Compiled for sm_90 (ptxas -v, bf16 forward) it uses 8-20% fewer registers than the
+pointer kernel at equal tiles, same spills and shared memory; its speed is UNMEASURED. Which base wins per
 shape on an H100 is UNMEASURED (no GPU in the sessions that wrote this).
 
 The same kernels serve Monarch (``ops/monarch.py``, dense expansions of its block factors) with
@@ -79,8 +85,12 @@ from ._dropout import dropout_keep_tile
 from ._triton import HAS_TRITON, tl, triton
 
 BASE_ENV = "PEFT_KERNELS_BASE"
-BASES = ("triton", "cublas")  # who runs the frozen product
-BASE_MODES = BASES + ("auto",)  # auto: both timed once per shape on the GPU, the faster kept
+# who runs the frozen product; tma: the Triton GEMM with TMA tile loads (Hopper+, aligned operands,
+# else it runs as "triton")
+BASES = ("triton", "cublas", "tma")
+BASE_MODES = BASES + ("auto",)  # auto: the eligible bases timed once per shape on the GPU, the fastest kept
+TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TMA_ALIGN = 16  # bytes: TMA needs 16-byte aligned base addresses and row strides
 DEFAULT_BASE = "auto"
 MAX_RANK = 256  # the r-padded tiles live in registers; 256 is the largest the issue asks for
 MIN_DOT = 16  # tl.dot needs every dimension >= 16
@@ -106,6 +116,23 @@ def _gemm_configs():
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                   num_warps=warps, num_stages=stages))
     return cfgs
+
+
+def _set_tma_blocks(nargs: dict) -> None:
+    """Autotune pre_hook of the TMA GEMM: a host-side TensorDescriptor carries its block shape,
+    which must be the tile the config loads, so each config (each autotune benchmark run and the
+    final launch) sets it on the launcher's descriptors before the kernel is specialised on it."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk] if nargs["W_NK"] else [bk, bn]
+
+
+def _tma_configs():
+    """The pointer GEMM's candidates, each with the pre_hook that sizes the descriptors' blocks."""
+    if not HAS_TRITON:  # the stand-in decorators ignore the configs
+        return []
+    return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_blocks)
+            for c in _gemm_configs()]
 
 
 def _small_blocks(r_pad: int) -> tuple[int, int, int]:
@@ -177,6 +204,63 @@ def _lora_down_kernel(
              mask=t_ok[:, None] & r_ok[None, :])
 
 
+@triton.jit
+def _lora_epilogue(
+    # the GEMM's fp32 accumulator (BLOCK_M, BLOCK_N) and where its tile sits
+    acc, offs_m, offs_n, n0,
+    # pointers
+    c_ptr, left_ptr, right_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, R,
+    # strides
+    stride_cm, stride_cn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    # LoRA term: scale folded into `left` before the low-precision cast; dropout over (M, N)
+    scale, seed, threshold,
+    # meta-parameters
+    HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out = acc [+ c] + scale * mask * (left @ right) [+ bias]`` for one output tile, stored once
+    in the output dtype. Shared by the pointer GEMM (``_lora_gemm_kernel``, also its add-only mode)
+    and the TMA GEMM (``_lora_gemm_tma_kernel``): one copy of the epilogue, so both bases compute the
+    same LoRA term bit for bit (only the base product's summation order may differ)."""
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    if HAS_C:
+        c = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += c.to(tl.float32)
+
+    # LoRA epilogue, over the rank in R_BLOCK chunks (>= 16 for tl.dot, <= 64 so that an r = 256
+    # adapter does not blow the register/shared budget of a 128x256 tile); masked loads pad r
+    if HAS_DROPOUT:
+        lora = tl.zeros(acc.shape, dtype=tl.float32)
+    else:
+        lora = acc  # no mask to apply: accumulate straight into the GEMM's accumulator
+    for r0 in range(0, R, R_BLOCK):
+        offs_r = r0 + tl.arange(0, R_BLOCK)
+        r_ok = offs_r < R
+        left = tl.load(left_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                       mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        right = tl.load(right_ptr + offs_r[:, None] * stride_rr + cols[None, :] * stride_rn,
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        left = to_rne(left.to(tl.float32) * scale, right.dtype, _INTERPRETER)
+        lora = _mma(left, right, lora, DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep_tile(seed, offs_m, n0, N, threshold, BLOCK_N)
+        acc += tl.where(keep, lora, tl.zeros_like(lora))
+    else:
+        acc = lora
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=n_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+             to_rne(acc, out_ptr.dtype.element_ty, _INTERPRETER), mask=m_ok[:, None] & n_ok[None, :])
+
+
 # key: the W layout (stride_wk is 1 for the forward's W0^T view, d_in for dX's row-major W0) and
 # every flag that changes the code; the add-only mode is never autotuned (``_launch_add_only``)
 @triton.autotune(configs=_gemm_configs(),
@@ -230,37 +314,66 @@ def _lora_gemm_kernel(
             w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + cols[None, :] * stride_wn,
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(x, w, acc, DOT_PRECISION)
-    if HAS_C:
-        c = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
-                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += c.to(tl.float32)
+    _lora_epilogue(acc, offs_m, offs_n, pid_n * BLOCK_N,
+                   c_ptr, left_ptr, right_ptr, bias_ptr, out_ptr,
+                   M, N, R,
+                   stride_cm, stride_cn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+                   scale, seed, threshold,
+                   HAS_C, HAS_BIAS, HAS_DROPOUT, R_BLOCK, DOT_PRECISION, BLOCK_N)
 
-    # LoRA epilogue, over the rank in R_BLOCK chunks (>= 16 for tl.dot, <= 64 so that an r = 256
-    # adapter does not blow the register/shared budget of a 128x256 tile); masked loads pad r
-    if HAS_DROPOUT:
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        lora = acc  # no mask to apply: accumulate straight into the GEMM's accumulator
-    for r0 in range(0, R, R_BLOCK):
-        offs_r = r0 + tl.arange(0, R_BLOCK)
-        r_ok = offs_r < R
-        left = tl.load(left_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                       mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        right = tl.load(right_ptr + offs_r[:, None] * stride_rr + cols[None, :] * stride_rn,
-                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        left = to_rne(left.to(tl.float32) * scale, right.dtype, _INTERPRETER)
-        lora = _mma(left, right, lora, DOT_PRECISION)
-    if HAS_DROPOUT:
-        keep = dropout_keep_tile(seed, offs_m, pid_n * BLOCK_N, N, threshold, BLOCK_N)
-        acc += tl.where(keep, lora, tl.zeros_like(lora))
-    else:
-        acc = lora
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=n_ok, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
-             to_rne(acc, out_ptr.dtype.element_ty, _INTERPRETER), mask=m_ok[:, None] & n_ok[None, :])
+# key: as _lora_gemm_kernel's, with W_NK (the W layout) in place of stride_wk; the descriptors'
+# block shapes are set per config by ``_set_tma_blocks`` (the configs' pre_hook)
+@triton.autotune(configs=_tma_configs(),
+                 key=["M_BUCKET", "N", "K", "R_BLOCK", "W_NK", "HAS_C", "HAS_BIAS", "HAS_DROPOUT", "DOT_PRECISION"])
+@triton.jit
+def _lora_gemm_tma_kernel(
+    # tensor descriptors: x (M, K), W0 as stored (W_NK: (N, K), the forward; else (K, N), the dX pass)
+    x_desc, w_desc,
+    # pointers
+    c_ptr, left_ptr, right_ptr, bias_ptr, out_ptr,
+    # sizes: out (M, N) = x (M, K) @ W [+ c] + scale * mask * (left (M, R) @ right (R, N)) [+ bias]
+    M, N, K, R, M_BUCKET,
+    # strides
+    stride_cm, stride_cn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+    # LoRA epilogue: scale folded into `left` before the low-precision cast; dropout over (M, N)
+    scale, seed, threshold,
+    # meta-parameters
+    W_NK: tl.constexpr, HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``_lora_gemm_kernel``'s forward / dX job with the x and W0 tiles brought in by the Hopper TMA
+    engine (host-side tensor descriptors): no address arithmetic or bounds masks in the K loop,
+    out-of-range rows/columns/K arrive as zeros, and the loads are asynchronous copies that Triton
+    pipelines over ``num_stages`` buffers. Tiles: x [BLOCK_M, BLOCK_K]; W0 [BLOCK_N, BLOCK_K] (W_NK, fed
+    to the dot transposed) or [BLOCK_K, BLOCK_N]. Same epilogue (``_lora_epilogue``)."""
+    # grouped tile order (as _lora_gemm_kernel) so consecutive programs reuse W0 tiles from L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([m0, k0])
+        if W_NK:
+            w = w_desc.load([n0, k0]).T  # W0 rows are output features: the K-major B operand
+        else:
+            w = w_desc.load([k0, n0])
+        acc = _mma(x, w, acc, DOT_PRECISION)
+    _lora_epilogue(acc, m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N), n0,
+                   c_ptr, left_ptr, right_ptr, bias_ptr, out_ptr,
+                   M, N, R,
+                   stride_cm, stride_cn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
+                   scale, seed, threshold,
+                   HAS_C, HAS_BIAS, HAS_DROPOUT, R_BLOCK, DOT_PRECISION, BLOCK_N)
 
 
 @triton.jit
@@ -480,6 +593,81 @@ def _launch_gemm(x, w, c, left, right, bias, scale, dropout_p, seed, out):
     return out
 
 
+def _tma_layout(w: torch.Tensor) -> Optional[bool]:
+    """How ``w`` (K, N) is stored, for a descriptor: True = a transposed view of a row-major (N, K)
+    matrix (the forward's W0^T), False = row-major (K, N) itself (dX's W0), None = neither.
+    The (N, K) reading is tried first: it is the forward's, and a tensor with a size-1 dim
+    satisfies both."""
+    if w.stride(0) == 1 and (w.shape[1] == 1 or w.stride(1) == w.shape[0]):
+        return True
+    if w.stride(1) == 1 and (w.shape[0] == 1 or w.stride(0) == w.shape[1]):
+        return False
+    return None
+
+
+def tma_eligible(x: Optional[torch.Tensor], w: Optional[torch.Tensor], out_dtype: torch.dtype) -> bool:
+    """Whether ``base="tma"`` can run ``x @ w``: a Hopper-or-newer GPU (or the interpreter, which
+    emulates descriptor loads); x and w of one dtype in fp16/bf16/fp32 (fp32 only with TF32 dots:
+    ``torch.set_float32_matmul_precision("high")``), x row-major and w a
+    transposed or plain row-major matrix (``_tma_layout``), both with 16-byte aligned data pointers
+    and row strides (TMA's rule, checked by TensorDescriptor too), no empty dimension."""
+    if x is None or w is None or x.dtype != w.dtype or x.dtype not in TMA_DTYPES or out_dtype not in TMA_DTYPES:
+        return False
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif not dispatch.interpreter_enabled():
+        return False
+    if x.dtype == torch.float32 and _dot_precision(x.dtype) != "tf32":
+        # exact fp32 ("highest", torch's default) has no tensor-core path: the dot runs on FMA units,
+        # and compiled for sm_90 its TMA variant spilled 8-48 KB per thread reading the transposed
+        # W0 tiles (ptxas -v; the pointer kernel spills < 1 KB there)
+        return False
+    if min(x.shape) == 0 or min(w.shape) == 0 or _tma_layout(w) is None:
+        return False
+    item = x.element_size()
+    row = lambda t: max(t.stride(0), t.stride(1))  # the leading stride of a row-major or transposed matrix
+    return (x.stride(1) == 1 and x.stride(0) == x.shape[1]
+            and all(t.data_ptr() % TMA_ALIGN == 0 and row(t) * item % TMA_ALIGN == 0 for t in (x, w)))
+
+
+def _launch_gemm_tma(x, w, c, left, right, bias, scale, dropout_p, seed, out):
+    """The TMA GEMM kernel into a fresh ``out`` (``tma_eligible`` holds). The descriptors are
+    made here with a placeholder block shape; the autotuner's pre_hook (``_set_tma_blocks``) sets
+    the real one per config, before each run."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, N = out.shape
+    K = x.shape[1]
+    R = left.shape[1]
+    if M == 0 or N == 0:
+        return out
+    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
+    if bias is not None:
+        bias = bias.contiguous()
+    w_nk = _tma_layout(w)
+    dummy = left  # never read: the matching HAS_* flag is False
+    cs = (c.stride(0), c.stride(1)) if c is not None else (0, 0)
+    x_desc = TensorDescriptor.from_tensor(x, [MIN_DOT, MIN_DOT])
+    # W0 as stored: (N, K) row-major for the forward's W0^T view, (K, N) row-major for dX
+    w_desc = TensorDescriptor.from_tensor(w.t() if w_nk else w, [MIN_DOT, MIN_DOT])
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    with _DeviceGuard(left.device):
+        _lora_gemm_tma_kernel[grid](
+            x_desc, w_desc,
+            c if c is not None else dummy, left, right, bias if bias is not None else dummy, out,
+            M, N, K, R, _m_bucket(M),
+            *cs, left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
+            scale, seed, thr,
+            W_NK=w_nk, HAS_C=c is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_drop,
+            R_BLOCK=_r_block(R), DOT_PRECISION=_dot_precision(right.dtype),
+        )
+    return out
+
+
 # The add-only pass (cuBLAS base) adds into its output in place, so it must not be autotuned: the
 # autotuner benchmarks every config on the live arguments and each run would add the LoRA term
 # again. It is memory-bound; one fixed tile (interpreter: the interpreter's tile).
@@ -512,7 +700,8 @@ def _launch_add_only(c, left, right, scale, dropout_p, seed):
 
 
 def _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, base):
-    """One resolved base (``triton`` or ``cublas``) of ``_lora_gemm``."""
+    """One resolved base (``triton``, ``cublas`` or ``tma``) of ``_lora_gemm``; ``tma`` where
+    ``tma_eligible`` does not hold runs as ``triton`` (same epilogue, pointer loads)."""
     M, N = left.shape[0], right.shape[1]
     if x is not None and base == "cublas":
         # frozen product on cuBLAS in the operands' dtype (autocast off: it would silently change the
@@ -527,6 +716,8 @@ def _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtyp
     if x is None:  # add-only on a caller's c: on a copy, the caller's tensor stays as it was
         return _launch_add_only(c.to(out_dtype, copy=True), left, right, scale, dropout_p, seed)
     out = torch.empty((M, N), device=left.device, dtype=out_dtype)
+    if base == "tma" and tma_eligible(x, w, out_dtype):
+        return _launch_gemm_tma(x, w, c, left, right, bias, scale, dropout_p, seed, out)
     return _launch_gemm(x, w, c, left, right, bias, scale, dropout_p, seed, out)
 
 
@@ -540,11 +731,11 @@ AUTO_CALLS = 3  # back-to-back calls per timed sample (launch latency amortised,
 def _auto_key(x, w, c, left, right, bias, dropout_p, out_dtype) -> tuple:
     """What a base decision is valid for: device, dtypes, dot precision, token bucket (as the
     autotuner keys), GEMM sizes, the padded rank (the epilogue's cost), and the flags and operand
-    layouts that change the kernel."""
+    layouts that change the kernel, and whether the TMA base can run (alignment: which bases compete)."""
     M, K = x.shape
     return (str(x.device), x.dtype, out_dtype, _dot_precision(right.dtype), _m_bucket(M), right.shape[1], K,
             _r_pad(left.shape[1]), dropout_p > 0, bias is not None, c is not None, w.stride(0) == 1,
-            right.stride(0) == 1)
+            right.stride(0) == 1, tma_eligible(x, w, out_dtype))
 
 
 def _time_ms(fns: dict) -> dict:
@@ -569,9 +760,10 @@ def _time_ms(fns: dict) -> dict:
 
 
 def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, timer=None) -> str:
-    """``triton`` or ``cublas`` for this call: the cached decision for its key, else both timed
-    on the call's own operands (same output either way, up to one more rounding of the base product
-    on the cuBLAS path) and the faster kept. ``timer`` maps ``{base: callable}`` to ``{base: ms}``.
+    """``triton``, ``cublas`` or ``tma`` for this call: the cached decision for its key, else the
+    eligible bases (``tma`` only where ``tma_eligible`` holds) timed on the call's own operands (same
+    output either way, up to the base product's summation order and one more rounding of it on the
+    cuBLAS path) and the fastest kept. ``timer`` maps ``{base: callable}`` to ``{base: ms}``.
     Off a CUDA device (the interpreter) nothing is measured: ``triton`` (the path the tests must
     cover). While a CUDA graph is being captured nothing can be timed: ``cublas`` unless a
     decision exists."""
@@ -585,20 +777,21 @@ def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, ti
         if torch.cuda.is_current_stream_capturing():
             return "cublas"
         timer = _time_ms
+    bases = [b for b in BASES if b != "tma" or tma_eligible(x, w, out_dtype)]
     fns = {b: (lambda b=b: _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, b))
-           for b in BASES}
+           for b in bases}
     with _DeviceGuard(x.device):  # events and launches on the operands' GPU, not the current one
         times = timer(fns)
-    choice = min(BASES, key=lambda b: times[b])
+    choice = min(bases, key=lambda b: times[b])
     _AUTO_CHOICE[key] = choice
     _AUTO_TIMES[key] = times
     return choice
 
 
 def base_decisions() -> list[dict]:
-    """Every ``base="auto"`` decision taken in this process, with both measured times (ms)."""
+    """Every ``base="auto"`` decision taken in this process, with each timed base's time (ms)."""
     names = ("device", "dtype", "out_dtype", "dot_precision", "tokens_bucket", "N", "K", "r_pad", "dropout", "bias",
-             "c", "w_transposed", "right_transposed")
+             "c", "w_transposed", "right_transposed", "tma_eligible")
     return [dict(zip(names, key), choice=_AUTO_CHOICE[key], **{f"{b}_ms": t for b, t in times.items()})
             for key, times in _AUTO_TIMES.items()]
 
@@ -612,7 +805,8 @@ def _lora_gemm(x: Optional[torch.Tensor], w: Optional[torch.Tensor], c: Optional
 
     ``w`` and ``right`` are read through their strides, so transposed views (W0^T, B^T) cost
     nothing. ``x``/``w`` absent = add-only mode on top of ``c``. ``base`` says who computes
-    ``x @ w``: ``triton`` (this kernel, LoRA term in its epilogue, output written once),
+    ``x @ w``: ``triton`` (this kernel, LoRA term in its epilogue, output written once), ``tma``
+    (the same with TMA tile loads, where ``tma_eligible``; else ``triton``),
     ``cublas`` (``torch.mm``/``addmm``, then this kernel adds the LoRA term in place: one more
     read and write of the output) or ``auto`` (``_auto_base``: measured once per shape)."""
     if x is not None and base == "auto":
@@ -798,7 +992,7 @@ def lora_linear(
 ) -> torch.Tensor:
     """``x @ W0^T (+ b) + scaling * dropout(x) @ A^T @ B^T`` over any leading dims of ``x``.
 
-    ``impl`` picks ``triton`` / ``torch`` (default: dispatch). ``base`` (``triton``/``cublas``/
+    ``impl`` picks ``triton`` / ``torch`` (default: dispatch). ``base`` (``triton``/``cublas``/``tma``/
     ``auto``, default ``PEFT_KERNELS_BASE`` or ``auto``) picks who runs the base GEMM on the Triton
     path (see the module docstring). Under autocast the Triton path casts every operand to the autocast dtype first (the
     casts are differentiable, so fp32 adapter weights get fp32 gradients). ``seed`` is an int or a

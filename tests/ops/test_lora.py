@@ -412,3 +412,149 @@ def test_deterministic_mode_reduces_without_atomics(interpret, monkeypatch, p, o
     for a, d1, d2 in zip(atomic, det1, det2):
         torch.testing.assert_close(d1, a, rtol=1e-5, atol=1e-5)
         assert torch.equal(d1, d2)
+
+
+# ------------------------------------------------------------------------------- TMA base
+# Shapes whose row strides are multiples of 16 bytes in every dtype (136 * 2 and 88 * 2 bytes), so
+# ``base="tma"`` really runs the descriptor kernel; still awkward for the tiles (not multiples of 32).
+TMA_D_IN, TMA_D_OUT = 136, 88
+
+TMA_CASES = [  # (dtype, leading dims, r, bias, dropout)
+    (torch.float32, (37,), 4, True, 0.3),
+    (torch.bfloat16, (3, 13), 33, True, 0.3),
+    (torch.float16, (37,), 33, False, 0.0),
+    (torch.bfloat16, (37,), 4, False, 0.0),
+]
+
+
+def _tma_inputs(lead, r, bias, d_in=TMA_D_IN, d_out=TMA_D_OUT):
+    x = torch.randn(*lead, d_in, dtype=torch.float64)
+    W = torch.randn(d_out, d_in, dtype=torch.float64) / d_in**0.5
+    A = torch.randn(r, d_in, dtype=torch.float64) / d_in**0.5
+    B = torch.randn(d_out, r, dtype=torch.float64) / r**0.5
+    b = torch.randn(d_out, dtype=torch.float64) if bias else None
+    return x, W, A, B, b
+
+
+def _spy_gemm_launchers(monkeypatch):
+    """Record which GEMM launcher ran each fused GEMM: ("tma", W_NK) or ("pointer", None)."""
+    seen = []
+    tma, ptr = L._launch_gemm_tma, L._launch_gemm
+    monkeypatch.setattr(L, "_launch_gemm_tma", lambda *a: seen.append(("tma", L._tma_layout(a[1]))) or tma(*a))
+    monkeypatch.setattr(L, "_launch_gemm", lambda *a: seen.append(("pointer", None)) or ptr(*a))
+    return seen
+
+
+def _check_against_reference(fn, x, W, A, B, b, dtype, go, **kw):
+    y_exact, g_exact = _run(R.lora, x, W, A, B, b, torch.float64, go, **kw)
+    y_same, g_same = _run(R.lora, x, W, A, B, b, dtype, go, **kw)
+    y_got, g_got = _run(fn, x, W, A, B, b, dtype, go, **kw)
+    assert y_got.dtype == dtype and y_got.shape == y_exact.shape
+    assert_close_to_reference("y", y_got.cpu(), y_same, y_exact)
+    for name, got, same, exact in zip(["dx", "dA", "dB", "dbias"], g_got, g_same, g_exact):
+        if exact is None:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype, name
+        assert_close_to_reference(name, got.cpu(), same, exact)
+
+
+@pytest.mark.parametrize("dtype,lead,r,bias,p", TMA_CASES)
+def test_tma_base_matches_reference(interpret, monkeypatch, dtype, lead, r, bias, p):
+    """``base="tma"`` on aligned shapes: the descriptor kernel runs both GEMMs (forward reads W0 as
+    (N, K) tiles, dX as (K, N) tiles) and the output and every gradient meet the reference rule."""
+    seen = _spy_gemm_launchers(monkeypatch)
+    x, W, A, B, b = (None if t is None else t.to(interpret) for t in _tma_inputs(lead, r, bias))
+    go = torch.randn(*lead, TMA_D_OUT, dtype=torch.float64, device=interpret)
+    fn = lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base="tma")
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # fp32 takes the TMA base with TF32 dots only
+    try:
+        _check_against_reference(fn, x, W, A, B, b, dtype, go, scaling=R.lora_scaling(r, 8.0, False), dropout_p=p,
+                                 seed=4321)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    assert seen == [("tma", True), ("tma", False)]  # forward (W0^T view), dX (W0 row-major)
+
+
+def test_tma_base_falls_back_when_misaligned(interpret, monkeypatch):
+    """d_in = 123 bf16 rows are 246 bytes, not a multiple of 16: ``base="tma"`` runs the pointer
+    kernel, same result rule. Ineligible operands are recognised without launching anything."""
+    seen = _spy_gemm_launchers(monkeypatch)
+    x, W, A, B, b = (t.to(interpret) for t in _tma_inputs((37,), 8, True, d_in=123, d_out=77))
+    go = torch.randn(37, 77, dtype=torch.float64, device=interpret)
+    fn = lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base="tma")
+    _check_against_reference(fn, x, W, A, B, b, torch.bfloat16, go, scaling=2.0, dropout_p=0.3, seed=9)
+    assert seen == [("pointer", None), ("pointer", None)]
+
+    xa = torch.randn(37, TMA_D_IN, device=interpret, dtype=torch.bfloat16)
+    Wa = torch.randn(TMA_D_OUT, TMA_D_IN, device=interpret, dtype=torch.bfloat16)
+    assert L.tma_eligible(xa, Wa.t(), torch.bfloat16) and L.tma_eligible(xa[:, :TMA_D_OUT], Wa, torch.bfloat16) is False
+    assert L.tma_eligible(xa[:, :TMA_D_OUT].contiguous(), Wa, torch.bfloat16)  # dX layout: W0 (K, N) row-major
+    shifted = torch.empty(37 * TMA_D_IN + 1, device=interpret, dtype=torch.bfloat16)[1:].view(37, TMA_D_IN)
+    assert not L.tma_eligible(shifted, Wa.t(), torch.bfloat16)  # data pointer 2 bytes off
+    assert not L.tma_eligible(xa, Wa.t().float(), torch.bfloat16)  # mixed dtypes
+    assert not L.tma_eligible(xa.double(), Wa.t().double(), torch.float64)
+    assert torch.get_float32_matmul_precision() == "highest"  # torch's default: exact fp32, no tensor cores
+    assert not L.tma_eligible(xa.float(), Wa.t().float(), torch.float32)
+    assert not L.tma_eligible(xa, Wa[:, :64].t(), torch.bfloat16)  # W0 columns sliced: neither layout
+    monkeypatch.setattr(L.dispatch, "interpreter_enabled", lambda: False)
+    assert not L.tma_eligible(xa, Wa.t(), torch.bfloat16)  # CPU without the interpreter: no descriptors
+
+
+def test_auto_base_times_all_eligible_bases(interpret, monkeypatch):
+    """``base="auto"`` on aligned operands times the three bases (they agree), keeps the fastest,
+    and the op then runs it; on misaligned operands ``tma`` is not a candidate. The autotuned TMA
+    kernel writes a fresh output and leaves its inputs as they were."""
+    monkeypatch.setattr(L, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(L, "_AUTO_TIMES", {})
+    seen = _spy_gemm_launchers(monkeypatch)
+    x, W, A, B, b = (t.to(interpret, torch.bfloat16) for t in _tma_inputs((19,), 4, True))
+    seed = torch.tensor([5])
+    xa = L._lora_down(x, A, 0.0, seed)
+    snapshot = [t.clone() for t in (x, W, xa, B, b)]
+    calls = []
+
+    def timer(fns):
+        assert list(fns) == ["triton", "cublas", "tma"]
+        calls.extend(fn() for fn in fns.values())
+        return {"triton": 2.0, "cublas": 1.5, "tma": 1.0}
+
+    args = (x, W.t(), None, xa, B.t(), b, 1.5, 0.0, seed, torch.bfloat16)
+    assert L._auto_base(*args, timer=timer) == "tma"
+    # the same result from all three: cuBLAS rounds its bf16 base product once more (<= 1 bf16 ulp of |y|)
+    torch.testing.assert_close(calls[1], calls[0], rtol=0, atol=2**-7 * calls[0].abs().max().item())
+    torch.testing.assert_close(calls[2], calls[0])
+    (d,) = L.base_decisions()
+    assert d["choice"] == "tma" and d["tma_ms"] == 1.0 and d["tma_eligible"] is True
+    seen.clear()
+    got = L._lora_gemm(*args, "auto")
+    assert seen == [("tma", True)]
+    torch.testing.assert_close(got, calls[2], rtol=0, atol=0)
+    for before, after in zip(snapshot, (x, W, xa, B, b)):
+        assert torch.equal(before, after)
+
+    # d_in = 123 bf16: 246-byte rows, no descriptor; only the two other bases compete
+    x123 = torch.randn(19, 123, device=interpret, dtype=torch.bfloat16)
+    W123 = torch.randn(TMA_D_OUT, 123, device=interpret, dtype=torch.bfloat16)
+    xa123 = L._lora_down(x123, torch.randn(4, 123, device=interpret, dtype=torch.bfloat16), 0.0, seed)
+    two = lambda fns: (list(fns) == ["triton", "cublas"] or pytest.fail(str(list(fns)))) and {"triton": 1, "cublas": 2}
+    assert L._auto_base(x123, W123.t(), None, xa123, B.t(), b, 1.5, 0.0, seed, torch.bfloat16, timer=two) == "triton"
+    assert L.base_decisions()[-1]["tma_eligible"] is False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,r", [(torch.bfloat16, 16), (torch.float16, 256)])
+def test_tma_base_large_gpu(monkeypatch, dtype, r):
+    """Realistic aligned sizes on a Hopper GPU: the autotuned TMA configs (descriptor block shapes
+    set per config), tails in every dimension, both W0 layouts, against the reference rule."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0 or newer")
+    seen = _spy_gemm_launchers(monkeypatch)
+    dev = torch.device("cuda")
+    T, d_in, d_out = 1000, 1024 + 8, 2048 + 24
+    x, W, A, B, b = (t.to(dev) for t in _tma_inputs((T,), r, True, d_in=d_in, d_out=d_out))
+    go = torch.randn(T, d_out, device=dev, dtype=torch.float64)
+    fn = lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base="tma")
+    _check_against_reference(fn, x, W, A, B, b, dtype, go, scaling=2.0, dropout_p=0.05, seed=99)
+    assert seen == [("tma", True), ("tma", False)]
