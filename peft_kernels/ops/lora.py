@@ -26,22 +26,26 @@ By default dA and dB are NOT on a GPU: their token-split partial sums meet in fp
 own partial and they are summed in a fixed order (a ``(splits, r, K)`` fp32 buffer, splits ~
 4 waves of programs), and dB comes from the dA kernel run on ``(xa, dY)`` instead of the atomics
 in the g pass: bit-reproducible, for one more pass over dY (~+0.03x at (4096,4096), predicted).
-Monarch's fused path and Lily's fused path use the same kernels and follow the same switch. Autotuning is harmless to them: the autotuned GEMM writes a fresh
-output once; its add-only mode, which adds into an output in place, runs with one fixed tile and is
-never autotuned (the autotuner's benchmark runs would each add the LoRA term again).
+Monarch's fused path and Lily's fused path use the same kernels and follow the same switch.
+Autotuning is harmless to them: the autotuned GEMMs write a fresh output once; the add-only mode,
+which adds into an output in place, runs with one fixed tile and is never autotuned (the
+autotuner's benchmark runs would each add the LoRA term again).
 
 Base product (``base=`` argument, else ``PEFT_KERNELS_BASE``, else ``DEFAULT_BASE`` = ``auto``):
 ``triton`` runs the base GEMMs in Triton with the LoRA terms fused into their epilogues (output
-written once); ``cublas`` runs them with ``torch.mm``/``torch.addmm`` and adds the LoRA terms in
-place with the same kernel in add-only mode (one extra read+write of the output); ``auto`` decides
-inside the ``lora_gemm`` op, per GEMM (forward and dX separately) and per shape key (device,
-dtypes, token bucket, N, K, rank chunk, flags): the first call on a CUDA device times both on its
-own operands and keeps the faster (``base_decisions()`` lists the decisions and both times).
-Both give the same result up to fp32 summation order and, on the cuBLAS path, one more rounding
-of the base product (to the output dtype, before the LoRA term is added), so the decision
-changes speed, not the math; pin ``PEFT_KERNELS_BASE`` for bit-reproducibility across processes (and across DDP ranks,
-which may decide differently). Cost of a decision: each new key autotunes the Triton GEMM (8
-configs) and times both bases (2 warm-up + 5 x 3 timed calls each), ~1-2 s on the first call of a
+written once); ``tma`` is the same GEMM with x and W0 tiles loaded through Hopper TMA tensor
+descriptors (``tma_eligible``: sm_90+, 16-byte-aligned rows; else it falls back to ``triton``);
+``cublas`` runs them with ``torch.mm``/``torch.addmm`` and adds the LoRA terms in place with the
+same kernel in add-only mode (one extra read+write of the output); ``auto`` decides inside the
+``lora_gemm`` op, per GEMM (forward and dX separately) and per shape key (device, dtypes, token
+bucket, N, K, padded rank, flags, layouts, TMA eligibility): the first call on a CUDA device times
+every eligible base on its own operands and keeps the fastest (``base_decisions()`` lists the
+decisions and the times). All give the same result up to fp32 summation order and, on the cuBLAS
+path, one more rounding of the base product (to the output dtype, before the LoRA term is added),
+so the decision changes speed, not the math; pin ``PEFT_KERNELS_BASE`` for bit-reproducibility
+across processes (and across DDP ranks, which may decide differently). Cost of a decision: each
+new key autotunes the Triton GEMMs (8 configs each) and times every base (2 warm-up + 5 x 3 timed
+calls each), ~1-2 s on the first call of a
 new token bucket or layer shape; power-of-two token buckets keep that to a handful of keys per
 layer shape, but a new bucket (an eval batch) pays it mid-run, and benchmarks need warm-up steps.
 During CUDA-graph capture nothing can be timed: a key without a decision takes ``cublas``.
