@@ -26,7 +26,9 @@ By default dA and dB are NOT on a GPU: their token-split partial sums meet in fp
 own partial and they are summed in a fixed order (a ``(splits, r, K)`` fp32 buffer, splits ~
 4 waves of programs), and dB comes from the dA kernel run on ``(xa, dY)`` instead of the atomics
 in the g pass: bit-reproducible, for one more pass over dY (~+0.03x at (4096,4096), predicted).
-Monarch's fused path and Lily's fused path use the same kernels and follow the same switch.
+``base="auto"`` then resolves to ``triton`` without timing (a timing decision can differ between
+processes, and the bases differ in the last bits). Monarch's fused path and Lily's fused path use
+the same kernels and follow the same switch.
 Autotuning is harmless to them: the autotuned GEMMs write a fresh output once; the add-only mode,
 which adds into an output in place, runs with one fixed tile and is never autotuned (the
 autotuner's benchmark runs would each add the LoRA term again).
@@ -329,15 +331,17 @@ def _lora_gemm_kernel(
 # key: as _lora_gemm_kernel's, with W_NK (the W layout) in place of stride_wk; the descriptors'
 # block shapes are set per config by ``_set_tma_blocks`` (the configs' pre_hook)
 @triton.autotune(configs=_tma_configs(),
-                 key=["M_BUCKET", "N", "K", "R_BLOCK", "W_NK", "HAS_C", "HAS_BIAS", "HAS_DROPOUT", "DOT_PRECISION"])
+                 key=["M_BUCKET", "N", "K", "R_BLOCK", "X_BYTES", "W_NK", "HAS_C", "HAS_BIAS", "HAS_DROPOUT",
+                      "DOT_PRECISION"])
 @triton.jit
 def _lora_gemm_tma_kernel(
     # tensor descriptors: x (M, K), W0 as stored (W_NK: (N, K), the forward; else (K, N), the dX pass)
     x_desc, w_desc,
     # pointers
     c_ptr, left_ptr, right_ptr, bias_ptr, out_ptr,
+    # X_BYTES (x's element size) only keys the autotuner: descriptors carry no dtype of their own.
     # sizes: out (M, N) = x (M, K) @ W [+ c] + scale * mask * (left (M, R) @ right (R, N)) [+ bias]
-    M, N, K, R, M_BUCKET,
+    M, N, K, R, M_BUCKET, X_BYTES,
     # strides
     stride_cm, stride_cn, stride_lm, stride_lr, stride_rr, stride_rn, stride_om, stride_on,
     # LoRA epilogue: scale folded into `left` before the low-precision cast; dropout over (M, N)
@@ -663,7 +667,7 @@ def _launch_gemm_tma(x, w, c, left, right, bias, scale, dropout_p, seed, out):
         _lora_gemm_tma_kernel[grid](
             x_desc, w_desc,
             c if c is not None else dummy, left, right, bias if bias is not None else dummy, out,
-            M, N, K, R, _m_bucket(M),
+            M, N, K, R, _m_bucket(M), x.element_size(),
             *cs, left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
             scale, seed, thr,
             W_NK=w_nk, HAS_C=c is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_drop,
@@ -775,6 +779,10 @@ def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, ti
     hit = _AUTO_CHOICE.get(key)
     if hit is not None:
         return hit
+    if deterministic():
+        # a timing decision can differ between processes, and the bases differ in the last bits:
+        # bit-reproducibility across runs needs one fixed base (like cudnn.benchmark off)
+        return "triton"
     if timer is None:
         if x.device.type != "cuda":
             return "triton"
@@ -834,7 +842,7 @@ def _launch_da(g, x, total_scale, dropout_p, seed, deterministic_sum):
     """``total_scale * g^T @ (mask * x)`` fp32 ``(r, K)``, tokens split over programs."""
     M, K = x.shape
     r = g.shape[1]
-    if M == 0:
+    if M == 0 or K == 0 or r == 0:
         return torch.zeros((r, K), device=x.device, dtype=torch.float32)
     has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
     r_pad = _r_pad(r)

@@ -558,3 +558,26 @@ def test_tma_base_large_gpu(monkeypatch, dtype, r):
     fn = lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base="tma")
     _check_against_reference(fn, x, W, A, B, b, dtype, go, scaling=2.0, dropout_p=0.05, seed=99)
     assert seen == [("tma", True), ("tma", False)]
+
+
+def test_deterministic_mode_fixes_the_auto_base_and_handles_empty_dims(interpret, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True), ``auto`` takes the Triton base without
+    timing (bit-reproducible across processes); a zero-sized d_out layer still backprops (the
+    deterministic dB runs the dA kernel over d_out columns)."""
+    x, W, A, B, b = (t.float().to(interpret) if t is not None else None for t in _inputs((19,), 4, True))
+    xa = L._lora_down(x, A, 0.0, torch.tensor([1]))
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        monkeypatch.setattr(L, "_AUTO_CHOICE", {})
+        args = (x, W.t(), None, xa, B.t(), b, 1.0, 0.0, torch.tensor([1]), torch.float32)
+        assert L._auto_base(*args, timer=lambda fns: pytest.fail("timed in deterministic mode")) == "triton"
+        for d_in, d_out in ((8, 0),):
+            xs = torch.randn(5, d_in, device=interpret, requires_grad=True)
+            As = torch.randn(4, d_in, device=interpret, requires_grad=True)
+            Bs = torch.randn(d_out, 4, device=interpret, requires_grad=True)
+            y = L.lora_linear(xs, torch.randn(d_out, d_in, device=interpret), As, Bs, impl="triton")
+            y.sum().backward()
+            assert y.shape == (5, d_out) and As.grad.shape == As.shape and Bs.grad.shape == Bs.shape
+    finally:
+        torch.use_deterministic_algorithms(prev)
