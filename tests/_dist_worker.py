@@ -124,3 +124,9 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Leave without running interpreter-shutdown destructors: gloo's background threads can abort
+    # the process there ("terminate called without an active exception", seen once in ~10 CI runs)
+    # after every result is written and the process group is destroyed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
