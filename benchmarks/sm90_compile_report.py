@@ -114,16 +114,6 @@ def _cfg(c) -> tuple[dict, int, int]:
 # =============================================================================================
 
 
-def _lora_down():
-    unit = ("stride_xk", "stride_ak", "stride_xar")
-    for dt, r_pads in (("bf16", (16, 64, 256)), ("fp32", (16, 64, 256)), ("fp16", (16,))):
-        for r_pad in r_pads:
-            bt, bk, w = lora._small_blocks(r_pad)
-            for drop in (True, False):
-                yield Case(dt, dict(HAS_DROPOUT=drop, R_PAD=r_pad, DOT_PRECISION=lora._dot_precision(DTYPES[dt]),
-                                    BLOCK_T=bt, BLOCK_K=bk), w, 3, fp32=("xa_ptr",), unit=unit)
-
-
 def _lora_gemm():
     cfgs = _at_configs(lora._lora_gemm_kernel)
     # (HAS_GEMM, HAS_C, HAS_BIAS, HAS_DROPOUT, R, unit strides, which launch); `left` (xa or g) is fp32.
@@ -193,21 +183,27 @@ def _lora_gemm_tma():
     yield case("fp16", dx, cfgs[0])
 
 
-def _lora_gb():
-    unit = ("stride_dyn", "stride_br", "stride_xar", "stride_gr", "stride_dbr")
+def _lora_rows():
+    """``_lora_rows_kernel``'s two jobs: the backward g/dB pass (HAS_DW; dropout on dY is the
+    output-side dropout of Monarch's fused-GEMM path) and the forward down-projection (no dW; dropout
+    on x), at the rank pads that change the launcher's blocks."""
+    fp32 = ("xa_ptr", "out_ptr", "dw_ptr")
+    gb_unit = ("stride_in", "stride_wr", "stride_xar", "stride_or", "stride_dwr")  # dY, B, xa, g, dB
+    down_unit = ("stride_in", "stride_wn", "stride_or")  # x, A^T view, xa
     for dt, r_pads in (("bf16", (16, 64, 256)), ("fp32", (16, 64, 256)), ("fp16", (16,))):
         for r_pad in r_pads:
             bm, bn, w = lora._small_blocks(r_pad)
-            # dropout on dY: the output-side dropout of Monarch's fused-GEMM path
-            for drop in (True, False):
-                yield Case(dt, dict(HAS_DB=True, HAS_DROPOUT=drop, R_PAD=r_pad,
-                                    DOT_PRECISION=lora._dot_precision(DTYPES[dt]), BLOCK_M=bm, BLOCK_N=bn),
-                           w, 3, fp32=("xa_ptr", "g_ptr", "db_ptr"), unit=unit)
-    # deterministic mode: g only (dB from the dA kernel)
+            for has_dw, unit, note in ((True, gb_unit, "g/dB pass"), (False, down_unit, "down-projection")):
+                for drop in (True, False):
+                    # the down-projection scales its output by keep_scale exactly when dropout is on
+                    scale = drop and not has_dw
+                    yield Case(dt, dict(HAS_DW=has_dw, HAS_DROPOUT=drop, SCALE_OUT=scale, R_PAD=r_pad,
+                                        DOT_PRECISION=lora._dot_precision(DTYPES[dt]), BLOCK_M=bm, BLOCK_N=bn),
+                               w, 3, fp32=fp32, unit=unit, note=note)
+    # deterministic mode: g only (dB from the dA kernel), dY row-major
     bm, bn, w = lora._small_blocks(16)
-    yield Case("bf16", dict(HAS_DB=False, HAS_DROPOUT=False, R_PAD=16, DOT_PRECISION="tf32", BLOCK_M=bm,
-                            BLOCK_N=bn), w, 3, fp32=("xa_ptr", "g_ptr", "db_ptr"), unit=unit,
-               note="deterministic: g only")
+    yield Case("bf16", dict(HAS_DW=False, HAS_DROPOUT=False, SCALE_OUT=False, R_PAD=16, DOT_PRECISION="tf32", BLOCK_M=bm,
+                            BLOCK_N=bn), w, 3, fp32=fp32, unit=gb_unit, note="deterministic: g only")
 
 
 def _lora_da():
@@ -346,10 +342,9 @@ def _sparse_sddmm():
 INT32_PTRS = ("crow_ptr", "col_ptr", "steps_ptr", "rows_ptr")
 
 CASES: dict[str, Callable[[], Iterator[Case]]] = {
-    "lora._lora_down_kernel": _lora_down,
     "lora._lora_gemm_kernel": _lora_gemm,
     "lora._lora_gemm_tma_kernel": _lora_gemm_tma,
-    "lora._lora_bwd_gb_kernel": _lora_gb,
+    "lora._lora_rows_kernel": _lora_rows,
     "lora._lora_bwd_da_kernel": _lora_da,
     "monarch._monarch_fwd_kernel": _monarch_fwd,
     "monarch._monarch_bwd_dy1_kernel": _monarch_dy1,

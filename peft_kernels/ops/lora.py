@@ -3,13 +3,13 @@
 Layout of the work (T tokens, d_in -> d_out, rank r):
 
 forward
-  1. ``_lora_down_kernel``: ``xa = dropout(x) @ A^T`` in fp32, ``(T, r)``. The dropout mask is
+  1. ``_lora_rows_kernel``: ``xa = dropout(x) @ A^T`` in fp32, ``(T, r)``. The dropout mask is
      the shared spec of ``reference._philox`` (one Philox-4x32-10 per 8 elements of the
      ``(T, d_in)`` input, ``_dropout.dropout_keep_tile``) generated in-kernel and never stored.
   2. ``_lora_gemm_kernel``: the base GEMM ``x @ W0^T`` whose accumulator also receives
      ``(s * xa) @ B^T`` and the bias in the epilogue: the output is written once.
 backward
-  3. ``_lora_bwd_gb_kernel``: one pass over dY gives ``g = dY @ B`` ``(T, r)`` and
+  3. ``_lora_rows_kernel`` again: one pass over dY gives ``g = dY @ B`` ``(T, r)`` and
      ``dB = s * dY^T @ xa`` (accumulated across token blocks with fp32 atomics).
   4. ``_lora_gemm_kernel`` again: ``dX = dY @ W0 + mask * (s * k) * (g @ A)``, the LoRA term
      (with the regenerated mask, same offsets as forward) folded into the epilogue.
@@ -142,7 +142,7 @@ def _tma_configs():
 
 
 def _small_blocks(r_pad: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_K, num_warps) of the r-sized kernels (down-projection, g/dB, dA): their
+    """(BLOCK_T, BLOCK_K, num_warps) of the r-sized kernels (rows: down-projection and g/dB; dA): their
     (BLOCK_T, r_pad) fp32 accumulators must fit in registers, so the token block shrinks and the
     warp count grows with the rank. Unmeasured guesses (no GPU when written): tune first."""
     if dispatch.interpreter_enabled():
@@ -169,45 +169,6 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _lora_down_kernel(
-    # pointers
-    x_ptr, a_ptr, xa_ptr,
-    # sizes
-    T, K, R,
-    # strides
-    stride_xt, stride_xk, stride_ar, stride_ak, stride_xat, stride_xar,
-    # dropout
-    seed, threshold, keep_scale,
-    # meta-parameters
-    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """xa[T, R] (fp32) = (mask * x) @ A^T * keep_scale; one program per BLOCK_T tokens."""
-    pid = tl.program_id(0)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_r = tl.arange(0, R_PAD)  # padded rank: rows >= R load as zeros and are never stored
-    t_ok = offs_t < T
-    r_ok = offs_r < R
-    rows = offs_t.to(tl.int64)
-    acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            keep = dropout_keep_tile(seed, offs_t, k0, K, threshold, BLOCK_K)
-            x = tl.where(keep, x, tl.zeros_like(x))
-        a_t = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                      mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = _mma(x, a_t, acc, DOT_PRECISION)
-    if HAS_DROPOUT:
-        acc = acc * keep_scale
-    tl.store(xa_ptr + rows[:, None] * stride_xat + offs_r[None, :] * stride_xar, acc,
-             mask=t_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -385,50 +346,58 @@ def _lora_gemm_tma_kernel(
 
 
 @triton.jit
-def _lora_bwd_gb_kernel(
+def _lora_rows_kernel(
     # pointers
-    dy_ptr, b_ptr, xa_ptr, g_ptr, db_ptr,
+    in_ptr, w_ptr, xa_ptr, out_ptr, dw_ptr,
     # sizes
     M, N, R,
     # strides
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,
-    stride_gm, stride_gr, stride_dbn, stride_dbr,
-    # dropout on the adapter OUTPUT, Monarch's placement: dY is masked as it is read
-    seed, threshold,
+    stride_im, stride_in, stride_wn, stride_wr, stride_xam, stride_xar,
+    stride_om, stride_or, stride_dwn, stride_dwr,
+    # dropout over the (M, N) input, and the scale of the stored output
+    seed, threshold, out_scale,
     # meta-parameters
-    HAS_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DW: tl.constexpr, HAS_DROPOUT: tl.constexpr, SCALE_OUT: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One pass over dY per token block: g = dY @ B (kept in registers, stored once) and, with
-    HAS_DB, dB += dY^T @ xa (fp32 atomics across token blocks; the caller scales by s). With HAS_DROPOUT
-    dY is replaced by mask(M, N) * dY (the mask of an output-side dropout, regenerated; the
-    caller applies keep_scale)."""
+    """One pass over an (M, N) input per block of BLOCK_M rows: out[M, R] (fp32) =
+    out_scale * (mask * in) @ W (the product by out_scale only under SCALE_OUT, so a unit scale costs
+    no registers) with W (N, R) read through its strides, kept in registers and
+    stored once; with HAS_DW also dW += (mask * in)^T @ xa (fp32 atomics across row blocks).
+
+    Two jobs: the forward down-projection (in = x, W = A^T, the input dropout, out_scale =
+    keep_scale: out = xa) and the backward g/dB pass (in = dY, W = B, HAS_DW, dropout only for an
+    output-side dropout as Monarch's; out = g, dW = dB, both unscaled: the caller applies s and
+    keep_scale)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, R_PAD)
+    offs_r = tl.arange(0, R_PAD)  # padded rank: columns >= R load as zeros and are never stored
     m_ok = offs_m < M
     r_ok = offs_r < R
     rows = offs_m.to(tl.int64)
-    xa = tl.load(xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    xa = to_rne(xa, dy_ptr.dtype.element_ty, _INTERPRETER)
-    g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if HAS_DW:
+        xa = tl.load(xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        xa = to_rne(xa, in_ptr.dtype.element_ty, _INTERPRETER)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(in_ptr + rows[:, None] * stride_im + offs_n[None, :] * stride_in,
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep_tile(seed, offs_m, n0, N, threshold, BLOCK_N)
-            dy = tl.where(keep, dy, tl.zeros_like(dy))
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            a = tl.where(keep, a, tl.zeros_like(a))
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_r[None, :] * stride_wr,
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        g = _mma(dy, b, g, DOT_PRECISION)
-        if HAS_DB:
-            db = _mma(tl.trans(dy), xa, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), DOT_PRECISION)
-            tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, db,
+        acc = _mma(a, w, acc, DOT_PRECISION)
+        if HAS_DW:
+            dw = _mma(tl.trans(a), xa, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), DOT_PRECISION)
+            tl.atomic_add(dw_ptr + offs_n[:, None] * stride_dwn + offs_r[None, :] * stride_dwr, dw,
                           mask=n_ok[:, None] & r_ok[None, :])
-    tl.store(g_ptr + rows[:, None] * stride_gm + offs_r[None, :] * stride_gr, g,
+    if SCALE_OUT:
+        acc = acc * out_scale
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or, acc,
              mask=m_ok[:, None] & r_ok[None, :])
 
 
@@ -539,6 +508,32 @@ class _DeviceGuard:
             self.ctx.__exit__(*exc)
 
 
+def _launch_rows(inp, w, xa, out, dw, dropout_p, seed, out_scale):
+    """``_lora_rows_kernel``: ``out = out_scale * (mask * inp) @ w`` (fp32, ``w`` ``(N, r)`` read
+    through its strides) and, when ``dw`` is given, ``dw += (mask * inp)^T @ xa`` (atomics)."""
+    M, N = inp.shape
+    r = w.shape[1]
+    if M == 0:
+        return
+    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
+    has_dw = dw is not None
+    r_pad = _r_pad(r)
+    block_m, block_n, warps = _small_blocks(r_pad)
+    xa_args = (xa, xa.stride(0), xa.stride(1)) if has_dw else (out, 0, 0)  # never read without dw
+    dw_args = (dw, dw.stride(0), dw.stride(1)) if has_dw else (out, 0, 0)
+    with _DeviceGuard(inp.device):
+        _lora_rows_kernel[(triton.cdiv(M, block_m),)](
+            inp, w, xa_args[0], out, dw_args[0],
+            M, N, r,
+            inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), xa_args[1], xa_args[2],
+            out.stride(0), out.stride(1), dw_args[1], dw_args[2],
+            seed, thr, out_scale,
+            HAS_DW=has_dw, HAS_DROPOUT=has_drop, SCALE_OUT=out_scale != 1.0, R_PAD=r_pad,
+            DOT_PRECISION=_dot_precision(inp.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )
+
+
 @torch.library.custom_op("peft_kernels::lora_down", mutates_args=())
 def _lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     """xa = dropout(x) @ A^T in fp32, (T, r)."""
@@ -547,18 +542,7 @@ def _lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: to
     xa = torch.empty((T, r), device=x.device, dtype=torch.float32)
     if T == 0:
         return xa
-    has_drop, seed, thr, kscale = _dropout_args(dropout_p, seed)
-    r_pad = _r_pad(r)
-    block_t, block_k, warps = _small_blocks(r_pad)
-    with _DeviceGuard(x.device):
-        _lora_down_kernel[(triton.cdiv(T, block_t),)](
-            x, lora_A, xa,
-            T, K, r,
-            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
-            seed, thr, kscale,
-            HAS_DROPOUT=has_drop, R_PAD=r_pad, DOT_PRECISION=_dot_precision(x.dtype),
-            BLOCK_T=block_t, BLOCK_K=block_k, num_warps=warps,
-        )
+    _launch_rows(x, lora_A.t(), None, xa, None, dropout_p, seed, keep_scale(dropout_p))
     return xa
 
 
@@ -882,24 +866,13 @@ def _lora_bwd_gb(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
     M, N = dy.shape
     r = lora_B.shape[1]
     g = torch.empty((M, r), device=dy.device, dtype=torch.float32)
-    db = torch.zeros((0 if deterministic else N, r), device=dy.device, dtype=torch.float32)
     if M == 0:
         return g, torch.zeros((N, r), device=dy.device, dtype=torch.float32)
-    has_drop, seed_v, thr, _ = _dropout_args(dropout_p, seed)
-    r_pad = _r_pad(r)
-    block_m, block_n, warps = _small_blocks(r_pad)
-    with _DeviceGuard(dy.device):
-        _lora_bwd_gb_kernel[(triton.cdiv(M, block_m),)](
-            dy, lora_B, xa, g, db,
-            M, N, r,
-            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
-            g.stride(0), g.stride(1), db.stride(0), db.stride(1),
-            seed_v, thr,
-            HAS_DB=not deterministic, HAS_DROPOUT=has_drop, R_PAD=r_pad, DOT_PRECISION=_dot_precision(dy.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        )
     if deterministic:
-        db = _launch_da(xa, dy, 1.0, dropout_p, seed, True).t().contiguous()
+        _launch_rows(dy, lora_B, None, g, None, dropout_p, seed, 1.0)
+        return g, _launch_da(xa, dy, 1.0, dropout_p, seed, True).t().contiguous()
+    db = torch.zeros((N, r), device=dy.device, dtype=torch.float32)
+    _launch_rows(dy, lora_B, xa, g, db, dropout_p, seed, 1.0)
     return g, db
 
 

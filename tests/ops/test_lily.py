@@ -306,8 +306,8 @@ def test_lily_compiles_without_graph_breaks(interpret):
 # GEMM-sized work on the LoRA primitives, the wide path on the Lily kernels that build Z in registers.
 _LILY_SHARED = {"_lily_proj_kernel", "_lily_route_bwd_kernel", "_lily_gradw_kernel"}
 EXPECTED_KERNELS = {
-    ("fused", "token"): (_LILY_SHARED, {"_lora_gemm_kernel", "_lora_bwd_gb_kernel"}),
-    ("fused", "batch"): (_LILY_SHARED, {"_lora_gemm_kernel", "_lora_bwd_gb_kernel"}),
+    ("fused", "token"): (_LILY_SHARED, {"_lora_gemm_kernel", "_lora_rows_kernel"}),
+    ("fused", "batch"): (_LILY_SHARED, {"_lora_gemm_kernel", "_lora_rows_kernel"}),
     ("wide", "token"): (_LILY_SHARED | {"_lily_mix_kernel", "_lily_dz_kernel", "_lily_dhp_kernel"},
                         {"_lora_gemm_kernel"}),  # dX only
     ("wide", "batch"): (_LILY_SHARED | {"_lily_dz_kernel", "_lily_dhp_kernel"}, {"_lora_gemm_kernel"}),

@@ -29,12 +29,12 @@ CASES = [
 ]
 
 
-def _inputs(lead, r, bias, dtype=torch.float64):
-    x = torch.randn(*lead, D_IN, dtype=dtype)
-    W = torch.randn(D_OUT, D_IN, dtype=dtype) / D_IN**0.5
-    A = torch.randn(r, D_IN, dtype=dtype) / D_IN**0.5
-    B = torch.randn(D_OUT, r, dtype=dtype) / r**0.5  # nonzero: PEFT's zero init would hide B's path
-    b = torch.randn(D_OUT, dtype=dtype) if bias else None
+def _inputs(lead, r, bias, dtype=torch.float64, d_in=D_IN, d_out=D_OUT):
+    x = torch.randn(*lead, d_in, dtype=dtype)
+    W = torch.randn(d_out, d_in, dtype=dtype) / d_in**0.5
+    A = torch.randn(r, d_in, dtype=dtype) / d_in**0.5
+    B = torch.randn(d_out, r, dtype=dtype) / r**0.5  # nonzero: PEFT's zero init would hide B's path
+    b = torch.randn(d_out, dtype=dtype) if bias else None
     return x, W, A, B, b
 
 
@@ -47,6 +47,22 @@ def _run(fn, x, W, A, B, b, dtype, go, **kw):
     return y, g
 
 
+def _check_against_reference(fn, x, W, A, B, b, dtype, go, **kw):
+    """``fn`` against the reference run in fp64 and in ``dtype`` (GUIDE section 3), output and
+    every gradient, all on the inputs' device."""
+    y_exact, g_exact = _run(R.lora, x, W, A, B, b, torch.float64, go, **kw)
+    y_same, g_same = _run(R.lora, x, W, A, B, b, dtype, go, **kw)
+    y_got, g_got = _run(fn, x, W, A, B, b, dtype, go, **kw)
+    assert y_got.dtype == dtype and y_got.shape == y_exact.shape
+    assert_close_to_reference("y", y_got, y_same, y_exact)
+    for name, got, same, exact in zip(["dx", "dA", "dB", "dbias"], g_got, g_same, g_exact):
+        if exact is None:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype, name
+        assert_close_to_reference(name, got, same, exact)
+
+
 @pytest.mark.parametrize("dtype,lead,r,bias,p,rslora,base", CASES)
 def test_lora_matches_reference(interpret, dtype, lead, r, bias, p, rslora, base):
     x, W, A, B, b = _inputs(lead, r, bias)
@@ -54,21 +70,9 @@ def test_lora_matches_reference(interpret, dtype, lead, r, bias, p, rslora, base
     seed = 1234
     go = torch.randn(*lead, D_OUT, dtype=torch.float64)
     kw = dict(scaling=s, dropout_p=p, seed=seed)
-    ref = lambda *t, **k: R.lora(*t, **k)
-    y_exact, g_exact = _run(ref, x, W, A, B, b, torch.float64, go, **kw)
-    y_same, g_same = _run(ref, x, W, A, B, b, dtype, go, **kw)
-    dev = interpret
-    to = lambda t: None if t is None else t.to(dev)
-    y_got, g_got = _run(lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base=base),
-                        to(x), to(W), to(A), to(B), to(b), dtype, go.to(dev), **kw)
-    assert y_got.dtype == dtype and y_got.shape == (*lead, D_OUT)
-    assert_close_to_reference("y", y_got.cpu(), y_same, y_exact)
-    for name, got, same, exact in zip(["dx", "dA", "dB", "dbias"], g_got, g_same, g_exact):
-        if exact is None:
-            assert got is None, name
-            continue
-        assert got.dtype == dtype, name
-        assert_close_to_reference(name, got.cpu(), same, exact)
+    to = lambda t: None if t is None else t.to(interpret)
+    _check_against_reference(lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base=base),
+                             to(x), to(W), to(A), to(B), to(b), dtype, go.to(interpret), **kw)
 
 
 def test_dropout_mask_seeded_and_regenerated_in_backward(interpret):
@@ -245,20 +249,10 @@ def test_lora_large_gpu(r, base):
     """Realistic sizes on a GPU: autotuned tiles, the r = 256 register budget, both bases."""
     dev, dtype = torch.device("cuda"), torch.bfloat16
     T, d_in, d_out = 1000, 1024 + 7, 2048 + 3
-    x = torch.randn(T, d_in, device=dev, dtype=torch.float64)
-    W = torch.randn(d_out, d_in, device=dev, dtype=torch.float64) / d_in**0.5
-    A = torch.randn(r, d_in, device=dev, dtype=torch.float64) / d_in**0.5
-    B = torch.randn(d_out, r, device=dev, dtype=torch.float64) / r**0.5
-    b = torch.randn(d_out, device=dev, dtype=torch.float64)
+    x, W, A, B, b = (t.to(dev) for t in _inputs((T,), r, True, d_in=d_in, d_out=d_out))
     go = torch.randn(T, d_out, device=dev, dtype=torch.float64)
-    kw = dict(scaling=2.0, dropout_p=0.05, seed=99)
-    y_exact, g_exact = _run(R.lora, x, W, A, B, b, torch.float64, go, **kw)
-    y_same, g_same = _run(R.lora, x, W, A, B, b, dtype, go, **kw)
-    y_got, g_got = _run(lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base=base),
-                        x, W, A, B, b, dtype, go, **kw)
-    assert_close_to_reference("y", y_got, y_same, y_exact)
-    for name, got, same, exact in zip(["dx", "dA", "dB", "dbias"], g_got, g_same, g_exact):
-        assert_close_to_reference(name, got, same, exact)
+    _check_against_reference(lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base=base),
+                             x, W, A, B, b, dtype, go, scaling=2.0, dropout_p=0.05, seed=99)
 
 
 @pytest.mark.parametrize("base", ["triton", "cublas"])
@@ -274,7 +268,7 @@ def test_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch, ba
     y = L.lora_linear(*xs, scaling=0.5, dropout_p=0.3, seed=11, impl="triton", base=base)
     grads(y, [xs[0], xs[2], xs[3], xs[4]], torch.randn_like(y))
     names = {name for name, *_ in log.launches}
-    assert names == {"_lora_down_kernel", "_lora_gemm_kernel", "_lora_bwd_gb_kernel", "_lora_bwd_da_kernel"}
+    assert names == {"_lora_rows_kernel", "_lora_gemm_kernel", "_lora_bwd_da_kernel"}
     log.assert_guarded(x.device)
     log.assert_grid_within_cuda_limits()
 
@@ -427,15 +421,6 @@ TMA_CASES = [  # (dtype, leading dims, r, bias, dropout)
 ]
 
 
-def _tma_inputs(lead, r, bias, d_in=TMA_D_IN, d_out=TMA_D_OUT):
-    x = torch.randn(*lead, d_in, dtype=torch.float64)
-    W = torch.randn(d_out, d_in, dtype=torch.float64) / d_in**0.5
-    A = torch.randn(r, d_in, dtype=torch.float64) / d_in**0.5
-    B = torch.randn(d_out, r, dtype=torch.float64) / r**0.5
-    b = torch.randn(d_out, dtype=torch.float64) if bias else None
-    return x, W, A, B, b
-
-
 def _spy_gemm_launchers(monkeypatch):
     """Record which GEMM launcher ran each fused GEMM: ("tma", W_NK) or ("pointer", None)."""
     seen = []
@@ -445,26 +430,12 @@ def _spy_gemm_launchers(monkeypatch):
     return seen
 
 
-def _check_against_reference(fn, x, W, A, B, b, dtype, go, **kw):
-    y_exact, g_exact = _run(R.lora, x, W, A, B, b, torch.float64, go, **kw)
-    y_same, g_same = _run(R.lora, x, W, A, B, b, dtype, go, **kw)
-    y_got, g_got = _run(fn, x, W, A, B, b, dtype, go, **kw)
-    assert y_got.dtype == dtype and y_got.shape == y_exact.shape
-    assert_close_to_reference("y", y_got.cpu(), y_same, y_exact)
-    for name, got, same, exact in zip(["dx", "dA", "dB", "dbias"], g_got, g_same, g_exact):
-        if exact is None:
-            assert got is None, name
-            continue
-        assert got.dtype == dtype, name
-        assert_close_to_reference(name, got.cpu(), same, exact)
-
-
 @pytest.mark.parametrize("dtype,lead,r,bias,p", TMA_CASES)
 def test_tma_base_matches_reference(interpret, monkeypatch, dtype, lead, r, bias, p):
     """``base="tma"`` on aligned shapes: the descriptor kernel runs both GEMMs (forward reads W0 as
     (N, K) tiles, dX as (K, N) tiles) and the output and every gradient meet the reference rule."""
     seen = _spy_gemm_launchers(monkeypatch)
-    x, W, A, B, b = (None if t is None else t.to(interpret) for t in _tma_inputs(lead, r, bias))
+    x, W, A, B, b = (None if t is None else t.to(interpret) for t in _inputs(lead, r, bias, d_in=TMA_D_IN, d_out=TMA_D_OUT))
     go = torch.randn(*lead, TMA_D_OUT, dtype=torch.float64, device=interpret)
     fn = lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base="tma")
     prev = torch.get_float32_matmul_precision()
@@ -481,7 +452,7 @@ def test_tma_base_falls_back_when_misaligned(interpret, monkeypatch):
     """d_in = 123 bf16 rows are 246 bytes, not a multiple of 16: ``base="tma"`` runs the pointer
     kernel, same result rule. Ineligible operands are recognised without launching anything."""
     seen = _spy_gemm_launchers(monkeypatch)
-    x, W, A, B, b = (t.to(interpret) for t in _tma_inputs((37,), 8, True, d_in=123, d_out=77))
+    x, W, A, B, b = (t.to(interpret) for t in _inputs((37,), 8, True))
     go = torch.randn(37, 77, dtype=torch.float64, device=interpret)
     fn = lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base="tma")
     _check_against_reference(fn, x, W, A, B, b, torch.bfloat16, go, scaling=2.0, dropout_p=0.3, seed=9)
@@ -509,7 +480,7 @@ def test_auto_base_times_all_eligible_bases(interpret, monkeypatch):
     monkeypatch.setattr(L, "_AUTO_CHOICE", {})
     monkeypatch.setattr(L, "_AUTO_TIMES", {})
     seen = _spy_gemm_launchers(monkeypatch)
-    x, W, A, B, b = (t.to(interpret, torch.bfloat16) for t in _tma_inputs((19,), 4, True))
+    x, W, A, B, b = (t.to(interpret, torch.bfloat16) for t in _inputs((19,), 4, True, d_in=TMA_D_IN, d_out=TMA_D_OUT))
     seed = torch.tensor([5])
     xa = L._lora_down(x, A, 0.0, seed)
     snapshot = [t.clone() for t in (x, W, xa, B, b)]
@@ -553,7 +524,7 @@ def test_tma_base_large_gpu(monkeypatch, dtype, r):
     seen = _spy_gemm_launchers(monkeypatch)
     dev = torch.device("cuda")
     T, d_in, d_out = 1000, 1024 + 8, 2048 + 24
-    x, W, A, B, b = (t.to(dev) for t in _tma_inputs((T,), r, True, d_in=d_in, d_out=d_out))
+    x, W, A, B, b = (t.to(dev) for t in _inputs((T,), r, True, d_in=d_in, d_out=d_out))
     go = torch.randn(T, d_out, device=dev, dtype=torch.float64)
     fn = lambda *t, **k: L.lora_linear(*t, **k, impl="triton", base="tma")
     _check_against_reference(fn, x, W, A, B, b, dtype, go, scaling=2.0, dropout_p=0.05, seed=99)

@@ -68,11 +68,11 @@ def test_uncovered_kernel_fails_loudly():
         "import sm90_compile_report as S\n"
         "found = S.discover()\n"
         "S.check_coverage(found)\n"
-        "del S.CASES['lora._lora_down_kernel']\n"
+        "del S.CASES['lora._lora_rows_kernel']\n"
         "try:\n"
         "    S.check_coverage(found)\n"
         "except S.CoverageError as e:\n"
-        "    assert 'lora._lora_down_kernel' in str(e), e\n"
+        "    assert 'lora._lora_rows_kernel' in str(e), e\n"
         "    print('raised')\n"
     )
     proc = _run(["-c", code])
