@@ -183,42 +183,53 @@ def _lora_gemm_tma():
     yield case("fp16", dx, cfgs[0])
 
 
+def _small_cfgs(kernel, r_pad: int, **launch) -> list:
+    """The autotune configs the kernel's pruning keeps at ``r_pad`` (first = the quick case's)."""
+    return lora._prune_small(_at_configs(kernel), {}, R_PAD=r_pad, **launch)
+
+
 def _lora_rows():
     """``_lora_rows_kernel``'s two jobs: the backward g/dB pass (HAS_DW; dropout on dY is the
     output-side dropout of Monarch's fused-GEMM path) and the forward down-projection (no dW; dropout
-    on x), at the rank pads that change the launcher's blocks."""
+    on x), at the rank pads that change the pruned autotune list: every kept config in bf16 with
+    dropout on, the first kept config otherwise."""
     fp32 = ("xa_ptr", "out_ptr", "dw_ptr")
     gb_unit = ("stride_in", "stride_wr", "stride_xar", "stride_or", "stride_dwr")  # dY, B, xa, g, dB
     down_unit = ("stride_in", "stride_wn", "stride_or")  # x, A^T view, xa
     for dt, r_pads in (("bf16", (16, 64, 256)), ("fp32", (16, 64, 256)), ("fp16", (16,))):
         for r_pad in r_pads:
-            bm, bn, w = lora._small_blocks(r_pad)
             for has_dw, unit, note in ((True, gb_unit, "g/dB pass"), (False, down_unit, "down-projection")):
+                cfgs = _small_cfgs(lora._lora_rows_kernel, r_pad, HAS_DW=has_dw)
                 for drop in (True, False):
                     # the down-projection scales its output by keep_scale exactly when dropout is on
                     scale = drop and not has_dw
-                    yield Case(dt, dict(HAS_DW=has_dw, HAS_DROPOUT=drop, SCALE_OUT=scale, R_PAD=r_pad,
-                                        DOT_PRECISION=lora._dot_precision(DTYPES[dt]), BLOCK_M=bm, BLOCK_N=bn),
-                               w, 3, fp32=fp32, unit=unit, note=note)
+                    for c in cfgs if (dt == "bf16" and drop) else cfgs[:1]:
+                        kw, w, st = _cfg(c)
+                        yield Case(dt, dict(HAS_DW=has_dw, HAS_DROPOUT=drop, SCALE_OUT=scale, R_PAD=r_pad,
+                                            DOT_PRECISION=lora._dot_precision(DTYPES[dt]), **kw),
+                                   w, st, fp32=fp32, unit=unit, note=note)
     # deterministic mode: g only (dB from the dA kernel), dY row-major
-    bm, bn, w = lora._small_blocks(16)
-    yield Case("bf16", dict(HAS_DW=False, HAS_DROPOUT=False, SCALE_OUT=False, R_PAD=16, DOT_PRECISION="tf32", BLOCK_M=bm,
-                            BLOCK_N=bn), w, 3, fp32=fp32, unit=gb_unit, note="deterministic: g only")
+    kw, w, st = _cfg(_small_cfgs(lora._lora_rows_kernel, 16, HAS_DW=False)[0])
+    yield Case("bf16", dict(HAS_DW=False, HAS_DROPOUT=False, SCALE_OUT=False, R_PAD=16, DOT_PRECISION="tf32", **kw),
+               w, st, fp32=fp32, unit=gb_unit, note="deterministic: g only")
 
 
 def _lora_da():
     unit = ("stride_gr", "stride_xk", "stride_dak")
+    bk = lora._DA_BLOCK_K
     for dt, r_pads in (("bf16", (16, 64, 256)), ("fp32", (16, 64, 256)), ("fp16", (16,))):
         for r_pad in r_pads:
-            bm, bk, w = lora._small_blocks(r_pad)
+            cfgs = _small_cfgs(lora._lora_bwd_da_kernel, r_pad, BLOCK_K=bk)
             for drop in (True, False):
-                yield Case(dt, dict(DETERMINISTIC=False, HAS_DROPOUT=drop, R_PAD=r_pad,
-                                    DOT_PRECISION=lora._dot_precision(DTYPES[dt]), BLOCK_M=bm, BLOCK_K=bk),
-                           w, 3, fp32=("g_ptr", "da_ptr"), unit=unit)
+                for c in cfgs if (dt == "bf16" and drop) else cfgs[:1]:
+                    kw, w, st = _cfg(c)
+                    yield Case(dt, dict(DETERMINISTIC=False, HAS_DROPOUT=drop, R_PAD=r_pad,
+                                        DOT_PRECISION=lora._dot_precision(DTYPES[dt]), BLOCK_K=bk, **kw),
+                               w, st, fp32=("g_ptr", "da_ptr"), unit=unit)
     # deterministic mode: per-split partials instead of atomics (dA, and dB with g = xa, x = dY)
-    bm, bk, w = lora._small_blocks(16)
-    yield Case("bf16", dict(DETERMINISTIC=True, HAS_DROPOUT=True, R_PAD=16, DOT_PRECISION="tf32", BLOCK_M=bm,
-                            BLOCK_K=bk), w, 3, fp32=("g_ptr", "da_ptr"), unit=unit, note="deterministic partials")
+    kw, w, st = _cfg(_small_cfgs(lora._lora_bwd_da_kernel, 16, BLOCK_K=bk)[0])
+    yield Case("bf16", dict(DETERMINISTIC=True, HAS_DROPOUT=True, R_PAD=16, DOT_PRECISION="tf32", BLOCK_K=bk, **kw),
+               w, st, fp32=("g_ptr", "da_ptr"), unit=unit, note="deterministic partials")
 
 
 def _monarch_rb(N, r, n=4096):

@@ -29,9 +29,12 @@ in the g pass: bit-reproducible, for one more pass over dY (~+0.03x at (4096,409
 ``base="auto"`` then resolves to ``triton`` without timing (a timing decision can differ between
 processes, and the bases differ in the last bits). Monarch's fused path and Lily's fused path use
 the same kernels and follow the same switch.
-Autotuning is harmless to them: the autotuned GEMMs write a fresh output once; the add-only mode,
-which adds into an output in place, runs with one fixed tile and is never autotuned (the
-autotuner's benchmark runs would each add the LoRA term again).
+Autotuning is harmless to them: the autotuned GEMMs write a fresh output once; the autotuned
+r-sized kernels (rows, dA) zero their atomic targets before every benchmark run
+(``reset_to_zero``); the add-only mode, which adds into an output in place, runs with one fixed
+tile and is never autotuned (the autotuner's benchmark runs would each add the LoRA term again).
+Every autotuned kernel benchmarks on its first call per key, so a CUDA graph must be captured after
+a warm-up call (as torch.compile's cudagraph trees do), not on a cold process.
 
 Base product (``base=`` argument, else ``PEFT_KERNELS_BASE``, else ``DEFAULT_BASE`` = ``auto``):
 ``triton`` runs the base GEMMs in Triton with the LoRA terms fused into their epilogues (output
@@ -141,17 +144,49 @@ def _tma_configs():
             for c in _gemm_configs()]
 
 
-def _small_blocks(r_pad: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_K, num_warps) of the r-sized kernels (rows: down-projection and g/dB; dA): their
-    (BLOCK_T, r_pad) fp32 accumulators must fit in registers, so the token block shrinks and the
-    warp count grows with the rank. Unmeasured guesses (no GPU when written): tune first."""
+# The r-sized kernels (rows: down-projection and g/dB; dA) are memory-bound passes over a T x d
+# tensor with (BLOCK_T, r_pad) fp32 accumulators in registers. Their tiles are autotuned (the GPU list
+# below, pruned per rank so the accumulators fit: ``_prune_small``); under the interpreter one small
+# tile. The first entry that fits is what the session-1 guesses were (unmeasured: no GPU then).
+_ROWS_TILES = ((64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 3), (32, 128, 4, 3), (16, 128, 4, 3))  # BLOCK_M, BLOCK_N
+_DA_TILES = ((64, 4, 3), (64, 8, 3), (32, 8, 3), (128, 8, 3), (32, 4, 4))  # BLOCK_M (BLOCK_K = _DA_BLOCK_K)
+_DA_BLOCK_K = 64  # fixed: it sets the split count (and the deterministic partial buffer) on the host
+SMALL_REGS = 64  # per-thread register budget (of sm_90's 255) for a tile's fp32 accumulators and input tile
+
+
+def _small_configs(tiles, names):
     if dispatch.interpreter_enabled():
-        return 32, 32, 4
-    if r_pad <= 32:
-        return 64, 64, 4
-    if r_pad <= 64:
-        return 64, 64, 8
-    return 32, 64, 8
+        return [triton.Config(dict(zip(names, (32,) * len(names))), num_warps=4, num_stages=1)]
+    return [triton.Config(dict(zip(names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tiles]
+
+
+def _prune_small(configs, named_args, **kwargs):
+    """Autotune pruning of the r-sized kernels: keep the tiles whose fp32 accumulators (rows kernel:
+    ``acc`` and, with dW, ``xa`` (BLOCK_M x r_pad each) and ``dw`` (BLOCK_N x r_pad); dA: ``acc``
+    (r_pad x BLOCK_K) and the ``g^T`` tile (r_pad x BLOCK_M)) plus the input tile fit ``SMALL_REGS``
+    registers per thread at this r_pad (sm_90 ptxas: the tiles above it spill in fp32); the
+    smallest if none does."""
+    r_pad = kwargs["R_PAD"]
+
+    def regs(c):
+        bm = c.kwargs["BLOCK_M"]
+        if "BLOCK_N" in c.kwargs:  # rows kernel
+            bn = c.kwargs["BLOCK_N"]
+            acc = (2 * bm + bn) * r_pad if kwargs.get("HAS_DW", True) else bm * r_pad
+        else:  # dA
+            bn = kwargs.get("BLOCK_K", _DA_BLOCK_K)
+            acc = (bm + bn) * r_pad
+        return (acc + bm * bn) / (32 * c.num_warps)
+
+    fit = [c for c in configs if regs(c) <= SMALL_REGS]
+    return fit or [min(configs, key=regs)]
+
+
+def _small_blocks(r_pad: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_K, num_warps): the first tile ``_prune_small`` keeps at ``r_pad`` (what the
+    autotuner's list starts from; the SM90 compile report's quick case)."""
+    cfg = _prune_small(_small_configs(_ROWS_TILES, ("BLOCK_M", "BLOCK_N")), {}, R_PAD=r_pad)[0]
+    return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps
 
 
 def _r_block(r: int) -> int:
@@ -345,12 +380,17 @@ def _lora_gemm_tma_kernel(
                    HAS_C, HAS_BIAS, HAS_DROPOUT, R_BLOCK, DOT_PRECISION, BLOCK_N)
 
 
+# reset_to_zero: dW gathers fp32 atomics, so every autotune benchmark run starts from zero (the
+# launcher passes `out` as dw_ptr when there is no dW: pure stores, zeroing it is harmless)
+@triton.autotune(configs=_small_configs(_ROWS_TILES, ("BLOCK_M", "BLOCK_N")),
+                 key=["M_BUCKET", "N", "R_PAD", "HAS_DW", "HAS_DROPOUT", "SCALE_OUT", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_small}, reset_to_zero=["dw_ptr"])
 @triton.jit
 def _lora_rows_kernel(
     # pointers
     in_ptr, w_ptr, xa_ptr, out_ptr, dw_ptr,
-    # sizes
-    M, N, R,
+    # sizes (M_BUCKET: the autotune key for M)
+    M, N, R, M_BUCKET,
     # strides
     stride_im, stride_in, stride_wn, stride_wr, stride_xam, stride_xar,
     stride_om, stride_or, stride_dwn, stride_dwr,
@@ -401,12 +441,16 @@ def _lora_rows_kernel(
              mask=m_ok[:, None] & r_ok[None, :])
 
 
+# reset_to_zero: the atomic dA target starts from zero on every autotune benchmark run
+@triton.autotune(configs=_small_configs(_DA_TILES, ("BLOCK_M",)),
+                 key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT", "DETERMINISTIC", "DOT_PRECISION", "BLOCK_K"],
+                 prune_configs_by={"early_config_prune": _prune_small}, reset_to_zero=["da_ptr"])
 @triton.jit
 def _lora_bwd_da_kernel(
     # pointers
     g_ptr, x_ptr, da_ptr,
-    # sizes
-    M, K, R, rows_per_split,
+    # sizes (M_BUCKET: the autotune key for M)
+    M, K, R, rows_per_split, M_BUCKET,
     # strides (stride_das: between the per-split partials, DETERMINISTIC only)
     stride_gm, stride_gr, stride_xm, stride_xk, stride_das, stride_dar, stride_dak,
     # dropout and scaling (s * keep_scale(p))
@@ -518,19 +562,17 @@ def _launch_rows(inp, w, xa, out, dw, dropout_p, seed, out_scale):
     has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
     has_dw = dw is not None
     r_pad = _r_pad(r)
-    block_m, block_n, warps = _small_blocks(r_pad)
     xa_args = (xa, xa.stride(0), xa.stride(1)) if has_dw else (out, 0, 0)  # never read without dw
     dw_args = (dw, dw.stride(0), dw.stride(1)) if has_dw else (out, 0, 0)
     with _DeviceGuard(inp.device):
-        _lora_rows_kernel[(triton.cdiv(M, block_m),)](
+        _lora_rows_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
             inp, w, xa_args[0], out, dw_args[0],
-            M, N, r,
+            M, N, r, _m_bucket(M),
             inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), xa_args[1], xa_args[2],
             out.stride(0), out.stride(1), dw_args[1], dw_args[2],
             seed, thr, out_scale,
             HAS_DW=has_dw, HAS_DROPOUT=has_drop, SCALE_OUT=out_scale != 1.0, R_PAD=r_pad,
             DOT_PRECISION=_dot_precision(inp.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )
 
 
@@ -830,12 +872,14 @@ def _launch_da(g, x, total_scale, dropout_p, seed, deterministic_sum):
         return torch.zeros((r, K), device=x.device, dtype=torch.float32)
     has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
     r_pad = _r_pad(r)
-    block_m, block_k, warps = _small_blocks(r_pad)
+    block_k = 32 if dispatch.interpreter_enabled() else _DA_BLOCK_K
+    # splits are fixed here, before the autotuner picks BLOCK_M: whole multiples of the largest
+    # candidate BLOCK_M (a split's last block is masked anyway), enough programs for ~4 waves
+    gran = 32 if dispatch.interpreter_enabled() else max(t[0] for t in _DA_TILES)
     k_blocks = triton.cdiv(K, block_k)
-    m_blocks = triton.cdiv(M, block_m)
-    # enough programs for ~4 waves, each split a whole number of token blocks
+    m_blocks = triton.cdiv(M, gran)
     splits = max(1, min(m_blocks, triton.cdiv(4 * _num_sms(x.device), k_blocks)))
-    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
+    rows_per_split = triton.cdiv(m_blocks, splits) * gran
     splits = triton.cdiv(M, rows_per_split)
     if deterministic_sum:
         out = torch.empty((splits, r, K), device=x.device, dtype=torch.float32)
@@ -846,11 +890,11 @@ def _launch_da(g, x, total_scale, dropout_p, seed, deterministic_sum):
     with _DeviceGuard(x.device):
         _lora_bwd_da_kernel[(k_blocks, splits)](
             g, x, out,
-            M, K, r, rows_per_split,
+            M, K, r, rows_per_split, _m_bucket(M),
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), *strides,
             total_scale, seed, thr,
             DETERMINISTIC=deterministic_sum, HAS_DROPOUT=has_drop, R_PAD=r_pad,
-            DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+            DOT_PRECISION=_dot_precision(x.dtype), BLOCK_K=block_k,
         )
     return out.sum(0) if deterministic_sum else out
 
