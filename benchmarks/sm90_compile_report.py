@@ -336,6 +336,19 @@ def _lily_gradw():
                        note=f"r={r}")
 
 
+def _monarch_expand():
+    # fused-GEMM path: the factors' expansions in the layer dtype, from factors in it or in fp32
+    for dt, fp32, note in (("bf16", (), "bf16 factors"), ("bf16", ("w1_ptr", "w2_ptr"), "fp32 factors"),
+                           ("fp32", (), "fp32")):
+        yield Case(dt, dict(BLOCK=monarch.EXPAND_BLOCK, FIX=False), 4, 3, fp32=fp32, note=note)
+
+
+def _monarch_expand_bwd():
+    for dt, fp32, note in (("bf16", (), "bf16 factors"), ("bf16", ("dw1_ptr", "dw2_ptr"), "fp32 factors"),
+                           ("fp32", (), "fp32")):
+        yield Case(dt, dict(BLOCK=monarch.EXPAND_BLOCK, FIX=False), 4, 3, fp32=fp32, note=note)
+
+
 def _sparse_spmm():
     # ACCUMULATE: sparse_linear's in-place add onto the frozen product (first: the training path)
     for dt, acc in (("bf16", True), ("bf16", False), ("fp32", True), ("fp16", True)):
@@ -360,6 +373,8 @@ CASES: dict[str, Callable[[], Iterator[Case]]] = {
     "monarch._monarch_fwd_kernel": _monarch_fwd,
     "monarch._monarch_bwd_dy1_kernel": _monarch_dy1,
     "monarch._monarch_bwd_dx_kernel": _monarch_dx,
+    "monarch._monarch_expand_kernel": _monarch_expand,
+    "monarch._monarch_expand_bwd_kernel": _monarch_expand_bwd,
     "lily._lily_proj_kernel": _lily_proj,
     "lily._lily_mix_kernel": _lily_mix,
     "lily._lily_dz_kernel": _lily_dz,

@@ -47,7 +47,10 @@ def _mask_to_csr(mask, shape: tuple[int, int]):
 
 
 def _refresh_after_load(module: "SparseLinear", _incompatible_keys) -> None:
-    module._refresh_transpose()  # a module-level function (not a lambda) keeps the module picklable
+    # validate the loaded mask before anything indexes with it (a corrupt crow/col would make the
+    # transpose and the kernels read and write out of bounds), then rebuild the transpose; a
+    # module-level function (not a lambda) keeps the module picklable
+    module._adapter_state_loaded()
 
 
 class SparseLinear(_AdapterLinear):

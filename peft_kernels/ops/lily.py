@@ -84,6 +84,9 @@ from .lora import MAX_RANK, _lora_bwd_gb, _lora_gemm, base_mode, deterministic
 # (BLOCK, K) fp32 tile in registers (lora.MAX_RANK), and token routing materialises Z (T, K) fp32.
 # Wider shapes take the Lily kernels that build Z in registers (_lily_mix/_dz/_dhp).
 FUSED_MAX_K = MAX_RANK
+# Largest r the Lily kernels take: the projection kernel's (BLOCK, r) tiles need more than sm_90's
+# 227 KiB of shared memory from r = 1024 (ptxas, no GPU); wider ranks run on the reference.
+MAX_R = 512
 # the primitives' dropout seed; Lily has no dropout (p = 0), so it is never read
 _NO_SEED = torch.zeros(1, dtype=torch.int64)
 
@@ -763,9 +766,16 @@ def lily_linear(
     check_lily_args(x, weight, lp, router, hp, bias, routing, router_input)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
-    chosen = dispatch.choose("lily", x.device, x.dtype, impl)
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    chosen = dispatch.choose("lily", x.device, dtype, impl)
     params = {"weight": weight, "lp": lp, "router": router, "hp": hp, "bias": bias}
     forced = impl is not None or dispatch.forced_impl("lily") is not None
+    if chosen == "triton" and lp.shape[0] > MAX_R:
+        if forced:
+            raise ValueError(f"lp has rank {lp.shape[0]}; the Lily kernels take r <= {MAX_R}")
+        chosen = "torch"  # picked by default only: fall back rather than fail at launch
     if chosen == "triton" and not forced and any(t is not None and t.dtype == torch.float64 for t in params.values()):
         chosen = "torch"  # fp64 parameters: only the reference computes in fp64
     if chosen == "torch":
@@ -775,8 +785,13 @@ def lily_linear(
         if t is not None:
             check_tensor(name, t, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     mode = base_mode(base)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = LilyFunction.apply(x2, weight, lp, router, hp, bias, float(scaling), routing, router_input, mode)
+    # Under autocast the kernels run in the autocast dtype (as F.linear would) with autocast off
+    # inside; the casts are differentiable, so fp32 parameters get fp32 gradients.
+    with torch.autocast(x.device.type, enabled=False):
+        x, weight, lp, router, hp, bias = (t if t is None or t.dtype == dtype else t.to(dtype)
+                                           for t in (x, weight, lp, router, hp, bias))
+        x2 = x.reshape(-1, x.shape[-1])
+        y = LilyFunction.apply(x2, weight, lp, router, hp, bias, float(scaling), routing, router_input, mode)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

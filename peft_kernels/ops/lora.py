@@ -433,8 +433,9 @@ def _lora_rows_kernel(
         acc = _mma(a, w, acc, DOT_PRECISION)
         if HAS_DW:
             dw = _mma(tl.trans(a), xa, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), DOT_PRECISION)
+            # relaxed: a plain reduction, nothing is ordered against it (the default acq_rel fences)
             tl.atomic_add(dw_ptr + offs_n[:, None] * stride_dwn + offs_r[None, :] * stride_dwr, dw,
-                          mask=n_ok[:, None] & r_ok[None, :])
+                          mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
     if SCALE_OUT:
         acc = acc * out_scale
     tl.store(out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or, acc,
@@ -490,7 +491,7 @@ def _lora_bwd_da_kernel(
                  mask=r_ok[:, None] & k_ok[None, :])
     else:
         tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
-                      mask=r_ok[:, None] & k_ok[None, :])
+                      mask=r_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------- launchers

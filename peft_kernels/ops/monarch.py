@@ -590,6 +590,148 @@ def dense_factors(W1: torch.Tensor, W2: torch.Tensor, n: int, m: int) -> tuple[t
     return B1, B2
 
 
+# One launch builds both expansions (forward) and one gathers both factor gradients back
+# (backward): the broadcast-product form of ``dense_factors`` costs ~3 small launches forward and
+# ~6 in its autograd (products with the identity, their broadcast sums, the slice's zero-padded
+# copy), a few us each on a GPU, which at (4096, 4096) is ~2% of the frozen layer.
+EXPAND_BLOCK = 1024
+
+
+@triton.jit
+def _monarch_expand_kernel(
+    # pointers: compact factors (contiguous) and expansions (contiguous, the output dtype)
+    w1_ptr, w2_ptr, b1_ptr, b2_ptr,
+    # sizes: W1 (N, r, p), W2 (N, s, r); B1 (N*r, n), B2 (m, N*r); B1 programs come first
+    N, r, p, s, n, m, b1_programs,
+    # meta-parameters (FIX: round casts to nearest even under the interpreter, ``_casts.to_rne``)
+    BLOCK: tl.constexpr, FIX: tl.constexpr,
+):
+    """``B1[k*r + j, k*p + q] = W1[k, j, q]`` and ``B2[c*N + l, i*N + l] = W2[l, c, i]``, zero
+    elsewhere (``dense_factors``), every element of both written once: programs below
+    ``b1_programs`` cover B1, the rest B2."""
+    pid = tl.program_id(0)
+    R = N * r
+    if pid < b1_programs:
+        e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = e < R * n
+        row = e // n
+        col = e % n
+        k = row // r
+        on = ok & (col // p == k)
+        v = tl.load(w1_ptr + (k * r + row % r) * p + col % p, mask=on, other=0.0)
+        tl.store(b1_ptr + e, to_rne(v, b1_ptr.dtype.element_ty, FIX), mask=ok)
+    else:
+        e = (pid - b1_programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = e < m * R
+        row = e // R
+        col = e % R
+        l = row % N
+        on = ok & (col % N == l)
+        v = tl.load(w2_ptr + (l * s + row // N) * r + col // N, mask=on, other=0.0)
+        tl.store(b2_ptr + e, to_rne(v, b2_ptr.dtype.element_ty, FIX), mask=ok)
+
+
+@triton.jit
+def _monarch_expand_bwd_kernel(
+    # pointers: expansion gradients (contiguous) and factor gradients (contiguous, their dtype)
+    db1_ptr, db2_ptr, dw1_ptr, dw2_ptr,
+    # sizes as in _monarch_expand_kernel; dW1 programs come first
+    N, r, p, s, n, m, w1_programs,
+    # meta-parameters (FIX: round casts to nearest even under the interpreter, ``_casts.to_rne``)
+    BLOCK: tl.constexpr, FIX: tl.constexpr,
+):
+    """The expansion's adjoint, a gather: ``dW1[k, j, q] = dB1[k*r + j, k*p + q]`` (0 for the
+    padding columns ``k*p + q >= n``) and ``dW2[l, c, i] = dB2[c*N + l, i*N + l]`` (0 for the
+    padding rows ``c*N + l >= m``)."""
+    pid = tl.program_id(0)
+    R = N * r
+    if pid < w1_programs:
+        e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = e < N * r * p
+        k = e // (r * p)
+        j = (e // p) % r
+        col = k * p + e % p
+        g = tl.load(db1_ptr + (k * r + j) * n + col, mask=ok & (col < n), other=0.0)
+        tl.store(dw1_ptr + e, to_rne(g, dw1_ptr.dtype.element_ty, FIX), mask=ok)
+    else:
+        e = (pid - w1_programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = e < N * s * r
+        l = e // (s * r)
+        row = ((e // r) % s) * N + l
+        g = tl.load(db2_ptr + row * R + (e % r) * N + l, mask=ok & (row < m), other=0.0)
+        tl.store(dw2_ptr + e, to_rne(g, dw2_ptr.dtype.element_ty, FIX), mask=ok)
+
+
+@torch.library.custom_op("peft_kernels::monarch_expand", mutates_args=())
+def _monarch_expand(W1: torch.Tensor, W2: torch.Tensor, n: int, m: int,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dense_factors(W1, W2, n, m)`` cast to ``out_dtype``, in one launch."""
+    N, r, p = W1.shape
+    s = W2.shape[1]
+    B1 = torch.empty((N * r, n), device=W1.device, dtype=out_dtype)
+    B2 = torch.empty((m, N * r), device=W1.device, dtype=out_dtype)
+    if B1.numel() + B2.numel() == 0:
+        return B1, B2
+    p1 = triton.cdiv(B1.numel(), EXPAND_BLOCK)
+    with _device_guard(W1.device):
+        _monarch_expand_kernel[(p1 + triton.cdiv(B2.numel(), EXPAND_BLOCK),)](
+            W1.contiguous(), W2.contiguous(), B1, B2, N, r, p, s, n, m, p1, BLOCK=EXPAND_BLOCK,
+            FIX=dispatch.interpreter_enabled())
+    return B1, B2
+
+
+@_monarch_expand.register_fake
+def _(W1, W2, n, m, out_dtype):
+    R = W1.shape[0] * W1.shape[1]
+    return W1.new_empty((R, n), dtype=out_dtype), W1.new_empty((m, R), dtype=out_dtype)
+
+
+@torch.library.custom_op("peft_kernels::monarch_expand_bwd", mutates_args=())
+def _monarch_expand_bwd(dB1: torch.Tensor, dB2: torch.Tensor, W1: torch.Tensor,
+                        W2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW1, dW2) in the factors' dtypes, gathered from the expansions' gradients in one launch."""
+    N, r, p = W1.shape
+    s = W2.shape[1]
+    n, m = dB1.shape[1], dB2.shape[0]
+    dW1 = torch.empty_like(W1, memory_format=torch.contiguous_format)
+    dW2 = torch.empty_like(W2, memory_format=torch.contiguous_format)
+    if dW1.numel() + dW2.numel() == 0:
+        return dW1, dW2
+    p1 = triton.cdiv(dW1.numel(), EXPAND_BLOCK)
+    with _device_guard(W1.device):
+        _monarch_expand_bwd_kernel[(p1 + triton.cdiv(dW2.numel(), EXPAND_BLOCK),)](
+            dB1.contiguous(), dB2.contiguous(), dW1, dW2, N, r, p, s, n, m, p1, BLOCK=EXPAND_BLOCK,
+            FIX=dispatch.interpreter_enabled())
+    return dW1, dW2
+
+
+@_monarch_expand_bwd.register_fake
+def _(dB1, dB2, W1, W2):
+    return torch.empty_like(W1), torch.empty_like(W2)
+
+
+class _ExpandFunction(torch.autograd.Function):
+    """Differentiable ``_monarch_expand``: the Triton form of ``dense_factors`` (+ cast)."""
+
+    @staticmethod
+    def forward(ctx, W1, W2, n, m, out_dtype):
+        ctx.save_for_backward(W1, W2)  # shapes and dtypes only; no values are read in backward
+        ctx.n, ctx.m, ctx.out_dtype = n, m, out_dtype
+        return _monarch_expand(W1, W2, n, m, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dB1, dB2):
+        W1, W2 = ctx.saved_tensors
+        n, m, dtype = ctx.n, ctx.m, ctx.out_dtype
+        R = W1.shape[0] * W1.shape[1]
+        # a factor whose expansion got no gradient (not needed downstream) gathers zeros
+        dB1 = dB1 if dB1 is not None else W1.new_zeros((R, n), dtype=dtype)
+        dB2 = dB2 if dB2 is not None else W1.new_zeros((m, R), dtype=dtype)
+        dW1, dW2 = _monarch_expand_bwd(dB1, dB2, W1, W2)
+        need1, need2 = ctx.needs_input_grad[:2]
+        return (dW1 if need1 else None), (dW2 if need2 else None), None, None, None
+
+
 def _fused_gemm_path(x, weight, W1, W2, bias, dropout_p, seed, base):
     """Monarch on the LoRA family's fused-GEMM kernels: ``x @ W0^T + b + D(x B1^T B2^T)``, the
     base GEMM and the stage-2 product in one kernel (or cuBLAS + in-place add, ``base``)."""
@@ -597,9 +739,9 @@ def _fused_gemm_path(x, weight, W1, W2, bias, dropout_p, seed, base):
 
     m, n = weight.shape
     dtype = x.dtype
-    B1, B2 = dense_factors(W1, W2, n, m)
-    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (weight, B1, B2, bias)]
-    y = LoRAFunction.apply(x.reshape(-1, n), cast[0], cast[1], cast[2], cast[3], 1.0, dropout_p, seed,
+    B1, B2 = _ExpandFunction.apply(W1, W2, n, m, dtype)
+    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (weight, bias)]
+    y = LoRAFunction.apply(x.reshape(-1, n), cast[0], B1, B2, cast[1], 1.0, dropout_p, seed,
                            base_mode(base), True)
     return y.reshape(*x.shape[:-1], m)
 

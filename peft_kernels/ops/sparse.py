@@ -321,6 +321,9 @@ def csr_transpose(crow: torch.Tensor, col: torch.Tensor, in_features: int):
     """
     nnz = col.shape[0]
     col64 = col.to(torch.int64)
+    # the mask's values were validated where it was built or loaded (``check_csr``): a crow that
+    # does not sum to nnz would make this write out of bounds (output_size keeps it sync-free and
+    # traceable by torch.compile)
     rows = _coo_rows(crow, nnz)
     # stable: within a column the rows stay increasing, so the transposed CSR is sorted too
     perm = torch.sort(col64, stable=True).indices
@@ -577,18 +580,25 @@ def rosa_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col: 
     check_same_device(x=x, crow=crow, col=col, val=val)
     if csr_t is not None:
         _check_csr_t(csr_t, col.shape[0], d_in, x.device)
-    which = dispatch.choose("sparse", x.device, x.dtype, impl)
-    lora_which = dispatch.choose("lora", x.device, x.dtype, lora_impl)
-    fused = (which != "torch" and lora_which == "triton" and lora_A.shape[0] <= MAX_RANK
-             and not torch.is_autocast_enabled(x.device.type)
-             and all(t.dtype == x.dtype for t in (weight, lora_A, lora_B) + ((bias,) if bias is not None else ())))
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    which = dispatch.choose("sparse", x.device, dtype, impl)
+    lora_which = dispatch.choose("lora", x.device, dtype, lora_impl)
+    fused = which != "torch" and lora_which == "triton" and lora_A.shape[0] <= MAX_RANK
     if not fused:
         y = lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, impl=lora_which, base=base)
         return y + sparse_adapter(x, crow, col, val, d_out, impl=which, csr_t=csr_t)
-    x2 = flatten_tokens(x).contiguous()
     crow, col, crow_t, row_t, perm = _kernel_csr(crow, col, d_in, csr_t)
-    y = RoSAFunction.apply(x2, weight, bias, lora_A.contiguous(), lora_B, val, crow, col, crow_t, row_t, perm,
-                           float(scaling), float(dropout_p), _seed_tensor(seed), base_mode(base), which)
+    # In one dtype, the autocast one under autocast (as F.linear would), else x's (as lora_linear
+    # does): differentiable casts, so fp32 adapter weights get fp32 gradients; autocast is off inside
+    # so no op changes precision on its own (the sparse values keep theirs: the kernels accumulate in fp32).
+    with torch.autocast(x.device.type, enabled=False):
+        x2, weight, bias, lora_A, lora_B = (t if t is None or t.dtype == dtype else t.to(dtype)
+                                            for t in (flatten_tokens(x), weight, bias, lora_A, lora_B))
+        y = RoSAFunction.apply(x2.contiguous(), weight, bias, lora_A.contiguous(), lora_B, val, crow, col, crow_t,
+                               row_t, perm, float(scaling), float(dropout_p), _seed_tensor(seed), base_mode(base),
+                               which)
     return y.reshape(*x.shape[:-1], d_out)
 
 

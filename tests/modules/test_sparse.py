@@ -251,6 +251,28 @@ def test_state_dict_round_trip_rebuilds_cached_transpose():
     dst._adapter_state_loaded()  # the checkpoint loader's hook validates the mask
 
 
+@pytest.mark.parametrize("corrupt", ["crow past nnz", "crow decreasing", "col out of range", "col unsorted"])
+def test_load_state_dict_rejects_a_corrupt_mask(corrupt):
+    """A corrupt checkpoint mask is refused at load time with a clear error (before, the rebuilt
+    transpose indexed with it: out-of-bounds writes on CPU, an illegal address on a GPU)."""
+    src = SparseLinear.from_linear(_linear(), density=0.04, seed=1, impl=IMPL)
+    state = {k: v.clone() for k, v in src.state_dict().items() if not k.startswith("base_layer.")}
+    crow, col = state["crow"], state["col"]
+    if corrupt == "crow past nnz":
+        crow[10] = 10**6
+    elif corrupt == "crow decreasing":
+        crow[5], crow[6] = crow[6] + 1, crow[5]
+    elif corrupt == "col out of range":
+        col[0] = D_IN
+    else:
+        row = int(((crow[1:] - crow[:-1]) >= 2).nonzero()[0])
+        i = int(crow[row])
+        col[i], col[i + 1] = col[i + 1].clone(), col[i].clone()
+    dst = SparseLinear.from_linear(src.base_layer, **src.adapter_config(), impl=IMPL)
+    with pytest.raises(ValueError, match="crow|col"):
+        dst.load_state_dict(state, strict=False)
+
+
 def test_training_step_updates_only_values():
     m = SparseLinear.from_linear(_linear(), density=0.02, impl=IMPL)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)

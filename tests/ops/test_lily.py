@@ -35,9 +35,10 @@ def _make(r, E, router_input, bias, lead=LEAD, d_in=D_IN, d_out=D_OUT):
 
 
 def _check_against_reference(dtype, r, E, routing, router_input, bias, scaling=1.7, lead=LEAD, d_in=D_IN,
-                             d_out=D_OUT, base=None):
-    x, weight, lp, router, hp, b = _make(r, E, router_input, bias, lead, d_in, d_out)
-    dy = torch.randn(*lead, d_out, dtype=torch.float64)
+                             d_out=D_OUT, base=None, device="cpu"):
+    x, weight, lp, router, hp, b = (None if t is None else t.to(device)
+                                    for t in _make(r, E, router_input, bias, lead, d_in, d_out))
+    dy = torch.randn(*lead, d_out, dtype=torch.float64, device=device)
     kw = dict(scaling=scaling, routing=routing, router_input=router_input)
 
     def run(fn, dt, **extra):
@@ -428,3 +429,85 @@ def test_lily_bf16_operands_round_to_nearest(interpret, monkeypatch, path, routi
     else:
         want = w[:, None, None] * (s * (dy32.t() @ h.to(bf).float()))
     torch.testing.assert_close(dhp, want)
+
+
+def test_lily_under_autocast():
+    """fp32 inputs and parameters under bf16 autocast: the kernels run in bf16 (as F.linear would),
+    not in fp32, and the parameters get fp32 gradients through the differentiable casts; the result
+    is the bf16 computation's (2x rule against the fp64 reference)."""
+    r, E = 8, 4
+    x, weight, lp, router, hp, b = _make(r, E, "h", True)
+    dy = torch.randn(*LEAD, D_OUT, dtype=torch.float64)
+    kw = dict(scaling=1.7, routing="token", router_input="h")
+    seen = []
+    import peft_kernels.ops.lily as lily_ops
+
+    orig = lily_ops.LilyFunction.apply
+
+    def spy(*a):
+        seen.append({t.dtype for t in a[:5] if isinstance(t, torch.Tensor)})
+        return orig(*a)
+
+    ins = [leaf(x, torch.float32), leaf(lp, torch.float32), leaf(router, torch.float32), leaf(hp, torch.float32),
+           leaf(b, torch.float32)]
+    lily_ops.LilyFunction.apply = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lily_linear(ins[0], weight.float(), *ins[1:4], ins[4], **kw, impl="triton")
+    finally:
+        lily_ops.LilyFunction.apply = orig
+    assert seen == [{torch.bfloat16}], seen
+    assert y.dtype == torch.bfloat16
+    got = [y, *grads(y, ins, dy.to(torch.bfloat16))]
+    assert all(g.dtype == torch.float32 for g in got[1:])
+
+    def run(dt):
+        t = [leaf(x, dt), leaf(lp, dt), leaf(router, dt), leaf(hp, dt), leaf(b, dt)]
+        out = R.lily(t[0], weight.to(dt), *t[1:4], t[4], **kw)
+        return [out, *grads(out, t, dy.to(dt))]
+
+    same, exact = run(torch.bfloat16), run(torch.float64)
+    for name, g, sm, e in zip(["out", "dx", "dlp", "drouter", "dhp", "dbias"], got, same, exact):
+        assert_close_to_reference(name, g.to(sm.dtype), sm, e)
+
+
+def test_lily_rank_cap():
+    """r above the kernels' limit: the default dispatch falls back to the reference (same result),
+    a forced Triton run is refused with an error naming lp, before any launch."""
+    import peft_kernels.ops.lily as lily_ops
+
+    r = lily_ops.MAX_R + 1
+    x, weight, lp, router, hp, b = (t.float() if t is not None else None for t in _make(r, 2, "h", False, lead=(3,)))
+    with pytest.raises(ValueError, match="lp has rank"):
+        lily_linear(x, weight, lp, router, hp, b, impl="triton")
+    import peft_kernels.dispatch as D
+
+    if D.choose("lily", x.device, x.dtype, None) == "triton":
+        torch.testing.assert_close(lily_linear(x, weight, lp, router, hp, b), R.lily(x, weight, lp, router, hp, b))
+
+
+# Realistic sizes on a GPU (the CPU cases above are tiny): autotuned tiles, both paths (fused:
+# K = E*r <= 256; wide: K = 512), both routings and router inputs, every base, deterministic mode.
+GPU_CASES = [
+    (16, 4, "token", "h", "auto"), (16, 4, "token", "x", "triton"), (16, 4, "batch", "h", "cublas"),
+    (16, 8, "batch", "x", "auto"), (32, 8, "token", "h", "tma"), (64, 8, "token", "h", "auto"),
+    (64, 8, "batch", "x", "auto"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r,E,routing,router_input,base", GPU_CASES)
+def test_lily_large_gpu(r, E, routing, router_input, base):
+    _check_against_reference(torch.bfloat16, r, E, routing, router_input, True, lead=(1000,), d_in=1031,
+                             d_out=2051, base=base, device="cuda")
+
+
+@pytest.mark.gpu
+def test_lily_deterministic_gpu():
+    """Deterministic mode on the GPU: fixed-order sums, bit-identical runs, still within tolerance."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        _check_against_reference(torch.bfloat16, 16, 4, "token", "h", True, lead=(1000,), d_in=1031, d_out=2051,
+                                 device="cuda")
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -106,6 +106,33 @@ def test_dense_factors_fold_both_permutations(N, r, n, m):
     assert int((B1 != 0).sum()) <= W1.numel() and int((B2 != 0).sum()) <= W2.numel()
 
 
+@pytest.mark.parametrize("N,r,n,m,wdt,odt", [
+    (4, 4, 123, 77, F32, F32), (8, 3, 50, 131, F32, BF16), (1, 5, 20, 9, F16, F16), (16, 2, 40, 40, BF16, F32),
+    (4, 4, 2100, 1100, F32, BF16),  # several programs per expansion
+])
+def test_expand_kernels_match_dense_factors(interpret, N, r, n, m, wdt, odt):
+    """The one-launch Triton expansion (and its one-launch adjoint) is ``dense_factors`` then a cast,
+    bit for bit, values and both factor gradients, including the padding columns and rows."""
+    _, _, W1, W2, _, _ = _make((1,), n, m, N, r, False)
+    W1k, W2k = leaf(W1.to(interpret), wdt), leaf(W2.to(interpret), wdt)
+    W1t, W2t = leaf(W1.to(interpret), wdt), leaf(W2.to(interpret), wdt)
+    B1k, B2k = monarch_ops._ExpandFunction.apply(W1k, W2k, n, m, odt)
+    B1t, B2t = (t.to(odt) for t in monarch_ops.dense_factors(W1t, W2t, n, m))
+    assert B1k.dtype == odt and B1k.shape == B1t.shape and B2k.shape == B2t.shape
+    assert torch.equal(B1k, B1t) and torch.equal(B2k, B2t)
+    g1, g2 = torch.randn_like(B1t), torch.randn_like(B2t)
+    (B1k * g1).sum().add((B2k * g2).sum()).backward()
+    (B1t * g1).sum().add((B2t * g2).sum()).backward()
+    assert W1k.grad.dtype == wdt and W2k.grad.dtype == wdt
+    assert torch.equal(W1k.grad, W1t.grad) and torch.equal(W2k.grad, W2t.grad)
+    # one factor without a gradient: the other's still flows
+    W1n = W1.to(interpret, wdt)
+    B1k, B2k = monarch_ops._ExpandFunction.apply(W1n, W2k, n, m, odt)
+    W2k.grad = None
+    (B2k * g2).sum().backward()
+    torch.testing.assert_close(W2k.grad, W2t.grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("base", ["triton", "cublas"])
 def test_monarch_fused_gemm_bases(interpret, monkeypatch, base):
     """Both base products of the fused-GEMM path (the one ``auto`` chooses from on a GPU)."""

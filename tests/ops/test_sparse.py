@@ -429,3 +429,43 @@ def test_sparse_linear_under_autocast(request, impl):
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32 and got[2].dtype == torch.float32
     for name, k, s, e in zip(("y", "dx", "dval"), got, same, exact):
         assert_close_to_reference(f"{impl}/autocast/{name}", k.cpu().to(s.dtype), s, e)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_rosa_under_autocast_runs_fused_in_bf16(request, monkeypatch, impl):
+    """fp32 inputs and adapters under bf16 autocast: RoSA still runs its fused Function, in bf16 (as
+    F.linear would), returns bf16 and gives the fp32 leaves fp32 gradients."""
+    from peft_kernels.reference import lora as lora_reference
+
+    calls = []
+    fused_apply = ops.RoSAFunction.apply
+    monkeypatch.setattr(ops.RoSAFunction, "apply", lambda *a: calls.append(a[0].dtype) or fused_apply(*a))
+    dev = _impl_device(request, impl)
+    if dev.type == "cpu":
+        dev = request.getfixturevalue("interpret")
+    g = torch.Generator().manual_seed(13)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    r, s, p, seed = 4, 2.0, 0.1, 5
+    x, W = torch.randn(*T_SHAPE, D_IN, generator=g), torch.randn(D_OUT, D_IN, generator=g) / D_IN**0.5
+    A, B = torch.randn(r, D_IN, generator=g) / D_IN**0.5, torch.randn(D_OUT, r, generator=g) / r**0.5
+    b, val = torch.randn(D_OUT, generator=g), torch.randn(col.shape[0], generator=g)
+    dy = torch.randn(*T_SHAPE, D_OUT, generator=g)
+
+    def ref(x, W, A, B, val, b):
+        return lora_reference(x, W, A, B, b, s, p, seed) + ops.sparse_adapter(x, crow, col, val, D_OUT, impl="torch")
+
+    def run(fn, dt, d, autocast):
+        ts = [leaf(t.to(d), dt) for t in (x, A, B, val)]
+        with torch.autocast(d.type if isinstance(d, torch.device) else d, dtype=torch.bfloat16, enabled=autocast):
+            y = fn(ts[0], W.to(d, dt), ts[1], ts[2], ts[3], b.to(d, dt))
+        return [y, *grads(y, ts, dy.to(d, y.dtype))]
+
+    exact = run(ref, torch.float64, "cpu", False)
+    same = run(ref, torch.bfloat16, "cpu", False)
+    cr, cc = crow.to(dev), col.to(dev)
+    got = run(lambda x, W, A, B, val, b: ops.rosa_linear(x, W, cr, cc, val, A, B, b, s, p, seed, impl=impl,
+                                                         lora_impl="triton"), torch.float32, dev, True)
+    assert calls == [torch.bfloat16]
+    assert got[0].dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in got[1:])
+    for name, k, sm, e in zip(("y", "dx", "dA", "dB", "dval"), got, same, exact):
+        assert_close_to_reference(f"{impl}/autocast/{name}", k.cpu().to(sm.dtype), sm, e)
