@@ -280,6 +280,30 @@ def test_bench_writes_and_prints_base_decisions(tmp_path, capsys, monkeypatch):
     assert [float(r["triton_ms"]) for r in rows] == [1.25, 1.5] and rows[1]["K"] == "11008"
 
 
+def test_bench_sparse_impl_decisions_and_triton_row(tmp_path, capsys, monkeypatch):
+    """The sparse family's measured cuda-vs-Triton choices are printed and written
+    (``sparse_impl_decisions.csv``, ``bench.json``); the pinned Triton row is GPU-only and says so."""
+    from peft_kernels.ops import sparse
+
+    fake = [dict(device="cuda:0", dtype=torch.bfloat16, tokens_bucket=8192, d_in=4096, d_out=4096, nnz_bucket=262144,
+                 index_dtype=torch.int64, choice="triton", cuda_ms=0.5, triton_ms=0.25)]
+    monkeypatch.setattr(sparse, "impl_decisions", lambda: fake)
+    out = tmp_path / "so"
+    rc = main(["bench", "--family", "sparse", "--shapes", "24x16", "--tokens", "7", "--reps", "1", "--out",
+               str(out), "--no-progress", "--no-plots"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    table = text[text.index("native CUDA vs Triton"):].splitlines()
+    assert table[1].split()[-3:] == ["choice", "cuda_ms", "triton_ms"]
+    assert table[3].split()[-3:] == ["triton", "0.500", "0.250"]
+    data = json.loads((out / "bench.json").read_text())
+    assert data["sparse_decisions"][0]["dtype"] == "bfloat16" and data["sparse_decisions"][0]["choice"] == "triton"
+    _, rows = _read_csv(out / "sparse_impl_decisions.csv")
+    assert [r["choice"] for r in rows] == ["triton"] and float(rows[0]["cuda_ms"]) == 0.5
+    pinned = [r for r in data["rows"] if r["variant"] == "peft_kernels (triton sparse ops)"]
+    assert pinned and all(r["status"].startswith("skipped: GPU only") for r in pinned)
+
+
 def test_lora_base_rows_run_on_the_triton_path(interpret, monkeypatch):
     """Forced onto the Triton path (the interpreter on a CPU-only machine, else the GPU),
     the default row and the two base-pinned rows are all measured and labelled with their base,

@@ -87,6 +87,7 @@ class Variant:
     needs_impl: Optional[str] = None
     base: Optional[str] = None
     why: str = ""
+    pin_impl: Optional[str] = None  # fused rows: run this implementation instead of dispatch's choice
 
 
 @dataclass
@@ -404,6 +405,9 @@ LORA_TRITON_BASE = "peft_kernels (triton base)"
 LORA_CUBLAS_BASE = "peft_kernels (cublas base)"
 LORA_TMA_BASE = "peft_kernels (tma base)"
 _BASE_PIN_WHY = "pins its base GEMM"
+# The sparse ops in Triton beside the KERNEL row, which runs dispatch's choice (the native CUDA ops
+# where built, else Triton; between the two, the faster measured: sparse_impl_decisions.csv)
+SPARSE_TRITON = "peft_kernels (triton sparse ops)"
 _COMPILE_WHY = "compiling every case on the CPU would take longer than the whole CPU default"
 
 FAMILY_SPECS = {
@@ -423,7 +427,10 @@ FAMILY_SPECS = {
         "peft_kernels.ops.monarch"),
     "sparse": Family(
         "sparse", _sparse_configs, lambda c: f"density={100 * c['density']:g}%",
-        [Variant(KERNEL, sparse_kernel, fused=True), Variant(REFERENCE, sparse_reference),
+        [Variant(KERNEL, sparse_kernel, fused=True),
+         Variant(SPARSE_TRITON, sparse_kernel, fused=True, gpu_only=True, pin_impl="triton",
+                 why="the Triton ops on a GPU, timed beside the native ones"),
+         Variant(REFERENCE, sparse_reference),
          Variant("torch densified", sparse_densified), Variant("torch.sparse CSR", sparse_torch_csr)],
         "peft_kernels.ops.sparse"),
     "lily": Family(

@@ -35,6 +35,7 @@ class BenchResult:
     settings: dict
     rows: list = field(default_factory=list)
     base_decisions: list = field(default_factory=list)  # see collect_base_decisions
+    sparse_decisions: list = field(default_factory=list)  # see collect_sparse_decisions
 
 
 def kernel_impl(family: str, device: torch.device, dtype: torch.dtype, impl: Optional[str]) -> tuple:
@@ -107,6 +108,20 @@ def collect_base_decisions() -> list:
         row["triton_over_cublas"] = tri / cub if tri is not None and cub else None
         out.append({**{k: row.get(k) for k in DECISION_COLUMNS}, **row})
     return out
+
+
+SPARSE_DECISION_COLUMNS = ("device", "dtype", "tokens_bucket", "d_in", "d_out", "nnz_bucket", "index_dtype", "choice",
+                           "cuda_ms", "triton_ms")
+
+
+def collect_sparse_decisions() -> list:
+    """The sparse family's measured native-CUDA-vs-Triton choices (``ops.sparse.impl_decisions``)
+    taken in this process, JSON/CSV-ready; empty off a GPU or when nothing was decided."""
+    mod = sys.modules.get("peft_kernels.ops.sparse")
+    if mod is None or not hasattr(mod, "impl_decisions"):
+        return []
+    return [{k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in d.items()}
+            for d in mod.impl_decisions()]
 
 
 def measure(fwd, params: Sequence[torch.Tensor], setup: C.Setup, reps: int, stat: str = "median",
@@ -246,6 +261,11 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
                 continue
             if var.fused:
                 row_impl, reason = impls[fam]
+                if var.pin_impl is not None and row_impl is not None:
+                    from peft_kernels import dispatch
+
+                    reason = dispatch.unavailable_reason(fam, var.pin_impl, device, dtype)
+                    row_impl = None if reason is not None else var.pin_impl
                 if var.name == C.KERNEL:
                     name = f"{C.KERNEL}[{row_impl}]" if row_impl else C.KERNEL
                 row_base = var.base or default_base(fam, row_impl)
@@ -282,4 +302,5 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
     finally:
         bar.close()
     result.base_decisions = collect_base_decisions()
+    result.sparse_decisions = collect_sparse_decisions()
     return result

@@ -116,6 +116,13 @@ def bench_text(result) -> str:
     table = decisions_text(getattr(result, "base_decisions", None) or [])
     if table:
         out += ["", table]
+    sparse = getattr(result, "sparse_decisions", None) or []
+    if sparse:
+        from .layer import SPARSE_DECISION_COLUMNS
+
+        out += ["", "== sparse ops: native CUDA vs Triton, both timed once per shape key (forward SpMM-add + "
+                    "SDDMM, ms), the faster kept ==",
+                format_table(sparse, [(c, c, ".3f" if c.endswith("_ms") else None) for c in SPARSE_DECISION_COLUMNS])]
     return "\n".join(out)
 
 
@@ -208,18 +215,22 @@ def plot_bench(result, out_dir: str) -> list:
 def write_bench(result, out_dir: str, plots: bool = True) -> list:
     """CSV + JSON (+ PNGs) of one bench run into ``out_dir``; returns the paths written.
 
-    ``base_decisions.csv`` is written on every run, header only when no decision was taken
-    (CPU, or every LoRA row pinned), so a directory never keeps a stale one from an older run."""
-    from .layer import DECISION_COLUMNS
+    ``base_decisions.csv`` and ``sparse_impl_decisions.csv`` are written on every run, header only
+    when no decision was taken (CPU, or every row pinned), so a directory never keeps a stale one
+    from an older run."""
+    from .layer import DECISION_COLUMNS, SPARSE_DECISION_COLUMNS
 
     os.makedirs(out_dir, exist_ok=True)
     decisions = list(getattr(result, "base_decisions", None) or [])
+    sparse = list(getattr(result, "sparse_decisions", None) or [])
     paths = [write_csv(os.path.join(out_dir, "bench.csv"), result.rows, result.meta, result.settings),
              write_json(os.path.join(out_dir, "bench.json"),
                         {"meta": result.meta, "settings": result.settings, "rows": result.rows,
-                         "base_decisions": decisions}),
+                         "base_decisions": decisions, "sparse_decisions": sparse}),
              write_csv(os.path.join(out_dir, "base_decisions.csv"), decisions, result.meta, result.settings,
-                       fieldnames=DECISION_COLUMNS)]
+                       fieldnames=DECISION_COLUMNS),
+             write_csv(os.path.join(out_dir, "sparse_impl_decisions.csv"), sparse, result.meta, result.settings,
+                       fieldnames=SPARSE_DECISION_COLUMNS)]
     if plots:
         try:
             paths += plot_bench(result, out_dir)

@@ -298,6 +298,61 @@ def _spmm_add(impl: str):
     return torch.ops.peft_kernels.sparse_spmm_add_
 
 
+# Native CUDA or Triton: measured (issue 5, "dispatch prefers the fastest measured"). Dispatch's
+# static order puts ``cuda`` first; where the Triton ops can run too and neither was forced, the
+# first call per key times both on its own operands (the forward's in-place SpMM and the SDDMM,
+# interleaved, ``lora._time_ms``) and keeps the faster. Off a GPU nothing is measured.
+_IMPL_CHOICE: dict = {}
+_IMPL_TIMES: dict = {}
+
+
+def _impl_key(x2, val, crow, d_out: int, nnz: int) -> tuple:
+    from .lora import _m_bucket
+
+    return (str(x2.device), x2.dtype, _m_bucket(x2.shape[0]), x2.shape[1], d_out, _m_bucket(nnz), crow.dtype)
+
+
+def measured_impl(which: str, forced: bool, x2, crow, col, val, d_out: int, timer=None) -> str:
+    """``which`` (dispatch's choice), or, when it is ``cuda``, not forced and the Triton ops can run
+    here, whichever of ``cuda`` / ``triton`` measured faster for this key (``timer`` maps
+    ``{impl: callable}`` to ``{impl: ms}``; default: CUDA events, on CUDA tensors only)."""
+    if forced or which != "cuda" or col.shape[0] == 0 or x2.shape[0] == 0:
+        return which
+    if dispatch.unavailable_reason("sparse", "triton", x2.device, x2.dtype) is not None:
+        return which
+    key = _impl_key(x2, val, crow, d_out, col.shape[0])
+    hit = _IMPL_CHOICE.get(key)
+    if hit is not None:
+        return hit
+    if timer is None:
+        if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return which
+        from .lora import _time_ms as timer
+    if crow.dtype != col.dtype:
+        crow, col = crow.to(torch.int64), col.to(torch.int64)
+    xt = x2.detach().t().contiguous()
+    val32 = val.detach().float()
+    y = torch.zeros((x2.shape[0], d_out), device=x2.device, dtype=x2.dtype)
+    dyt = torch.randn((d_out, x2.shape[0]), device=x2.device, dtype=x2.dtype)
+
+    def both(impl):
+        spmm_add, sddmm = _spmm_add(impl), _kernels(impl)[1]
+        return lambda: (spmm_add(y, xt.t(), crow, col, val32), sddmm(dyt.t(), xt.t(), crow, col))
+
+    with torch.no_grad(), _device_guard(x2.device):
+        times = timer({impl: both(impl) for impl in ("cuda", "triton")})
+    choice = min(times, key=times.get)
+    _IMPL_CHOICE[key], _IMPL_TIMES[key] = choice, times
+    return choice
+
+
+def impl_decisions() -> list[dict]:
+    """Every measured cuda/triton decision of this process, with both times (ms, SpMM + SDDMM)."""
+    names = ("device", "dtype", "tokens_bucket", "d_in", "d_out", "nnz_bucket", "index_dtype")
+    return [dict(zip(names, key), choice=_IMPL_CHOICE[key], **{f"{i}_ms": t for i, t in times.items()})
+            for key, times in _IMPL_TIMES.items()]
+
+
 def _native_check(device, dtype) -> Optional[str]:
     if not _native_ops_loaded():
         return f"peft_kernels._C lacks some of the sparse ops {_NATIVE_OPS} (rebuild the extension)"
@@ -507,6 +562,10 @@ def _kernel_csr(crow, col, d_in: int, csr_t):
     return crow, col, crow_t, row_t, perm
 
 
+def _forced(impl: Optional[str]) -> bool:
+    return impl is not None or dispatch.forced_impl("sparse") is not None
+
+
 def _adapter(x2, crow, col, val, out_features, which, csr_t):
     d_in = x2.shape[1]
     if csr_t is not None:
@@ -528,6 +587,7 @@ def sparse_adapter(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: 
     _check_adapter_args(x, crow, col, val, out_features)
     which = dispatch.choose("sparse", x.device, x.dtype, impl)
     x2 = flatten_tokens(x)
+    which = measured_impl(which, _forced(impl), x2, crow, col, val, out_features)
     y = _adapter(x2, crow, col, val, out_features, which, csr_t)
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -555,6 +615,7 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col
     with torch.autocast(x.device.type, enabled=False):
         x2 = flatten_tokens(x).to(dtype)
         bias = None if bias is None else bias.to(dtype)
+        which = measured_impl(which, _forced(impl), x2, crow, col, val, d_out)
         y = SparseLinearFunction.apply(x2, weight, bias, val, crow, col, crow_t, row_t, perm, which)
     return y.reshape(*x.shape[:-1], d_out)
 
@@ -596,10 +657,11 @@ def rosa_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col: 
     with torch.autocast(x.device.type, enabled=False):
         x2, weight, bias, lora_A, lora_B = (t if t is None or t.dtype == dtype else t.to(dtype)
                                             for t in (flatten_tokens(x), weight, bias, lora_A, lora_B))
+        which = measured_impl(which, _forced(impl), x2, crow, col, val, d_out)
         y = RoSAFunction.apply(x2.contiguous(), weight, bias, lora_A.contiguous(), lora_B, val, crow, col, crow_t,
                                row_t, perm, float(scaling), float(dropout_p), _seed_tensor(seed), base_mode(base),
                                which)
     return y.reshape(*x.shape[:-1], d_out)
 
 
-__all__ = ["RoSAFunction", "SparseAdapterFunction", "SparseLinearFunction", "rosa_linear", "csr_transpose", "sparse_adapter", "sparse_linear"]
+__all__ = ["impl_decisions", "measured_impl", "RoSAFunction", "SparseAdapterFunction", "SparseLinearFunction", "rosa_linear", "csr_transpose", "sparse_adapter", "sparse_linear"]

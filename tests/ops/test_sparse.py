@@ -469,3 +469,37 @@ def test_rosa_under_autocast_runs_fused_in_bf16(request, monkeypatch, impl):
     assert got[0].dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in got[1:])
     for name, k, sm, e in zip(("y", "dx", "dA", "dB", "dval"), got, same, exact):
         assert_close_to_reference(f"{impl}/autocast/{name}", k.cpu().to(sm.dtype), sm, e)
+
+
+def test_cuda_or_triton_is_measured(interpret, monkeypatch):
+    """Where dispatch picks the native CUDA ops and the Triton ones can run too, the first call per
+    key times both (the forward SpMM-add and the SDDMM on the call's operands) and keeps the faster;
+    a forced implementation, or any other choice, is never second-guessed. Timed here with a stand-in
+    timer that runs every callable once (the native ops run on CPU tensors through the same schema)."""
+    monkeypatch.setattr(ops, "_IMPL_CHOICE", {})
+    monkeypatch.setattr(ops, "_IMPL_TIMES", {})
+    g = torch.Generator().manual_seed(14)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    x2 = torch.randn(37, D_IN, generator=g).to(interpret)
+    val = torch.randn(col.shape[0], generator=g)
+    crow, col, val = crow.to(interpret), col.to(interpret), val.to(interpret)
+    ran = []
+
+    def timer(fns):
+        for name, fn in fns.items():
+            fn()
+            ran.append(name)
+        return {"cuda": 2.0, "triton": 1.0}
+
+    def no_timer(fns):
+        raise AssertionError("timed again")
+
+    if not ops._native_ops_loaded():
+        pytest.skip("native extension not built")
+    assert ops.measured_impl("cuda", False, x2, crow, col, val, D_OUT, timer=timer) == "triton"
+    assert sorted(ran) == ["cuda", "triton"]
+    assert ops.measured_impl("cuda", False, x2, crow, col, val, D_OUT, timer=no_timer) == "triton"  # cached
+    assert ops.measured_impl("cuda", True, x2[:5], crow, col, val, D_OUT, timer=no_timer) == "cuda"  # forced
+    assert ops.measured_impl("cpp", False, x2[:5], crow, col, val, D_OUT, timer=no_timer) == "cpp"
+    (d,) = ops.impl_decisions()
+    assert d["choice"] == "triton" and d["cuda_ms"] == 2.0 and d["d_in"] == D_IN and d["d_out"] == D_OUT
