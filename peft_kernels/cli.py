@@ -86,6 +86,10 @@ def cmd_bench(args) -> int:
     print(bench_text(result))
     paths = write_bench(result, args.out, plots=not args.no_plots)
     print(f"\nwrote {', '.join(paths)}")
+    if getattr(result, "interrupted", False):
+        print(f"peft-kernels bench: interrupted after {result.settings['cases']} cases; the files hold those",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -115,6 +119,9 @@ def cmd_train_speed(args) -> int:
     print(train_speed_text(result))
     paths = write_train_speed(result, args.out)
     print(f"\nwrote {', '.join(paths)}")
+    if getattr(result, "interrupted", False):
+        print("peft-kernels train-speed: interrupted; the files hold the finished rows", file=sys.stderr)
+        return 130
     return 0
 
 

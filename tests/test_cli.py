@@ -110,6 +110,29 @@ def test_train_speed_tiny(tmp_path, capsys):
         assert data["meta"][k], k
 
 
+def test_train_speed_interrupted_keeps_finished_rows(tmp_path, capsys, monkeypatch):
+    """A SIGINT during the third model (HF PEFT) keeps the floor and peft_kernels rows, with their
+    ratio to the floor, in the printout and the files; the exit code says it was cut short."""
+    from peft_kernels.bench import train_speed
+
+    real, calls = train_speed._time_steps, []
+
+    def timed(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_speed, "_time_steps", timed)
+    rc = main(["train-speed", "--model", "tiny", "--family", "lora", "--seq", "16", "--batch", "1",
+               "--steps", "1", "--warmup", "0", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 130
+    assert "INTERRUPTED" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "train_speed.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["frozen model (floor)", "peft_kernels lora"]
+    assert rows[1]["slowdown_vs_floor"] > 0
+
+
 def test_train_speed_bad_model_path(tmp_path, capsys):
     rc = main(["train-speed", "--model", str(tmp_path / "nope.json"), "--out", str(tmp_path), "--no-progress"])
     assert rc == 2
@@ -302,6 +325,37 @@ def test_bench_sparse_impl_decisions_and_triton_row(tmp_path, capsys, monkeypatc
     assert [r["choice"] for r in rows] == ["triton"] and float(rows[0]["cuda_ms"]) == 0.5
     pinned = [r for r in data["rows"] if r["variant"] == "peft_kernels (triton sparse ops)"]
     assert pinned and all(r["status"].startswith("skipped: GPU only") for r in pinned)
+
+
+def test_bench_interrupted_keeps_what_was_measured(tmp_path, capsys, monkeypatch):
+    """A SIGINT mid-run (gpu_session.sh's time limit sends one) ends the run early, but the rows
+    measured so far are printed and written, and the exit code says it was cut short. Jobs run
+    shape-major: every family's first shape before any family's second."""
+    from peft_kernels.bench import layer
+
+    jobs = layer._jobs(["lora", "sparse"], [(24, 16), (16, 24)], False, torch.device("cpu"))
+    assert [(f, s) for f, s, c, v in jobs if v is None] == [("lora", (24, 16)), ("sparse", (24, 16)),
+                                                            ("lora", (16, 24)), ("sparse", (16, 24))]
+    calls = []
+    real = layer.measure
+
+    def measure(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(layer, "measure", measure)
+    out = tmp_path / "bi"
+    rc = main(["bench", "--family", "lora,sparse", "--shapes", "24x16,16x24", "--tokens", "7", "--reps", "1",
+               "--out", str(out), "--no-progress", "--no-plots"])
+    assert rc == 130
+    text = capsys.readouterr().out
+    assert "INTERRUPTED:" in text
+    data = json.loads((out / "bench.json").read_text())
+    measured = [r for r in data["rows"] if r["status"] == "ok"]
+    assert len(measured) == 2 and measured[0]["variant"] == "frozen base"
+    assert data["settings"]["cases"].endswith("(interrupted)")
 
 
 def test_lora_base_rows_run_on_the_triton_path(interpret, monkeypatch):

@@ -36,6 +36,7 @@ class BenchResult:
     rows: list = field(default_factory=list)
     base_decisions: list = field(default_factory=list)  # see collect_base_decisions
     sparse_decisions: list = field(default_factory=list)  # see collect_sparse_decisions
+    interrupted: bool = False  # stopped early (Ctrl-C / SIGINT, e.g. a time limit): rows are partial
 
 
 def kernel_impl(family: str, device: torch.device, dtype: torch.dtype, impl: Optional[str]) -> tuple:
@@ -154,11 +155,13 @@ def measure(fwd, params: Sequence[torch.Tensor], setup: C.Setup, reps: int, stat
 
 
 def _jobs(families, shapes, sweep: bool, device: torch.device):
-    """Every (family, shape, config, variant) to run, base first per (family, shape)."""
+    """Every (family, shape, config, variant) to run, base first per (family, shape); shape-major,
+    so every family's first shape (GUIDE's (4096, 4096), where every issue has a target) is measured
+    before any family's second: a run cut short by a time limit keeps the headline rows."""
     jobs = []
-    for fam in families:
-        spec = C.FAMILY_SPECS[fam]
-        for shape in shapes:
+    for shape in shapes:
+        for fam in families:
+            spec = C.FAMILY_SPECS[fam]
             jobs.append((fam, shape, None, None))
             for cfg in spec.configs(sweep):
                 for var in spec.variants:
@@ -228,8 +231,9 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
     bar = tqdm(total=len(jobs), desc="peft-kernels bench", unit="case", disable=not progress,
                mininterval=0.5, dynamic_ncols=True)
     setup, base, current = None, None, None
+    done = 0
     try:
-        for fam, shape, cfg, var in jobs:
+        for done, (fam, shape, cfg, var) in enumerate(jobs):
             spec = C.FAMILY_SPECS[fam]
             if current != (fam, shape):  # new (family, shape): fresh tensors, base timed first
                 setup = base = None
@@ -299,8 +303,12 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
                     torch.cuda.empty_cache()
             result.rows.append(row)
             bar.update(1)
+        done = len(jobs)
+    except KeyboardInterrupt:  # a time limit's SIGINT: keep (and let the caller write) what was measured
+        result.interrupted = True
     finally:
         bar.close()
+    result.settings["cases"] = f"{done} of {len(jobs)}" + (" (interrupted)" if result.interrupted else "")
     result.base_decisions = collect_base_decisions()
     result.sparse_decisions = collect_sparse_decisions()
     return result

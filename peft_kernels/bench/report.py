@@ -94,6 +94,8 @@ def bench_text(result) -> str:
            "saved = activations kept for backward beyond input and weights"]
     if meta.get("note"):
         out.append(f"NOTE: {meta['note']}")
+    if getattr(result, "interrupted", False):
+        out.append(f"INTERRUPTED: {s.get('cases')} cases measured; the rest are missing below")
     for fam in s["families"]:
         rows = [r for r in result.rows if r["family"] == fam]
         ok = [r for r in rows if r["status"] == "ok"]

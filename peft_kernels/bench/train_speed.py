@@ -65,6 +65,7 @@ class TrainSpeedResult:
     meta: dict
     settings: dict
     rows: list = field(default_factory=list)
+    interrupted: bool = False  # stopped early (SIGINT, e.g. a time limit): the rows so far are kept
 
 
 def load_config(model: str):
@@ -214,11 +215,26 @@ def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSp
     result = TrainSpeedResult(meta=stamp(device), settings=settings)
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (s.batch, s.seq), generator=g).to(device)
-    variants = list(_variants(s))
+    try:
+        _run_variants(s, device, progress, config, ids, tokens, result)
+    except KeyboardInterrupt:  # a time limit's SIGINT: keep (and let the caller write) the finished rows
+        result.interrupted = True
+    floor_tps = next((r["tokens_per_s"] for r in result.rows if r["family"] == "-"), None)
+    peft_tps = {r["family"]: r["tokens_per_s"] for r in result.rows if r["variant"].startswith("HF PEFT")}
+    for row in result.rows:
+        if row["tokens_per_s"] and floor_tps:
+            row["slowdown_vs_floor"] = floor_tps / row["tokens_per_s"]
+        fam = row["family"]
+        if row["variant"].startswith("peft_kernels") and row["tokens_per_s"] and peft_tps.get(fam):
+            row["speedup_vs_peft"] = row["tokens_per_s"] / peft_tps[fam]
+    return result
+
+
+def _run_variants(s, device, progress, config, ids, tokens, result) -> None:
+    """Time every variant in turn, appending one row each to ``result.rows``."""
     from tqdm.auto import tqdm
 
-    floor_tps, peft_tps = None, {}
-    for name, fam, maker in tqdm(variants, desc="peft-kernels train-speed", unit="model", disable=not progress):
+    for name, fam, maker in tqdm(list(_variants(s)), desc="peft-kernels train-speed", unit="model", disable=not progress):
         row = {"variant": name, "family": fam or "-", "trainable_params": 0, "step_ms": None,
                "tokens_per_s": None, "slowdown_vs_floor": None, "speedup_vs_peft": None, "peak_gib": None,
                "status": "ok"}
@@ -236,10 +252,6 @@ def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSp
             elapsed, peak = _time_steps(step, s.warmup, s.steps, device)
             tps = tokens * s.steps / elapsed
             row.update(step_ms=1e3 * elapsed / s.steps, tokens_per_s=tps, peak_gib=peak)
-            if maker is None:
-                floor_tps = tps
-            elif name.startswith("HF PEFT"):
-                peft_tps[fam] = tps
         except ImportError as e:
             row["status"] = f"n/a: {type(e).__name__}: {e}"[:200]
         except Exception as e:  # noqa: BLE001 - one failing variant must not sink the comparison
@@ -252,13 +264,6 @@ def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSp
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         result.rows.append(row)
-    for row in result.rows:
-        if row["tokens_per_s"] and floor_tps:
-            row["slowdown_vs_floor"] = floor_tps / row["tokens_per_s"]
-        fam = row["family"]
-        if row["variant"].startswith("peft_kernels") and row["tokens_per_s"] and peft_tps.get(fam):
-            row["speedup_vs_peft"] = row["tokens_per_s"] / peft_tps[fam]
-    return result
 
 
 TRAIN_COLUMNS = (
@@ -280,6 +285,8 @@ def train_speed_text(result: TrainSpeedResult) -> str:
            "x floor = floor tokens/s / variant tokens/s; vs HF PEFT = tokens/s over HF PEFT's, same family"]
     if result.meta.get("note"):
         out.append(f"NOTE: {result.meta['note']}")
+    if result.interrupted:
+        out.append("INTERRUPTED: only the variants below finished")
     ok = [r for r in result.rows if r["status"] == "ok"]
     out.append(format_table(ok, TRAIN_COLUMNS if any(r["peak_gib"] for r in ok) else TRAIN_COLUMNS[:-1]))
     for r in result.rows:
