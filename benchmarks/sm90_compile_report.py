@@ -319,9 +319,12 @@ def _lily_route():
     for dt, r in _lily_dtypes():
         rp, ep = lily._pad16(r), lily._pad16(_LILY_E)
         for token, router_h in ((True, True), (True, False), (False, True)):
-            yield Case(dt, dict(TOKEN=token, ROUTER_H=router_h, BLOCK_T=lily._rank_tile(rp),  # _launch_route_bwd
+            # _launch_route_bwd: the router-on-h term stays in the kernel only up to ROUTE_BWD_MAX_RE
+            in_kernel = router_h and rp * ep <= lily.ROUTE_BWD_MAX_RE
+            yield Case(dt, dict(TOKEN=token, ROUTER_H=in_kernel, BLOCK_T=lily._rank_tile(rp),
                                 R_PAD=rp, E_PAD=ep), 4, 3,
-                       fp32=("dz_ptr", "h_ptr", "p_ptr", "dw_ptr", "dh_ptr", "dlog_ptr"), note=f"r={r}")
+                       fp32=("dz_ptr", "h_ptr", "p_ptr", "dw_ptr", "dh_ptr", "dlog_ptr"),
+                       note=f"r={r}" + (", router term after the kernel" if router_h and not in_kernel else ""))
             if dt != "bf16":
                 break  # only the router is in the data dtype (cast up in-kernel): one case per other dtype
 

@@ -87,6 +87,8 @@ FUSED_MAX_K = MAX_RANK
 # Largest r the Lily kernels take: the projection kernel's (BLOCK, r) tiles need more than sm_90's
 # 227 KiB of shared memory from r = 1024 (ptxas, no GPU); wider ranks run on the reference.
 MAX_R = 512
+# Largest R_PAD * E_PAD whose router-on-h backward term stays inside ``_lily_route_bwd_kernel``.
+ROUTE_BWD_MAX_RE = 512
 # the primitives' dropout seed; Lily has no dropout (p = 0), so it is never read
 _NO_SEED = torch.zeros(1, dtype=torch.int64)
 
@@ -539,6 +541,10 @@ def _launch_route_bwd(dz, h, p, router, dw, scaling: float, token: bool, router_
     R_PAD, E_PAD = _pad16(r), _pad16(E)
     BT = _INTERPRET_BLOCK if _interpreting(h) else _rank_tile(R_PAD)
     dg = torch.empty(T, r + E, device=h.device, dtype=torch.float32)
+    # the router-on-h term dh += dlogits @ router in the kernel is an fp32 dot whose (BT, E_PAD) x
+    # (E_PAD, R_PAD) operands spill on sm_90 from R_PAD * E_PAD = 1024 (ptxas: 104 B at r = 64, E = 4,
+    # ~18-31 KB at r = 256, E = 64); there it is one small fp32 GEMM after the kernel instead
+    in_kernel = router_h and R_PAD * E_PAD <= ROUTE_BWD_MAX_RE
     if T:
         with _device_guard(h.device):
             _lily_route_bwd_kernel[(triton.cdiv(T, BT),)](
@@ -546,8 +552,10 @@ def _launch_route_bwd(dz, h, p, router, dw, scaling: float, token: bool, router_
                 T, r, E,
                 dg.stride(0),
                 float(scaling), 1.0 / T,
-                TOKEN=token, ROUTER_H=router_h, BLOCK_T=BT, R_PAD=R_PAD, E_PAD=E_PAD,
+                TOKEN=token, ROUTER_H=in_kernel, BLOCK_T=BT, R_PAD=R_PAD, E_PAD=E_PAD,
             )
+        if router_h and not in_kernel:
+            dg[:, :r].addmm_(dg[:, r:], router.float())
     return dg
 
 

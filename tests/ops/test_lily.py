@@ -84,6 +84,17 @@ def test_lily_extreme_rank_and_experts(interpret, routing):
     _check_against_reference(torch.float32, 1, 33, routing, "h", True, lead=(19,), d_in=37, d_out=23)
 
 
+@pytest.mark.parametrize("routing,dtype", [("token", torch.bfloat16), ("batch", torch.float16)])
+def test_lily_router_term_outside_the_route_kernel(interpret, monkeypatch, routing, dtype):
+    """Router on h with wide pads: the ``dlogits @ router`` term of dh runs as one fp32 GEMM after
+    ``_lily_route_bwd_kernel`` (forced here for small pads) with the same result."""
+    import peft_kernels.ops.lily as lily_ops
+
+    monkeypatch.setattr(lily_ops, "ROUTE_BWD_MAX_RE", 0)
+    torch.manual_seed(_seed("outside", routing))
+    _check_against_reference(dtype, 16, 4, routing, "h", True)
+
+
 def _record_bases(monkeypatch):
     """Which base (triton / cublas) each of the LoRA fused-GEMM calls resolved to."""
     import peft_kernels.ops.lora as lora_ops
