@@ -666,18 +666,24 @@ def _monarch_expand_bwd_kernel(
 def _monarch_expand(W1: torch.Tensor, W2: torch.Tensor, n: int, m: int,
                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``dense_factors(W1, W2, n, m)`` cast to ``out_dtype``, in one launch."""
+    R = W1.shape[0] * W1.shape[1]
+    B1 = torch.empty((R, n), device=W1.device, dtype=out_dtype)
+    B2 = torch.empty((m, R), device=W1.device, dtype=out_dtype)
+    _launch_pair(_monarch_expand_kernel, W1, W2, B1, B2, W1, W2, n, m)
+    return B1, B2
+
+
+def _launch_pair(kernel, a, b, out_a, out_b, W1, W2, n: int, m: int) -> None:
+    """One launch of an expansion kernel over both outputs: ``out_a``'s programs first, then ``out_b``'s."""
     N, r, p = W1.shape
     s = W2.shape[1]
-    B1 = torch.empty((N * r, n), device=W1.device, dtype=out_dtype)
-    B2 = torch.empty((m, N * r), device=W1.device, dtype=out_dtype)
-    if B1.numel() + B2.numel() == 0:
-        return B1, B2
-    p1 = triton.cdiv(B1.numel(), EXPAND_BLOCK)
+    if out_a.numel() + out_b.numel() == 0:
+        return
+    p1 = triton.cdiv(out_a.numel(), EXPAND_BLOCK)
     with _device_guard(W1.device):
-        _monarch_expand_kernel[(p1 + triton.cdiv(B2.numel(), EXPAND_BLOCK),)](
-            W1.contiguous(), W2.contiguous(), B1, B2, N, r, p, s, n, m, p1, BLOCK=EXPAND_BLOCK,
+        kernel[(p1 + triton.cdiv(out_b.numel(), EXPAND_BLOCK),)](
+            a.contiguous(), b.contiguous(), out_a, out_b, N, r, p, s, n, m, p1, BLOCK=EXPAND_BLOCK,
             FIX=dispatch.interpreter_enabled())
-    return B1, B2
 
 
 @_monarch_expand.register_fake
@@ -690,18 +696,9 @@ def _(W1, W2, n, m, out_dtype):
 def _monarch_expand_bwd(dB1: torch.Tensor, dB2: torch.Tensor, W1: torch.Tensor,
                         W2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW1, dW2) in the factors' dtypes, gathered from the expansions' gradients in one launch."""
-    N, r, p = W1.shape
-    s = W2.shape[1]
-    n, m = dB1.shape[1], dB2.shape[0]
     dW1 = torch.empty_like(W1, memory_format=torch.contiguous_format)
     dW2 = torch.empty_like(W2, memory_format=torch.contiguous_format)
-    if dW1.numel() + dW2.numel() == 0:
-        return dW1, dW2
-    p1 = triton.cdiv(dW1.numel(), EXPAND_BLOCK)
-    with _device_guard(W1.device):
-        _monarch_expand_bwd_kernel[(p1 + triton.cdiv(dW2.numel(), EXPAND_BLOCK),)](
-            dB1.contiguous(), dB2.contiguous(), dW1, dW2, N, r, p, s, n, m, p1, BLOCK=EXPAND_BLOCK,
-            FIX=dispatch.interpreter_enabled())
+    _launch_pair(_monarch_expand_bwd_kernel, dB1, dB2, dW1, dW2, W1, W2, dB1.shape[1], dB2.shape[0])
     return dW1, dW2
 
 
