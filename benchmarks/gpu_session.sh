@@ -37,7 +37,7 @@ step() {  # step NAME LIMIT COMMAND...: run with a time limit, log to logs/NAME.
     local t0=$(date +%s)
     timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
     local rc=$?
-    note "step $name: rc=$rc ($(( $(date +%s) - t0 )) s of $limit s)$([ $rc = 124 ] && echo ' TIMED OUT')"
+    note "step $name: rc=$rc ($(( $(date +%s) - t0 )) s of $limit s)$([ $rc = 124 ] || [ $rc = 137 ] && echo ' TIMED OUT')"
     tail -n 25 "$OUT/logs/$name.log"
 }
 

@@ -88,6 +88,9 @@ class Variant:
     base: Optional[str] = None
     why: str = ""
     pin_impl: Optional[str] = None  # fused rows: run this implementation instead of dispatch's choice
+    # fused rows: without --impl, call with impl=None (the op's own choice, which may measure between
+    # implementations: the sparse family's cuda/triton), instead of dispatch's static pick bound
+    unforced: bool = False
 
 
 @dataclass
@@ -289,9 +292,12 @@ def _sparse_params(setup: Setup, cfg: dict):
 def sparse_kernel(setup: Setup, cfg: dict, impl: Optional[str] = None):
     from peft_kernels.ops.sparse import sparse_linear
 
+    from peft_kernels.ops.sparse import csr_transpose
+
     crow, col, val = _sparse_params(setup, cfg)
     x, w = setup.x, setup.weight
-    return (lambda: sparse_linear(x, w, crow, col, val, impl=impl)), [val]
+    csr_t = csr_transpose(crow, col, w.shape[1])  # built once per mask, as SparseLinear caches it
+    return (lambda: sparse_linear(x, w, crow, col, val, impl=impl, csr_t=csr_t)), [val]
 
 
 def sparse_reference(setup: Setup, cfg: dict):
@@ -427,7 +433,7 @@ FAMILY_SPECS = {
         "peft_kernels.ops.monarch"),
     "sparse": Family(
         "sparse", _sparse_configs, lambda c: f"density={100 * c['density']:g}%",
-        [Variant(KERNEL, sparse_kernel, fused=True),
+        [Variant(KERNEL, sparse_kernel, fused=True, unforced=True),
          Variant(SPARSE_TRITON, sparse_kernel, fused=True, gpu_only=True, pin_impl="triton",
                  why="the Triton ops on a GPU, timed beside the native ones"),
          Variant(REFERENCE, sparse_reference),

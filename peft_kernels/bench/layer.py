@@ -270,14 +270,17 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
 
                     reason = dispatch.unavailable_reason(fam, var.pin_impl, device, dtype)
                     row_impl = None if reason is not None else var.pin_impl
+                unforced = var.unforced and impl is None and var.pin_impl is None
                 if var.name == C.KERNEL:
                     name = f"{C.KERNEL}[{row_impl}]" if row_impl else C.KERNEL
+                    if unforced and row_impl == "cuda" and fam == "sparse":
+                        name = f"{C.KERNEL}[cuda|triton, measured]"  # sparse_impl_decisions says which
                 row_base = var.base or default_base(fam, row_impl)
                 if row_impl is None:
                     result.rows.append(_row(fam, shape, tokens, dtype, label, name, status=f"n/a: {reason}"))
                     bar.update(1)
                     continue
-                builder = fused_builder(var, row_impl)
+                builder = fused_builder(var, None if unforced else row_impl)
             elif var.name == C.REFERENCE and impls[fam][0] == "torch":
                 # the fused path already runs the reference here; one row is enough
                 bar.update(1)

@@ -704,7 +704,7 @@ def _monarch_expand_bwd(dB1: torch.Tensor, dB2: torch.Tensor, W1: torch.Tensor,
 
 @_monarch_expand_bwd.register_fake
 def _(dB1, dB2, W1, W2):
-    return torch.empty_like(W1), torch.empty_like(W2)
+    return W1.new_empty(W1.shape), W2.new_empty(W2.shape)  # contiguous, as the real op returns
 
 
 class _ExpandFunction(torch.autograd.Function):
@@ -737,6 +737,10 @@ def _fused_gemm_path(x, weight, W1, W2, bias, dropout_p, seed, base):
     m, n = weight.shape
     dtype = x.dtype
     B1, B2 = _ExpandFunction.apply(W1, W2, n, m, dtype)
+    # a Function's outputs all require grad when any input does: a frozen factor's expansion must
+    # not, or LoRAFunction would compute its (unused) gradient pass
+    B1 = B1 if W1.requires_grad else B1.detach()
+    B2 = B2 if W2.requires_grad else B2.detach()
     cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (weight, bias)]
     y = LoRAFunction.apply(x.reshape(-1, n), cast[0], B1, B2, cast[1], 1.0, dropout_p, seed,
                            base_mode(base), True)

@@ -316,24 +316,31 @@ def measured_impl(which: str, forced: bool, x2, crow, col, val, d_out: int, time
     """``which`` (dispatch's choice), or, when it is ``cuda``, not forced and the Triton ops can run
     here, whichever of ``cuda`` / ``triton`` measured faster for this key (``timer`` maps
     ``{impl: callable}`` to ``{impl: ms}``; default: CUDA events, on CUDA tensors only)."""
+    from .lora import deterministic
+
     if forced or which != "cuda" or col.shape[0] == 0 or x2.shape[0] == 0:
+        return which
+    if deterministic():  # as LoRA's base choice: a timing decision may differ between processes
         return which
     if dispatch.unavailable_reason("sparse", "triton", x2.device, x2.dtype) is not None:
         return which
+    if crow.dtype != col.dtype:
+        crow, col = crow.to(torch.int64), col.to(torch.int64)
     key = _impl_key(x2, val, crow, d_out, col.shape[0])
     hit = _IMPL_CHOICE.get(key)
     if hit is not None:
         return hit
+    if torch.compiler.is_compiling():  # nothing can be timed while tracing: the static order
+        return which
     if timer is None:
         if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return which
         from .lora import _time_ms as timer
-    if crow.dtype != col.dtype:
-        crow, col = crow.to(torch.int64), col.to(torch.int64)
     xt = x2.detach().t().contiguous()
     val32 = val.detach().float()
     y = torch.zeros((x2.shape[0], d_out), device=x2.device, dtype=x2.dtype)
-    dyt = torch.randn((d_out, x2.shape[0]), device=x2.device, dtype=x2.dtype)
+    # constant data (no RNG draw: the user's CUDA random stream must not depend on a cache hit)
+    dyt = torch.full((d_out, x2.shape[0]), 0.5, device=x2.device, dtype=x2.dtype)
 
     def both(impl):
         spmm_add, sddmm = _spmm_add(impl), _kernels(impl)[1]
@@ -381,10 +388,9 @@ def csr_transpose(crow: torch.Tensor, col: torch.Tensor, in_features: int):
     # traceable by torch.compile)
     rows = _coo_rows(crow, nnz)
     # stable: within a column the rows stay increasing, so the transposed CSR is sorted too
-    perm = torch.sort(col64, stable=True).indices
-    counts = torch.bincount(col64, minlength=in_features)
-    crow_t = torch.zeros(in_features + 1, dtype=torch.int64, device=col.device)
-    crow_t[1:] = torch.cumsum(counts, 0)
+    sorted_col, perm = torch.sort(col64, stable=True)
+    # column c's entries start at the first sorted index >= c (no bincount: no device sync)
+    crow_t = torch.searchsorted(sorted_col, torch.arange(in_features + 1, device=col.device))
     return crow_t.to(col.dtype), rows[perm].to(col.dtype), perm
 
 

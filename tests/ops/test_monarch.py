@@ -226,6 +226,29 @@ def test_monarch_custom_ops_opcheck(interpret):
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.peft_kernels.monarch_bwd.default, (dy, x, weight, W1, W2, y1, 0.1, seed, True),
                           test_utils=("test_schema", "test_faketensor"))
+    # the expansion ops, with a non-contiguous W1 (the real ops return contiguous tensors; so must the fakes)
+    W1s = W1.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    B1, B2 = torch.ops.peft_kernels.monarch_expand(W1s, W2, 40, 24, torch.bfloat16)
+    torch.library.opcheck(torch.ops.peft_kernels.monarch_expand.default, (W1s, W2, 40, 24, torch.bfloat16),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.peft_kernels.monarch_expand_bwd.default, (B1, B2, W1s, W2),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_monarch_frozen_factor_gets_no_gradient_pass(interpret, monkeypatch):
+    """W1 frozen, W2 trained: the fused path computes no gradient for W1's expansion (no dA pass over
+    x in the LoRA kernels), and W2's gradient is still right."""
+    x, weight, W1, W2, b, dy = (t.float().to(interpret) for t in _make((17,), 40, 24, 4, 4, True))
+    calls = []
+    real = lora_ops._launch_da
+    monkeypatch.setattr(lora_ops, "_launch_da", lambda *a: calls.append(1) or real(*a))
+    W2l = leaf(W2)
+    y = monarch_linear(leaf(x), weight, W1, W2l, b, impl="triton")
+    (gW2,) = torch.autograd.grad(y, [W2l], dy)
+    assert calls == []
+    W2r = leaf(W2)
+    (want,) = torch.autograd.grad(monarch(x, weight, W1, W2r, b), [W2r], dy)
+    torch.testing.assert_close(gW2, want, rtol=1e-4, atol=1e-4)
 
 
 # --- bad input: a clear error naming the argument, raised before any launch -------------------

@@ -503,3 +503,56 @@ def test_cuda_or_triton_is_measured(interpret, monkeypatch):
     assert ops.measured_impl("cpp", False, x2[:5], crow, col, val, D_OUT, timer=no_timer) == "cpp"
     (d,) = ops.impl_decisions()
     assert d["choice"] == "triton" and d["cuda_ms"] == 2.0 and d["d_in"] == D_IN and d["d_out"] == D_OUT
+
+
+def test_measured_impl_stands_aside(interpret, monkeypatch):
+    """No timing while torch.compile traces (the static order) or in deterministic mode (a timing
+    decision may differ between processes, and the two SDDMMs sum in different orders)."""
+    monkeypatch.setattr(ops, "_IMPL_CHOICE", {})
+    monkeypatch.setattr(ops, "_IMPL_TIMES", {})
+    g = torch.Generator().manual_seed(15)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    x2, val = torch.randn(9, D_IN, generator=g), torch.randn(col.shape[0], generator=g)
+
+    def no_timer(fns):
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops.measured_impl("cuda", False, x2, crow, col, val, D_OUT, timer=no_timer) == "cuda"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert ops.measured_impl("cuda", False, x2, crow, col, val, D_OUT, timer=no_timer) == "cuda"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert ops.impl_decisions() == []
+
+
+@pytest.mark.gpu
+def test_sparse_linear_measures_cuda_against_triton_gpu(monkeypatch):
+    """On a GPU with the native ops built, an unforced call times both implementations once, keeps
+    the faster, and computes the reference's result either way."""
+    if not ops._native_ops_loaded() or not _ext.native_has_cuda():
+        pytest.skip("native CUDA ops not built")
+    monkeypatch.setattr(ops, "_IMPL_CHOICE", {})
+    monkeypatch.setattr(ops, "_IMPL_TIMES", {})
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(16)
+    d_in, d_out = 1031, 2051
+    crow, col = random_mask(d_out, d_in, 0.01, g)
+    x = torch.randn(1000, d_in, generator=g)
+    W = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+    val = torch.randn(col.shape[0], generator=g)
+    dy = torch.randn(1000, d_out, generator=g)
+
+    def run(fn, dt, d):
+        xx, vv = leaf(x.to(d), dt), leaf(val.to(d), dt)
+        y = fn(xx, W.to(d, dt), crow.to(d), col.to(d), vv)
+        return [y, *grads(y, [xx, vv], dy.to(d, dt))]
+
+    got = run(lambda *a: ops.sparse_linear(*a), torch.bfloat16, dev)
+    (d,) = ops.impl_decisions()
+    assert d["choice"] in ("cuda", "triton") and d["cuda_ms"] > 0 and d["triton_ms"] > 0
+    same, exact = run(sparse, torch.bfloat16, "cpu"), run(sparse, torch.float64, "cpu")
+    for name, k, s_, e in zip(("y", "dx", "dval"), got, same, exact):
+        assert_close_to_reference(f"measured/{name}", k.cpu(), s_, e)
