@@ -43,9 +43,9 @@ __global__ void spmm_kernel(
     const index_t* __restrict__ crow,   // (N + 1,)
     const index_t* __restrict__ col,    // (nnz,)
     const float* __restrict__ val,      // (nnz,)
-    scalar_t* __restrict__ y,           // (T, N) output (kAccumulate: added into, in place)
+    scalar_t* __restrict__ y,           // (T, N) output (kAccumulate: added into, in place), row stride ldy
     // sizes
-    int64_t T, int64_t N) {
+    int64_t T, int64_t N, int64_t ldy) {
   // blockIdx.x walks row tiles fastest, so the blocks resident at one time share a token tile
   // and its gathered x^T columns (K x 32 tokens) stay in L2.
   __shared__ float tile[kTile][kTile + 1];  // [row][token]; +1 avoids bank conflicts on the transpose
@@ -70,8 +70,8 @@ __global__ void spmm_kernel(
     const int64_t rr = r0 + threadIdx.x;
     if (tt < T && rr < N) {
       float v = tile[threadIdx.x][j];
-      if (kAccumulate) v += static_cast<float>(y[tt * N + rr]);  // one rounding of the fp32 sum
-      y[tt * N + rr] = static_cast<scalar_t>(v);
+      if (kAccumulate) v += static_cast<float>(y[tt * ldy + rr]);  // one rounding of the fp32 sum
+      y[tt * ldy + rr] = static_cast<scalar_t>(v);
     }
   }
 }
@@ -124,7 +124,7 @@ void launch_spmm(at::Tensor& y, const at::Tensor& x, const at::Tensor& crow, con
     AT_DISPATCH_INDEX_TYPES(crowc.scalar_type(), "sparse_spmm_cuda_index", [&] {
       spmm_kernel<scalar_t, index_t, kAccumulate><<<grid, block, 0, stream>>>(
           xt.data_ptr<scalar_t>(), crowc.data_ptr<index_t>(), colc.data_ptr<index_t>(), valc.data_ptr<float>(),
-          y.data_ptr<scalar_t>(), T, N);
+          y.data_ptr<scalar_t>(), T, N, y.stride(0));
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -157,7 +157,9 @@ void sparse_spmm_add_cuda(at::Tensor& y, const at::Tensor& x, const at::Tensor& 
   PK_CHECK_SAME_DEVICE(x, y);
   TORCH_CHECK(y.size(0) == x.size(0), "y must be (T, N) with T = x.size(0)");
   TORCH_CHECK(y.scalar_type() == x.scalar_type(), "y and x must share one dtype");
-  TORCH_CHECK(y.is_contiguous(), "sparse_spmm_add_: y must be contiguous");
+  // rows may be padded (a compiled graph's output can have a row stride > N); elements must be dense
+  TORCH_CHECK(y.stride(1) == 1 || N == 1, "sparse_spmm_add_: y must have unit stride along its last dim");
+  TORCH_CHECK(y.stride(0) >= N || y.size(0) <= 1, "sparse_spmm_add_: y's rows must not overlap");
   const c10::cuda::CUDAGuard guard(x.device());
   if (x.size(0) == 0 || N == 0 || col.size(0) == 0) return;
   launch_spmm<true>(y, x, crow, col, val);
