@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_session.sh                  # on the device: OUT is set by the device tool
 #   OUT=/tmp/g STEPS="build tests" bash benchmarks/gpu_session.sh   # a subset, elsewhere
 #
-# Steps (in order; STEPS picks a subset): build tests bench train (tests_native runs with tests). Per-step
+# Steps (in order; STEPS picks a subset): build tests tests_native bench train, and e2e (whole-model
+# GPU tests; not in the default STEPS). Per-step
 # limits (seconds) are the LIMIT_<STEP> variables below; build overlaps tests, so the rest sum to
 # ~530 s (a build that outlasts the tests delays them), inside one 600 s command.
 # The device image has torch, triton, peft, transformers, safetensors, tqdm, matplotlib and
@@ -21,6 +22,7 @@ LIMIT_TESTS=${LIMIT_TESTS:-150}
 LIMIT_NATIVE=${LIMIT_NATIVE:-40}
 LIMIT_BENCH=${LIMIT_BENCH:-240}
 LIMIT_TRAIN=${LIMIT_TRAIN:-100}
+LIMIT_E2E=${LIMIT_E2E:-300}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # Hopper only: halves the nvcc time
@@ -57,7 +59,7 @@ esac
 
 # GPU tests first: a kernel that is wrong on the card makes every timing below meaningless.
 NATIVE_TESTS="tests/ops/test_sparse.py tests/modules/test_sparse.py"
-step tests "$LIMIT_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider tests -rfE --maxfail=10 --durations=10 \
+step tests "$LIMIT_TESTS" $PY -m pytest -q -m "gpu and not e2e" -p no:cacheprovider tests -rfE --maxfail=10 --durations=10 \
     $(for f in $NATIVE_TESTS; do echo --ignore=$f; done)
 [ -n "$BUILD_PID" ] && wait "$BUILD_PID"
 $PY -m peft_kernels info >"$OUT/info.txt" 2>&1
@@ -72,6 +74,10 @@ step bench "$LIMIT_BENCH" $PY -m peft_kernels bench --out "$OUT/bench" --no-prog
 
 # End to end: llama-1b (TinyLlama shape), seq 2048, batch 4, LoRA r16 on every linear.
 step train "$LIMIT_TRAIN" $PY -m peft_kernels train-speed --out "$OUT/train" --steps 6 --warmup 2 --no-progress
+
+# Whole models on the GPU, every family against the torch path (not in the default STEPS: many
+# kernel compiles; a second call: STEPS=e2e bash benchmarks/gpu_session.sh)
+step e2e "$LIMIT_E2E" $PY -m pytest -q -m "gpu and e2e" -p no:cacheprovider tests -rfE --durations=10
 
 # the device tool returns at most 8 files, 2 folders deep: one tarball holds everything
 tar -czf "$OUT/gpu_session.tar.gz" -C "$OUT" --exclude gpu_session.tar.gz . 2>/dev/null

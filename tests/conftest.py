@@ -16,6 +16,8 @@ HAS_CUDA = torch.cuda.is_available()
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running test")
+    config.addinivalue_line("markers", "e2e: whole-model GPU checks (many kernel compiles; gpu_session.sh runs "
+                                       "them as their own step)")
 
 
 def pytest_collection_modifyitems(config, items):

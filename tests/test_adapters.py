@@ -466,8 +466,9 @@ def test_sparse_mask_with_other_nnz_than_density_gives_is_rebuilt(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.e2e
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("method", list(FAMILY_OPTIONS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_family_on_gpu_matches_the_torch_path(method, dtype, monkeypatch, tmp_path):
     """A whole model on the GPU: the default dispatch (the fused kernels) gives the torch path's
     logits, loss and adapter gradients (same weights, dropout off), trains, and saves/loads exactly.
