@@ -45,4 +45,55 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     triton = _Triton()
     tl = _Lang()
 
-__all__ = ["triton", "tl", "HAS_TRITON"]
+# --------------------------------------------------------------------------------- precompile
+# Every new autotune key compiles each candidate config, one after another, inside the autotuner's
+# benchmark loop (~1-2 s each for the fused GEMM: ~100+ compiles in `peft-kernels bench`). Triton's
+# compiler releases the GIL (two threads compiled four sm_90 GEMM configs in half the time of one
+# thread on a 2-core machine), and ``triton.AsyncCompileMode`` lets a warm-up submit every config's
+# compile to a thread pool, so the autotuner then only times them. Opt in with
+# PEFT_KERNELS_PRECOMPILE=1 (default off until it has run on a GPU); best effort: any failure
+# leaves compiling to the autotuner.
+PRECOMPILE_ENV = "PEFT_KERNELS_PRECOMPILE"
+_PRECOMPILED: set = set()
+_POOL = None
+
+
+def _autotune_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """The key triton's Autotuner.run caches a launch's choice under (triton 3.6)."""
+    all_args = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    named = {k: v for k, v in all_args.items() if k in kernel.arg_names}
+    key = [named[k] for k in kernel.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def precompile_configs(kernel, args: tuple, kwargs: dict) -> bool:
+    """Before an autotuned ``kernel``'s first launch for a new key, compile every (pruned) config
+    in parallel threads; True when it did. Call it with the exact arguments of the launch, inside
+    the launch's device guard. No-op unless PEFT_KERNELS_PRECOMPILE=1, under the interpreter, and
+    for keys the autotuner has seen."""
+    import os
+
+    global _POOL
+    if not HAS_TRITON or os.environ.get(PRECOMPILE_ENV, "0") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        if len(kernel.configs) < 2:
+            return False
+        key = _autotune_key(kernel, args, kwargs)
+        if key in kernel.cache or (id(kernel), key) in _PRECOMPILED:
+            return False
+        _PRECOMPILED.add((id(kernel), key))
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="pk-compile")
+        # ignore_errors: a config that fails to compile is the autotuner's to skip, as without this
+        with triton.AsyncCompileMode(_POOL, ignore_errors=True):
+            kernel.warmup(*args, grid=(1,), **kwargs)
+        return True
+    except Exception:  # noqa: BLE001 - an optimisation only: the autotuner compiles what is missing
+        return False
+
+
+__all__ = ["triton", "tl", "HAS_TRITON", "precompile_configs", "PRECOMPILE_ENV"]

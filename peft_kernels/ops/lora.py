@@ -91,7 +91,7 @@ from ..reference.lora import check_lora_args, lora as lora_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, precompile_configs, tl, triton
 
 BASE_ENV = "PEFT_KERNELS_BASE"
 # who runs the frozen product; tma: the Triton GEMM with TMA tile loads (Hopper+, aligned operands,
@@ -553,6 +553,13 @@ class _DeviceGuard:
             self.ctx.__exit__(*exc)
 
 
+def _tuned_launch(kernel, grid, args: tuple, kwargs: dict) -> None:
+    """An autotuned kernel's launch, its configs compiled in parallel first on a new key
+    (``_triton.precompile_configs``, opt-in)."""
+    precompile_configs(kernel, args, kwargs)
+    kernel[grid](*args, **kwargs)
+
+
 def _launch_rows(inp, w, xa, out, dw, dropout_p, seed, out_scale):
     """``_lora_rows_kernel``: ``out = out_scale * (mask * inp) @ w`` (fp32, ``w`` ``(N, r)`` read
     through its strides) and, when ``dw`` is given, ``dw += (mask * inp)^T @ xa`` (atomics)."""
@@ -566,14 +573,15 @@ def _launch_rows(inp, w, xa, out, dw, dropout_p, seed, out_scale):
     xa_args = (xa, xa.stride(0), xa.stride(1)) if has_dw else (out, 0, 0)  # never read without dw
     dw_args = (dw, dw.stride(0), dw.stride(1)) if has_dw else (out, 0, 0)
     with _DeviceGuard(inp.device):
-        _lora_rows_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-            inp, w, xa_args[0], out, dw_args[0],
-            M, N, r, _m_bucket(M),
-            inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), xa_args[1], xa_args[2],
-            out.stride(0), out.stride(1), dw_args[1], dw_args[2],
-            seed, thr, out_scale,
-            HAS_DW=has_dw, HAS_DROPOUT=has_drop, SCALE_OUT=out_scale != 1.0, R_PAD=r_pad,
-            DOT_PRECISION=_dot_precision(inp.dtype),
+        _tuned_launch(
+            _lora_rows_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
+            (inp, w, xa_args[0], out, dw_args[0],
+             M, N, r, _m_bucket(M),
+             inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), xa_args[1], xa_args[2],
+             out.stride(0), out.stride(1), dw_args[1], dw_args[2],
+             seed, thr, out_scale),
+            dict(HAS_DW=has_dw, HAS_DROPOUT=has_drop, SCALE_OUT=out_scale != 1.0, R_PAD=r_pad,
+                 DOT_PRECISION=_dot_precision(inp.dtype)),
         )
 
 
@@ -615,15 +623,16 @@ def _launch_gemm(x, w, c, left, right, bias, scale, dropout_p, seed, out):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     with _DeviceGuard(left.device):
-        _lora_gemm_kernel[grid](
-            x if has_gemm else dummy, w if has_gemm else dummy, c if c is not None else dummy,
-            left, right, bias if bias is not None else dummy, out,
-            M, N, K, R, _m_bucket(M),
-            *xs, *ws, *cs,
-            left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
-            scale, seed, thr,
-            HAS_GEMM=has_gemm, HAS_C=c is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_drop,
-            R_BLOCK=_r_block(R), DOT_PRECISION=_dot_precision(right.dtype),
+        _tuned_launch(
+            _lora_gemm_kernel, grid,
+            (x if has_gemm else dummy, w if has_gemm else dummy, c if c is not None else dummy,
+             left, right, bias if bias is not None else dummy, out,
+             M, N, K, R, _m_bucket(M),
+             *xs, *ws, *cs,
+             left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
+             scale, seed, thr),
+            dict(HAS_GEMM=has_gemm, HAS_C=c is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_drop,
+                 R_BLOCK=_r_block(R), DOT_PRECISION=_dot_precision(right.dtype)),
         )
     return out
 
@@ -889,13 +898,14 @@ def _launch_da(g, x, total_scale, dropout_p, seed, deterministic_sum):
         out = torch.zeros((r, K), device=x.device, dtype=torch.float32)
         strides = (0, *out.stride())
     with _DeviceGuard(x.device):
-        _lora_bwd_da_kernel[(k_blocks, splits)](
-            g, x, out,
-            M, K, r, rows_per_split, _m_bucket(M),
-            g.stride(0), g.stride(1), x.stride(0), x.stride(1), *strides,
-            total_scale, seed, thr,
-            DETERMINISTIC=deterministic_sum, HAS_DROPOUT=has_drop, R_PAD=r_pad,
-            DOT_PRECISION=_dot_precision(x.dtype), BLOCK_K=block_k,
+        _tuned_launch(
+            _lora_bwd_da_kernel, (k_blocks, splits),
+            (g, x, out,
+             M, K, r, rows_per_split, _m_bucket(M),
+             g.stride(0), g.stride(1), x.stride(0), x.stride(1), *strides,
+             total_scale, seed, thr),
+            dict(DETERMINISTIC=deterministic_sum, HAS_DROPOUT=has_drop, R_PAD=r_pad,
+                 DOT_PRECISION=_dot_precision(x.dtype), BLOCK_K=block_k),
         )
     return out.sum(0) if deterministic_sum else out
 
