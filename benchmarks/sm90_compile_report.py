@@ -14,7 +14,7 @@ metadata gives the shared memory. Nothing here runs a kernel, so nothing here me
 
 Coverage is checked, not assumed: every ``@triton.jit`` function defined in the ops modules is found
 by walking the modules (autotune wrappers unwrapped). A function launched somewhere (``name[grid]``
-in its module's source) must have an entry in ``CASES``; every other one must be called (through
+in its module's source, or ``name`` handed first to a launcher helper) must have an entry in ``CASES``; every other one must be called (through
 the AST call graph) by a kernel that has one. Anything else, or a stale ``CASES`` key, is an error.
 
 Signatures come from the kernels themselves: ``fn.params`` gives the names and which are
@@ -426,7 +426,9 @@ def discover() -> dict[str, tuple[object, JITFunction, bool]]:
             jit = _unwrap(obj)
             if jit is None or jit.fn.__module__ != mod.__name__:
                 continue
-            launched = re.search(rf"\b{re.escape(name)}\[", src) is not None
+            # launched as name[grid](...), or handed to a launcher as its first argument (lora's
+            # _tuned_launch(kernel, grid, ...), monarch's _launch_pair(kernel, ...))
+            launched = re.search(rf"\b{re.escape(name)}\[|\(\s*{re.escape(name)}\s*,", src) is not None
             found[f"{_short(mod)}.{name}"] = (obj, jit, launched)
     return found
 

@@ -45,6 +45,22 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     triton = _Triton()
     tl = _Lang()
 
+# --------------------------------------------------------------------------------- autotune timer
+# triton's autotuner times each config with do_bench's defaults (25 ms warm-up + 100 ms of reps,
+# L2 flushed between reps) on every new key: with ~8 configs and dozens of keys per benchmark run
+# that is minutes. 10 + 40 ms still gives >= 100 reps of a 0.35 ms GEMM (the (4096,4096) forward)
+# and thousands of a small kernel's, enough to rank configs that differ by a few percent.
+TUNE_WARMUP_MS = 10
+TUNE_REP_MS = 40
+
+
+def tuning_bench(kernel_call, quantiles):
+    """The ``do_bench`` of every autotuned kernel here (shorter than triton's default)."""
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+
+
 # --------------------------------------------------------------------------------- precompile
 # Every new autotune key compiles each candidate config, one after another, inside the autotuner's
 # benchmark loop (~1-2 s each for the fused GEMM: ~100+ compiles in `peft-kernels bench`). Triton's
@@ -96,4 +112,4 @@ def precompile_configs(kernel, args: tuple, kwargs: dict) -> bool:
         return False
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "precompile_configs", "PRECOMPILE_ENV"]
+__all__ = ["triton", "tl", "HAS_TRITON", "precompile_configs", "PRECOMPILE_ENV", "tuning_bench"]

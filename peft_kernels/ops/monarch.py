@@ -83,7 +83,7 @@ from ..reference.monarch import monarch as monarch_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, tl, triton, tuning_bench
 
 # ------------------------------------------------------------------------------------------------
 # constants
@@ -202,7 +202,7 @@ def _keep_scale(x, rows, col0, ncols, seed, threshold, scale, BLOCK_COLS: tl.con
 
 # restore_value: the kernel adds into Y in place, so the autotuner's benchmark runs must not
 # leave their sums behind (only the final launch's add may remain)
-@triton.autotune(configs=_fwd_configs(), key=["n", "m", "R", "HAS_DROPOUT"], restore_value=["Y"])
+@triton.autotune(configs=_fwd_configs(), key=["n", "m", "R", "HAS_DROPOUT"], restore_value=["Y"], do_bench=tuning_bench)
 @triton.jit
 def _monarch_fwd_kernel(
     # pointers
@@ -267,7 +267,7 @@ def _monarch_fwd_kernel(
 
 
 # plain stores only (DY1P, P2: one writer per entry), so the benchmark runs need no restore
-@triton.autotune(configs=_bwd_dy1_configs(), key=["n", "m", "R", "HAS_DROPOUT"])
+@triton.autotune(configs=_bwd_dy1_configs(), key=["n", "m", "R", "HAS_DROPOUT"], do_bench=tuning_bench)
 @triton.jit
 def _monarch_bwd_dy1_kernel(
     # pointers
@@ -323,7 +323,7 @@ def _monarch_bwd_dy1_kernel(
 
 
 # restore_value: DX is read-modify-written (P1 is plain stores)
-@triton.autotune(configs=_bwd_dx_configs(), key=["n", "m", "R", "NEED_DX"], restore_value=["DX"])
+@triton.autotune(configs=_bwd_dx_configs(), key=["n", "m", "R", "NEED_DX"], restore_value=["DX"], do_bench=tuning_bench)
 @triton.jit
 def _monarch_bwd_dx_kernel(
     # pointers

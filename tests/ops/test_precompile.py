@@ -82,3 +82,17 @@ def test_precompile_failure_is_silent(monkeypatch):
 
     k.warmup = boom
     assert not T.precompile_configs(k, (torch.zeros(1), 64), dict(FLAG=False))
+
+
+def test_every_autotuned_kernel_uses_the_short_timer():
+    """Each autotuned kernel of the ops modules times its configs with ``tuning_bench``."""
+    from triton.runtime.autotuner import Autotuner
+
+    from peft_kernels.ops import lily, lora, monarch, sparse
+
+    tuned = [(m.__name__, n, k) for m in (lora, monarch, lily, sparse) for n, k in vars(m).items()
+             if isinstance(k, Autotuner)]
+    assert {n for _, n, _ in tuned} >= {"_lora_gemm_kernel", "_lora_gemm_tma_kernel", "_lora_rows_kernel",
+                                        "_lora_bwd_da_kernel", "_monarch_fwd_kernel"}
+    for mod, name, k in tuned:
+        assert k._do_bench is T.tuning_bench, f"{mod}.{name}"
