@@ -104,9 +104,20 @@ def precompile_configs(kernel, args: tuple, kwargs: dict) -> bool:
             from concurrent.futures import ThreadPoolExecutor
 
             _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="pk-compile")
+        named = dict(zip(kernel.arg_names, args))
+        kernel.nargs = named  # what Autotuner.warmup sets for its pruning
+        try:
+            configs = kernel.prune_configs(kwargs)
+        finally:
+            kernel.nargs = None
         # ignore_errors: a config that fails to compile is the autotuner's to skip, as without this
         with triton.AsyncCompileMode(_POOL, ignore_errors=True):
-            kernel.warmup(*args, grid=(1,), **kwargs)
+            for cfg in configs:
+                if cfg.pre_hook is not None:
+                    # e.g. the TMA GEMM's descriptor block shapes: the specialisation (and so the
+                    # compile key) is taken from the arguments right here, before the next config
+                    cfg.pre_hook({**named, **kwargs, **cfg.all_kwargs()})
+                kernel.fn.warmup(*args, grid=(1,), **kwargs, **cfg.all_kwargs())
         return True
     except Exception:  # noqa: BLE001 - an optimisation only: the autotuner compiles what is missing
         return False

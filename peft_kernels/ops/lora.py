@@ -700,14 +700,15 @@ def _launch_gemm_tma(x, w, c, left, right, bias, scale, dropout_p, seed, out):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     with _DeviceGuard(left.device):
-        _lora_gemm_tma_kernel[grid](
-            x_desc, w_desc,
-            c if c is not None else dummy, left, right, bias if bias is not None else dummy, out,
-            M, N, K, R, _m_bucket(M), x.element_size(),
-            *cs, left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
-            scale, seed, thr,
-            W_NK=w_nk, HAS_C=c is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_drop,
-            R_BLOCK=_r_block(R), DOT_PRECISION=_dot_precision(right.dtype),
+        _tuned_launch(
+            _lora_gemm_tma_kernel, grid,
+            (x_desc, w_desc,
+             c if c is not None else dummy, left, right, bias if bias is not None else dummy, out,
+             M, N, K, R, _m_bucket(M), x.element_size(),
+             *cs, left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1),
+             scale, seed, thr),
+            dict(W_NK=w_nk, HAS_C=c is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=has_drop,
+                 R_BLOCK=_r_block(R), DOT_PRECISION=_dot_precision(right.dtype)),
         )
     return out
 

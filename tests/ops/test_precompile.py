@@ -39,18 +39,36 @@ def test_key_is_the_autotuners(monkeypatch):
 
 
 class _FakeTuned:
+    """An Autotuner stand-in: configs, cache, key names, pruning, and a JIT function whose warm-up
+    records its arguments, whether it ran inside AsyncCompileMode, and the hook's last value."""
     arg_names = ["x_ptr", "N", "FLAG"]
     keys = ["N", "FLAG"]
 
     def __init__(self, n_configs=2):
-        self.configs = [object()] * n_configs
+        self.hooked = None
+
+        def hook(nargs):
+            self.hooked = nargs["BLOCK"]
+
+        self.configs = [triton.Config({"BLOCK": 16 * (i + 1)}, pre_hook=hook if i == 1 else None)
+                        for i in range(n_configs)]
         self.cache = {}
         self.warmups = []
+        self.nargs = None
+        outer = self
 
-    def warmup(self, *args, grid, **kwargs):
-        from triton.runtime import _async_compile
+        class _Fn:
+            def warmup(self, *args, grid, **kwargs):
+                from triton.runtime import _async_compile
 
-        self.warmups.append((args, kwargs, _async_compile.active_mode.get() is not None))
+                outer.warmups.append((args, kwargs["BLOCK"], kwargs["FLAG"], _async_compile.active_mode.get() is not None,
+                                      outer.hooked))
+
+        self.fn = _Fn()
+
+    def prune_configs(self, kwargs):
+        assert self.nargs is not None  # set, as Autotuner.warmup sets it
+        return self.configs
 
 
 def test_precompile_once_per_new_key_and_only_when_opted_in(monkeypatch):
@@ -62,7 +80,9 @@ def test_precompile_once_per_new_key_and_only_when_opted_in(monkeypatch):
     assert not T.precompile_configs(k, (x, 64), dict(FLAG=True)) and k.warmups == []  # default off
     monkeypatch.setenv(T.PRECOMPILE_ENV, "1")
     assert T.precompile_configs(k, (x, 64), dict(FLAG=True))
-    assert k.warmups == [((x, 64), dict(FLAG=True), True)]  # inside AsyncCompileMode
+    # every config, inside AsyncCompileMode, each after its own pre_hook (none for the first)
+    assert k.warmups == [((x, 64), 16, True, True, None), ((x, 64), 32, True, True, 32)]
+    assert k.nargs is None
     assert not T.precompile_configs(k, (x, 64), dict(FLAG=True))  # once per key
     k.cache[T._autotune_key(k, (x, 128), dict(FLAG=True))] = "tuned"
     assert not T.precompile_configs(k, (x, 128), dict(FLAG=True))  # the autotuner already knows it
@@ -80,7 +100,7 @@ def test_precompile_failure_is_silent(monkeypatch):
     def boom(*a, **kw):
         raise RuntimeError("compile failed")
 
-    k.warmup = boom
+    k.fn.warmup = boom
     assert not T.precompile_configs(k, (torch.zeros(1), 64), dict(FLAG=False))
 
 
@@ -96,3 +116,59 @@ def test_every_autotuned_kernel_uses_the_short_timer():
                                         "_lora_bwd_da_kernel", "_monarch_fwd_kernel"}
     for mod, name, k in tuned:
         assert k._do_bench is T.tuning_bench, f"{mod}.{name}"
+
+
+# Runs in a subprocess without TRITON_INTERPRET (compiled kernels) and with triton's active driver
+# replaced by one that reports an sm_90 target, so JITFunction.warmup specialises and compiles
+# (the NVIDIA backend's own ptxas) on a machine without a GPU; nothing is launched.
+_REAL_WARMUP = r'''
+import json, os, sys, torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+class Sm90:
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+
+driver.set_active(Sm90())
+from peft_kernels.ops import _triton as T, lora as L
+M, N, K, R = 8192, 4096, 4096, 16
+x = torch.empty(M, K, dtype=torch.bfloat16)
+w = torch.empty(N, K, dtype=torch.bfloat16).t()
+left, right = torch.empty(M, R), torch.empty(R, N, dtype=torch.bfloat16)
+out = torch.empty(M, N, dtype=torch.bfloat16)
+tail = (left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1), 0.5, 0, 0)
+kw = dict(HAS_C=False, HAS_BIAS=False, HAS_DROPOUT=False, R_BLOCK=16, DOT_PRECISION="tf32")
+gemm = (x, w, left, left, right, left, out, M, N, K, R, L._m_bucket(M), x.stride(0), x.stride(1), w.stride(0),
+        w.stride(1), 0, 0) + tail
+xd, wd = TensorDescriptor.from_tensor(x, [16, 16]), TensorDescriptor.from_tensor(w.t(), [16, 16])
+tma = (xd, wd, left, left, right, left, out, M, N, K, R, L._m_bucket(M), 2, 0, 0) + tail
+res = {}
+for name, k, a, extra in (("gemm", L._lora_gemm_kernel, gemm, dict(HAS_GEMM=True)),
+                          ("tma", L._lora_gemm_tma_kernel, tma, dict(W_NK=True))):
+    ok = T.precompile_configs(k, a, {**kw, **extra})
+    res[name] = [ok, len(k.fn.device_caches[0][0]), len(k.configs)]
+print(json.dumps(res))
+'''
+
+
+def test_real_warmup_compiles_every_config_for_sm90(tmp_path):
+    """The real path (AsyncCompileMode, JITFunction.warmup, the TMA pre_hook per config) leaves one
+    compiled kernel per autotune config in the JIT cache, where the autotuner's runs will find them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""), TRITON_CACHE_DIR=str(tmp_path),
+               **{T.PRECOMPILE_ENV: "1"})
+    proc = subprocess.run([sys.executable, "-c", _REAL_WARMUP], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, (ok, compiled, configs) in res.items():
+        assert ok and compiled == configs and configs >= 2, (name, res)
