@@ -200,9 +200,16 @@ def _launch_spmm(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torc
         )
 
 
+def _check_raw(**tensors) -> None:
+    """The raw Triton ops (reachable through ``torch.ops`` without the public wrappers' checks): one
+    device for every operand, before a kernel reads a host pointer as a device one."""
+    check_same_device(**tensors)
+
+
 @torch.library.custom_op("peft_kernels::sparse_spmm_triton", mutates_args=())
 def _spmm_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
                  out_features: int) -> torch.Tensor:
+    _check_raw(x=x, crow=crow, col=col, val=val)
     y = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
     _launch_spmm(y, x, crow, col, val, accumulate=False)
     return y
@@ -225,6 +232,7 @@ def _spmm_add_triton(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: 
         raise ValueError(f"y and x must share one dtype, got {y.dtype} and {x.dtype}")
     if y.stride(1) != 1:
         raise ValueError(f"y must have a unit column stride, got strides {tuple(y.stride())}")
+    _check_raw(y=y, x=x, crow=crow, col=col, val=val)
     _launch_spmm(y, x, crow, col, val, accumulate=True)
 
 
@@ -235,6 +243,7 @@ def _(y, x, crow, col, val):
 
 @torch.library.custom_op("peft_kernels::sparse_sddmm_triton", mutates_args=())
 def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    _check_raw(dy=dy, x=x, crow=crow, col=col)
     nnz = col.shape[0]
     T = x.shape[0]
     out = torch.zeros(nnz, dtype=torch.float32, device=x.device)

@@ -556,3 +556,21 @@ def test_sparse_linear_measures_cuda_against_triton_gpu(monkeypatch):
     same, exact = run(sparse, torch.bfloat16, "cpu"), run(sparse, torch.float64, "cpu")
     for name, k, s_, e in zip(("y", "dx", "dval"), got, same, exact):
         assert_close_to_reference(f"measured/{name}", k.cpu(), s_, e)
+
+
+def test_raw_triton_ops_check_devices(interpret, monkeypatch):
+    """Called through ``torch.ops`` directly (no public wrapper), the Triton ops check that every
+    operand is on one device (a CPU index array handed to a GPU kernel would be read as a device
+    pointer): each op passes all its tensors to the check, which refuses mixed devices."""
+    with pytest.raises(ValueError, match="same device"):
+        ops._check_raw(x=torch.zeros(1), crow=torch.zeros(1, device="meta"))
+    seen = []
+    monkeypatch.setattr(ops, "_check_raw", lambda **t: seen.append(sorted(t)))
+    g = torch.Generator().manual_seed(17)
+    crow, col = random_mask(D_OUT, D_IN, 0.1, g)
+    x, val = torch.randn(3, D_IN, generator=g), torch.randn(col.shape[0], generator=g)
+    x, crow, col, val = (t.to(interpret) for t in (x, crow, col, val))
+    torch.ops.peft_kernels.sparse_spmm_triton(x, crow, col, val, D_OUT)
+    torch.ops.peft_kernels.sparse_sddmm_triton(torch.randn(3, D_OUT, device=x.device), x, crow, col)
+    torch.ops.peft_kernels.sparse_spmm_add_triton(torch.zeros(3, D_OUT, device=x.device), x, crow, col, val)
+    assert seen == [["col", "crow", "val", "x"], ["col", "crow", "dy", "x"], ["col", "crow", "val", "x", "y"]]
