@@ -114,6 +114,17 @@ def _cfg(c) -> tuple[dict, int, int]:
 # =============================================================================================
 
 
+def _every_config(case, cfgs, fwd, dx):
+    """A GEMM kernel's cases over its autotune configs: the quick case first (bf16 dX, first config),
+    then bf16 and fp32 forward and dX on every config."""
+    yield case("bf16", dx, cfgs[0])
+    for dt in ("bf16", "fp32"):
+        for mode in (fwd, dx):
+            for i, c in enumerate(cfgs):
+                if (dt, mode, i) != ("bf16", dx, 0):
+                    yield case(dt, mode, c)
+
+
 def _lora_gemm():
     cfgs = _at_configs(lora._lora_gemm_kernel)
     # (HAS_GEMM, HAS_C, HAS_BIAS, HAS_DROPOUT, R, unit strides, which launch); `left` (xa or g) is fp32.
@@ -136,12 +147,7 @@ def _lora_gemm():
                   DOT_PRECISION=lora._dot_precision(DTYPES[dt]), **kw)
         return Case(dt, cx, w, s, fp32=("left_ptr",), unit=unit, note=note)
 
-    yield case("bf16", dx, cfgs[0])
-    for dt in ("bf16", "fp32"):
-        for mode in (fwd, dx):
-            for i, c in enumerate(cfgs):
-                if (dt, mode, i) != ("bf16", dx, 0):
-                    yield case(dt, mode, c)
+    yield from _every_config(case, cfgs, fwd, dx)
     add_cfg = lora._add_only_config()  # the add-only mode's one fixed tile (never autotuned)
     add_cfg = triton.Config({k: v for k, v in add_cfg.items() if k.isupper()}, num_warps=add_cfg["num_warps"],
                             num_stages=add_cfg["num_stages"])
@@ -171,12 +177,7 @@ def _lora_gemm_tma():
                   DOT_PRECISION="tf32" if dt == "fp32" else lora._dot_precision(DTYPES[dt]), **kw)
         return Case(dt, cx, w, s, fp32=("left_ptr",), unit=unit, note=note, pre_hook=c.pre_hook)
 
-    yield case("bf16", dx, cfgs[0])
-    for dt in ("bf16", "fp32"):
-        for mode in (fwd, dx):
-            for i, c in enumerate(cfgs):
-                if (dt, mode, i) != ("bf16", dx, 0):
-                    yield case(dt, mode, c)
+    yield from _every_config(case, cfgs, fwd, dx)
     for mode in (wide, out_drop):
         yield case("bf16", mode, cfgs[0])
     yield case("fp16", fwd, cfgs[0])

@@ -103,6 +103,20 @@ def forced_impl(family: str) -> Optional[str]:
     return forced
 
 
+def is_forced(family: str, impl: Optional[str]) -> bool:
+    """Whether the call's implementation was forced (``impl=`` or ``PEFT_KERNELS_IMPL``), so that a
+    family must neither fall back nor second-guess it by measurement."""
+    return impl is not None or forced_impl(family) is not None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's kernels run in: the autocast dtype where autocast is on for ``x``'s
+    device (as F.linear would), else ``x``'s."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def choose(family: str, device: torch.device, dtype: torch.dtype, impl: Optional[str] = None) -> str:
     """Pick the implementation for one call. ``impl`` (or the env override) forces one."""
     if family not in _REGISTRY:

@@ -63,6 +63,19 @@ def randomize_adapters(adapted: AdaptedModel, seed: int = 3, std: float = 0.2) -
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def train_steps(adapted: AdaptedModel, ids: torch.Tensor, steps: int) -> list:
+    """``steps`` AdamW steps (lr 1e-2) of the LM loss on one fixed batch; the losses."""
+    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = adapted(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def model_snapshot(model: nn.Module) -> dict:
     """Everything a failed load must not change: structure, values and trainability."""
     return {
@@ -139,14 +152,7 @@ def test_family_trains_merges_saves_and_loads(method, tmp_path):
     adapted = adapt(model, method, target_modules=["q_proj", "v_proj", "down_proj"], **FAMILY_OPTIONS[method])
     ids = batch()
     adapted.train()
-    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = adapted(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(adapted, ids, 6)
     assert losses[-1] < losses[0] - 1e-3, f"{method}: loss did not decrease: {losses}"
     # frozen weights got no gradient
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
@@ -503,14 +509,7 @@ def test_family_on_gpu_matches_the_torch_path(method, dtype, monkeypatch, tmp_pa
         scale = max(gt.abs().max().item(), 1e-6)
         torch.testing.assert_close(g / scale, gt / scale, **tol)
 
-    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = adapted(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(adapted, ids, 4)
     assert losses[-1] < losses[0], f"{method}: loss did not decrease: {losses}"
     adapted.eval()
     ref = adapted(input_ids=ids).logits.detach()

@@ -110,20 +110,26 @@ def test_train_speed_tiny(tmp_path, capsys):
         assert data["meta"][k], k
 
 
+def _interrupt_at_call(monkeypatch, module, name: str, n: int) -> None:
+    """Replace ``module.name`` by a wrapper that raises KeyboardInterrupt (a time limit's SIGINT) on
+    its ``n``-th call and otherwise calls the original."""
+    real, calls = getattr(module, name), []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
 def test_train_speed_interrupted_keeps_finished_rows(tmp_path, capsys, monkeypatch):
     """A SIGINT during the third model (HF PEFT) keeps the floor and peft_kernels rows, with their
     ratio to the floor, in the printout and the files; the exit code says it was cut short."""
     from peft_kernels.bench import train_speed
 
-    real, calls = train_speed._time_steps, []
-
-    def timed(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_speed, "_time_steps", timed)
+    _interrupt_at_call(monkeypatch, train_speed, "_time_steps", 3)
     rc = main(["train-speed", "--model", "tiny", "--family", "lora", "--seq", "16", "--batch", "1",
                "--steps", "1", "--warmup", "0", "--out", str(tmp_path), "--no-progress"])
     assert rc == 130
@@ -336,16 +342,7 @@ def test_bench_interrupted_keeps_what_was_measured(tmp_path, capsys, monkeypatch
     jobs = layer._jobs(["lora", "sparse"], [(24, 16), (16, 24)], False, torch.device("cpu"))
     assert [(f, s) for f, s, c, v in jobs if v is None] == [("lora", (24, 16)), ("sparse", (24, 16)),
                                                             ("lora", (16, 24)), ("sparse", (16, 24))]
-    calls = []
-    real = layer.measure
-
-    def measure(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(layer, "measure", measure)
+    _interrupt_at_call(monkeypatch, layer, "measure", 3)
     out = tmp_path / "bi"
     rc = main(["bench", "--family", "lora,sparse", "--shapes", "24x16,16x24", "--tokens", "7", "--reps", "1",
                "--out", str(out), "--no-progress", "--no-plots"])

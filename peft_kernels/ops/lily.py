@@ -774,12 +774,10 @@ def lily_linear(
     check_lily_args(x, weight, lp, router, hp, bias, routing, router_input)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = dispatch.compute_dtype(x)
     chosen = dispatch.choose("lily", x.device, dtype, impl)
     params = {"weight": weight, "lp": lp, "router": router, "hp": hp, "bias": bias}
-    forced = impl is not None or dispatch.forced_impl("lily") is not None
+    forced = dispatch.is_forced("lily", impl)
     if chosen == "triton" and lp.shape[0] > MAX_R:
         if forced:
             raise ValueError(f"lp has rank {lp.shape[0]}; the Lily kernels take r <= {MAX_R}")

@@ -207,6 +207,18 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: GROUP_M row tiles per column sweep, so
+    consecutive programs reuse the same W0 tiles from L2 (both GEMM kernels)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % group) % group_size, (pid % group) // group_size
+
+
+@triton.jit
 def _lora_epilogue(
     # the GEMM's fp32 accumulator (BLOCK_M, BLOCK_N) and where its tile sits
     acc, offs_m, offs_n, n0,
@@ -287,15 +299,7 @@ def _lora_gemm_kernel(
     """One kernel for three jobs: the forward (x @ W0^T + s xa B^T + b), the dX backward
     (dY @ W0 + mask * s * keep_scale * g A) and, with HAS_GEMM=False / HAS_C=True, the add-only LoRA pass
     of the cuBLAS-base path. Output written once, in the output dtype."""
-    # grouped tile order so consecutive programs reuse the same W0 columns from L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -352,15 +356,7 @@ def _lora_gemm_tma_kernel(
     out-of-range rows/columns/K arrive as zeros, and the loads are asynchronous copies that Triton
     pipelines over ``num_stages`` buffers. Tiles: x [BLOCK_M, BLOCK_K]; W0 [BLOCK_N, BLOCK_K] (W_NK, fed
     to the dot transposed) or [BLOCK_K, BLOCK_N]. Same epilogue (``_lora_epilogue``)."""
-    # grouped tile order (as _lora_gemm_kernel) so consecutive programs reuse W0 tiles from L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_size
-    pid_n = (pid % group) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
@@ -1043,12 +1039,10 @@ def lora_linear(
     dropout_p = float(dropout_p)
     scaling = float(scaling)
     d_out, d_in = weight.shape
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = dispatch.compute_dtype(x)
     chosen = dispatch.choose("lora", x.device, dtype, impl)
     if chosen == "triton" and lora_A.shape[0] > MAX_RANK:
-        if impl is not None or dispatch.forced_impl("lora") is not None:
+        if dispatch.is_forced("lora", impl):
             raise ValueError(f"lora_A has rank {lora_A.shape[0]}; the fused kernels take r <= {MAX_RANK}")
         chosen = "torch"  # picked by default only: fall back rather than fail
     mode = base_mode(base)  # a bad choice fails whichever path runs

@@ -48,8 +48,8 @@ finishes the reduction. The partial buffers hold ``cdiv(T, 64) * R * (p + s)`` f
 
 Two paths. (1) ``N * blk_r <= FUSED_GEMM_MAX_R`` (the MoRe defaults and every configuration the
 issue benchmarks): the factors are expanded to the dense, permutation-folded ``B1 (R, n)`` and
-``B2 (m, R)`` (``dense_factors``: one broadcast product each, ``R * (n + m)`` elements, tiny next
-to a ``T x d`` activation) and the layer runs on the LoRA family's kernels (``ops.lora``,
+``B2 (m, R)`` (``_monarch_expand_kernel``, one launch, equal to the torch form ``dense_factors``;
+``R * (n + m)`` elements, tiny next to a ``T x d`` activation) and the layer runs on the LoRA family's kernels (``ops.lora``,
 ``LoRAFunction(..., output_dropout=True)``): a down-projection pass over x gives ``Y1flat``
 ``(T, R)`` fp32, and the frozen GEMM carries ``D(Y1flat @ B2^T)`` in its epilogue, so the output is
 written once (or, where cuBLAS wins the base product, ``base=auto`` measures and picks it, the
@@ -786,9 +786,7 @@ def monarch_linear(
 
         base_mode(base)  # a bad choice fails here, whichever path runs
     dropout_p = float(dropout_p)
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = dispatch.compute_dtype(x)
     which = dispatch.choose("monarch", x.device, dtype, impl)
     if which == "torch":
         return monarch_reference(x, weight, W1, W2, bias, dropout_p, seed)

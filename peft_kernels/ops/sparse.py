@@ -577,10 +577,6 @@ def _kernel_csr(crow, col, d_in: int, csr_t):
     return crow, col, crow_t, row_t, perm
 
 
-def _forced(impl: Optional[str]) -> bool:
-    return impl is not None or dispatch.forced_impl("sparse") is not None
-
-
 def _adapter(x2, crow, col, val, out_features, which, csr_t):
     d_in = x2.shape[1]
     if csr_t is not None:
@@ -602,7 +598,7 @@ def sparse_adapter(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: 
     _check_adapter_args(x, crow, col, val, out_features)
     which = dispatch.choose("sparse", x.device, x.dtype, impl)
     x2 = flatten_tokens(x)
-    which = measured_impl(which, _forced(impl), x2, crow, col, val, out_features)
+    which = measured_impl(which, dispatch.is_forced("sparse", impl), x2, crow, col, val, out_features)
     y = _adapter(x2, crow, col, val, out_features, which, csr_t)
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -618,9 +614,7 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col
     check_same_device(x=x, weight=weight, crow=crow, col=col, val=val, bias=bias)
     if csr_t is not None:
         _check_csr_t(csr_t, col.shape[0], d_in, x.device)
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = dispatch.compute_dtype(x)
     which = dispatch.choose("sparse", x.device, dtype, impl)
     if which == "torch":
         return _reference_sparse(x, weight, crow, col, val, bias, check_values=False)
@@ -630,7 +624,7 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col
     with torch.autocast(x.device.type, enabled=False):
         x2 = flatten_tokens(x).to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        which = measured_impl(which, _forced(impl), x2, crow, col, val, d_out)
+        which = measured_impl(which, dispatch.is_forced("sparse", impl), x2, crow, col, val, d_out)
         y = SparseLinearFunction.apply(x2, weight, bias, val, crow, col, crow_t, row_t, perm, which)
     return y.reshape(*x.shape[:-1], d_out)
 
@@ -656,9 +650,7 @@ def rosa_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col: 
     check_same_device(x=x, crow=crow, col=col, val=val)
     if csr_t is not None:
         _check_csr_t(csr_t, col.shape[0], d_in, x.device)
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = dispatch.compute_dtype(x)
     which = dispatch.choose("sparse", x.device, dtype, impl)
     lora_which = dispatch.choose("lora", x.device, dtype, lora_impl)
     fused = which != "torch" and lora_which == "triton" and lora_A.shape[0] <= MAX_RANK
@@ -672,7 +664,7 @@ def rosa_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col: 
     with torch.autocast(x.device.type, enabled=False):
         x2, weight, bias, lora_A, lora_B = (t if t is None or t.dtype == dtype else t.to(dtype)
                                             for t in (flatten_tokens(x), weight, bias, lora_A, lora_B))
-        which = measured_impl(which, _forced(impl), x2, crow, col, val, d_out)
+        which = measured_impl(which, dispatch.is_forced("sparse", impl), x2, crow, col, val, d_out)
         y = RoSAFunction.apply(x2.contiguous(), weight, bias, lora_A.contiguous(), lora_B, val, crow, col, crow_t,
                                row_t, perm, float(scaling), float(dropout_p), _seed_tensor(seed), base_mode(base),
                                which)
