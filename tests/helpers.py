@@ -44,3 +44,24 @@ def leaf(t: torch.Tensor, dtype=None, requires_grad=True) -> torch.Tensor:
     """A fresh leaf copy of ``t`` (optionally cast)."""
     out = t.detach().to(dtype or t.dtype).clone()
     return out.requires_grad_(requires_grad)
+
+
+def run_torchrun(cmd: list, env: dict, own_code: str, timeout: int = 240):
+    """Run a ``torch.distributed.run`` command; returns the finished process when it succeeded.
+
+    One retry, for a worker killed by a signal (gloo's background threads can abort a process at
+    interpreter shutdown, "terminate called without an active exception": seen on the 2-core CI
+    box in both torchrun tests); a second failure, or a Python exception raised in a file matching
+    ``own_code`` (the worker's or the package's code), fails with every log."""
+    import re
+    import subprocess
+
+    logs = []
+    for _ in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0:
+            return proc
+        logs.append(f"torchrun failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        if re.search(rf'({own_code})\.py", line', proc.stderr):
+            break  # a Python exception in our code: no retry
+    raise AssertionError("\n\n".join(logs))

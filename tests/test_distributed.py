@@ -5,8 +5,6 @@ process training on the whole batch. The worker is ``tests/_dist_worker.py``.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +15,7 @@ pytest.importorskip("peft_kernels.modules.lora")
 pytest.importorskip("peft_kernels.modules.lily")
 
 import _dist_worker as worker  # noqa: E402  (tests/ is on sys.path via conftest)
+from helpers import run_torchrun  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,17 +29,8 @@ def dist_results(tmp_path_factory):
         [os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "_dist_worker.py"), str(out)]
-    # One retry, for a worker killed by a signal (a gloo abort outside the training code, seen once
-    # on a 2-core CI box); a second failure, or any Python error, fails the test with both logs.
-    logs = []
-    for _ in range(2):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-        if proc.returncode == 0:
-            return out, torch.load(out / "results.pt")
-        logs.append(f"torchrun failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-        if re.search(r'(_dist_worker|peft_kernels/[\w/]+)\.py", line', proc.stderr):
-            break  # a Python exception raised in the worker's or the package's code: no retry
-    raise AssertionError("\n\n".join(logs))
+    run_torchrun(cmd, env, r"_dist_worker|peft_kernels/[\w/]+")
+    return out, torch.load(out / "results.pt")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
