@@ -10,10 +10,11 @@ forward
      ``(s * xa) @ B^T`` and the bias in the epilogue: the output is written once.
 backward
   3. ``_lora_rows_kernel`` again: one pass over dY gives ``g = dY @ B`` ``(T, r)`` and
-     ``dB = s * dY^T @ xa`` (accumulated across token blocks with fp32 atomics).
-  4. ``_lora_gemm_kernel`` again: ``dX = dY @ W0 + mask * (s * k) * (g @ A)``, the LoRA term
+     ``dB = s * dY^T @ xa`` (accumulated across token blocks with fp32 atomics, s on each partial).
+  4. ``_lora_bwd_da_kernel``: ``dA = s * k * g^T @ (mask * x)``, mask regenerated. dA and dB
+     share one fp32 buffer (``lora_bwd`` op): one memset, one cast to the parameters' dtype.
+  5. ``_lora_gemm_kernel`` again: ``dX = dY @ W0 + mask * (s * k) * (g @ A)``, the LoRA term
      (with the regenerated mask, same offsets as forward) folded into the epilogue.
-  5. ``_lora_bwd_da_kernel``: ``dA = s * k * g^T @ (mask * x)``, mask regenerated.
 (``k = keep_scale(p)``: ``1 / (1 - p)`` for the rate quantised to 16 bits, see ``reference._philox``.)
 Saved for backward: x, A, B, W0 (references), xa ``(T, r)`` fp32 and the seed; nothing of
 size ``T x d_out``.
@@ -390,8 +391,8 @@ def _lora_rows_kernel(
     # strides
     stride_im, stride_in, stride_wn, stride_wr, stride_xam, stride_xar,
     stride_om, stride_or, stride_dwn, stride_dwr,
-    # dropout over the (M, N) input, and the scale of the stored output
-    seed, threshold, out_scale,
+    # dropout over the (M, N) input, the scale of the stored output and of the dW partials
+    seed, threshold, out_scale, dw_scale,
     # meta-parameters
     HAS_DW: tl.constexpr, HAS_DROPOUT: tl.constexpr, SCALE_OUT: tl.constexpr, R_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -399,12 +400,12 @@ def _lora_rows_kernel(
     """One pass over an (M, N) input per block of BLOCK_M rows: out[M, R] (fp32) =
     out_scale * (mask * in) @ W (the product by out_scale only under SCALE_OUT, so a unit scale costs
     no registers) with W (N, R) read through its strides, kept in registers and
-    stored once; with HAS_DW also dW += (mask * in)^T @ xa (fp32 atomics across row blocks).
+    stored once; with HAS_DW also dW += dw_scale * (mask * in)^T @ xa (fp32 atomics across row
+    blocks; the scale rides on each partial, so the sum needs no separate scaling launch).
 
     Two jobs: the forward down-projection (in = x, W = A^T, the input dropout, out_scale =
     keep_scale: out = xa) and the backward g/dB pass (in = dY, W = B, HAS_DW, dropout only for an
-    output-side dropout as Monarch's; out = g, dW = dB, both unscaled: the caller applies s and
-    keep_scale)."""
+    output-side dropout as Monarch's; out = g unscaled, dW = dB with dw_scale = s * keep_scale)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)  # padded rank: columns >= R load as zeros and are never stored
@@ -428,7 +429,7 @@ def _lora_rows_kernel(
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
         acc = _mma(a, w, acc, DOT_PRECISION)
         if HAS_DW:
-            dw = _mma(tl.trans(a), xa, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), DOT_PRECISION)
+            dw = _mma(tl.trans(a), xa, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), DOT_PRECISION) * dw_scale
             # relaxed: a plain reduction, nothing is ordered against it (the default acq_rel fences)
             tl.atomic_add(dw_ptr + offs_n[:, None] * stride_dwn + offs_r[None, :] * stride_dwr, dw,
                           mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
@@ -556,9 +557,10 @@ def _tuned_launch(kernel, grid, args: tuple, kwargs: dict) -> None:
     kernel[grid](*args, **kwargs)
 
 
-def _launch_rows(inp, w, xa, out, dw, dropout_p, seed, out_scale):
+def _launch_rows(inp, w, xa, out, dw, dropout_p, seed, out_scale, dw_scale=1.0):
     """``_lora_rows_kernel``: ``out = out_scale * (mask * inp) @ w`` (fp32, ``w`` ``(N, r)`` read
-    through its strides) and, when ``dw`` is given, ``dw += (mask * inp)^T @ xa`` (atomics)."""
+    through its strides) and, when ``dw`` is given, ``dw += dw_scale * (mask * inp)^T @ xa``
+    (atomics)."""
     M, N = inp.shape
     r = w.shape[1]
     if M == 0:
@@ -575,7 +577,7 @@ def _launch_rows(inp, w, xa, out, dw, dropout_p, seed, out_scale):
              M, N, r, _m_bucket(M),
              inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), xa_args[1], xa_args[2],
              out.stride(0), out.stride(1), dw_args[1], dw_args[2],
-             seed, thr, out_scale),
+             seed, thr, out_scale, dw_scale),
             dict(HAS_DW=has_dw, HAS_DROPOUT=has_drop, SCALE_OUT=out_scale != 1.0, R_PAD=r_pad,
                  DOT_PRECISION=_dot_precision(inp.dtype)),
         )
@@ -871,12 +873,15 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-def _launch_da(g, x, total_scale, dropout_p, seed, deterministic_sum):
-    """``total_scale * g^T @ (mask * x)`` fp32 ``(r, K)``, tokens split over programs."""
+def _launch_da(g, x, total_scale, dropout_p, seed, deterministic_sum, out=None):
+    """``total_scale * g^T @ (mask * x)`` fp32 ``(r, K)``, tokens split over programs; into
+    ``out`` (an fp32 ``(r, K)`` view, zero on entry) when given, else into a new tensor."""
     M, K = x.shape
     r = g.shape[1]
+    if out is None:
+        out = torch.zeros((r, K), device=x.device, dtype=torch.float32)
     if M == 0 or K == 0 or r == 0:
-        return torch.zeros((r, K), device=x.device, dtype=torch.float32)
+        return out
     has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
     r_pad = _r_pad(r)
     block_k = 32 if dispatch.interpreter_enabled() else _DA_BLOCK_K
@@ -888,23 +893,21 @@ def _launch_da(g, x, total_scale, dropout_p, seed, deterministic_sum):
     splits = max(1, min(m_blocks, triton.cdiv(4 * _num_sms(x.device), k_blocks)))
     rows_per_split = triton.cdiv(m_blocks, splits) * gran
     splits = triton.cdiv(M, rows_per_split)
-    if deterministic_sum:
-        out = torch.empty((splits, r, K), device=x.device, dtype=torch.float32)
-        strides = out.stride()
-    else:
-        out = torch.zeros((r, K), device=x.device, dtype=torch.float32)
-        strides = (0, *out.stride())
+    target = torch.empty((splits, r, K), device=x.device, dtype=torch.float32) if deterministic_sum else out
+    strides = target.stride() if deterministic_sum else (0, *out.stride())
     with _DeviceGuard(x.device):
         _tuned_launch(
             _lora_bwd_da_kernel, (k_blocks, splits),
-            (g, x, out,
+            (g, x, target,
              M, K, r, rows_per_split, _m_bucket(M),
              g.stride(0), g.stride(1), x.stride(0), x.stride(1), *strides,
              total_scale, seed, thr),
             dict(DETERMINISTIC=deterministic_sum, HAS_DROPOUT=has_drop, R_PAD=r_pad,
                  DOT_PRECISION=_dot_precision(x.dtype), BLOCK_K=block_k),
         )
-    return out.sum(0) if deterministic_sum else out
+    if deterministic_sum:
+        torch.sum(target, 0, out=out)
+    return out
 
 
 @torch.library.custom_op("peft_kernels::lora_bwd_gb", mutates_args=())
@@ -935,17 +938,63 @@ def _(dy, lora_B, xa, dropout_p, seed, deterministic=False):
             dy.new_empty((dy.shape[1], r), dtype=torch.float32))
 
 
-@torch.library.custom_op("peft_kernels::lora_bwd_da", mutates_args=())
-def _lora_bwd_da(g: torch.Tensor, x: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor,
-                 deterministic: bool = False) -> torch.Tensor:
-    """dA = scale * keep_scale(p) * g^T @ (mask * x), fp32 (r, d_in); ``deterministic``: the
-    token splits' partials are summed in a fixed order instead of meeting in fp32 atomics."""
-    return _launch_da(g, x, scale * keep_scale(dropout_p), dropout_p, seed, deterministic)
+@torch.library.custom_op("peft_kernels::lora_bwd", mutates_args=())
+def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale_b: float,
+              scale_a: float, p_in: float, p_out: float, seed: torch.Tensor, need_b: bool, need_a: bool,
+              deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter half of the LoRA backward, before dX: ``(g, grads)`` with ``g = dY' @ B`` fp32
+    ``(T, r)`` unscaled (dY' = dY, or ``mask_out * dY`` for an output-side dropout ``p_out``) and
+    ``grads`` ONE flat fp32 buffer holding, in order, ``dB = scale_b * dY'^T @ xa`` ``(d_out, r)``
+    (``need_b``) and ``dA = scale_a * keep_scale(p_in) * g^T @ (mask_in * x)`` ``(r, d_in)``
+    (``need_a``); ``adapter_grads`` splits it. One buffer: one memset for both atomic targets and,
+    in the caller, one cast to the parameters' dtype. Kernels: the rows kernel (g, and dB through
+    atomics with the scale on each partial) and the dA kernel. ``deterministic``: no atomics; dB
+    from the dA kernel run on ``(xa, dY)`` (one more pass over dY), partials summed in a fixed
+    order."""
+    M, N = dy.shape
+    r = lora_B.shape[1]
+    K = x.shape[1]
+    n_b, n_a = (N * r if need_b else 0), (r * K if need_a else 0)
+    ws = (torch.empty if deterministic else torch.zeros)((n_b + n_a,), device=dy.device, dtype=torch.float32)
+    db = ws[:n_b].view(N, r) if need_b else None
+    da = ws[n_b:].view(r, K) if need_a else None
+    g = torch.empty((M, r), device=dy.device, dtype=torch.float32)
+    if M == 0:
+        ws.zero_()
+        return g, ws
+    if deterministic:
+        _launch_rows(dy, lora_B, None, g, None, p_out, seed, 1.0)
+        if need_b:
+            _launch_da(xa, dy, scale_b, p_out, seed, True, out=db.t())
+    else:
+        _launch_rows(dy, lora_B, xa if need_b else None, g, db if need_b else None, p_out, seed, 1.0, scale_b)
+    if need_a:
+        _launch_da(g, x, scale_a * keep_scale(p_in), p_in, seed, deterministic, out=da)
+    return g, ws
 
 
-@_lora_bwd_da.register_fake
-def _(g, x, scale, dropout_p, seed, deterministic=False):
-    return x.new_empty((g.shape[1], x.shape[1]), dtype=torch.float32)
+@_lora_bwd.register_fake
+def _(dy, x, lora_B, xa, scale_b, scale_a, p_in, p_out, seed, need_b, need_a, deterministic=False):
+    r = lora_B.shape[1]
+    n = (dy.shape[1] * r if need_b else 0) + (r * x.shape[1] if need_a else 0)
+    return dy.new_empty((dy.shape[0], r), dtype=torch.float32), dy.new_empty((n,), dtype=torch.float32)
+
+
+def adapter_grads(grads: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, need_a: bool,
+                  need_b: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dA, dB)`` in the parameters' dtypes from ``_lora_bwd``'s flat fp32 buffer, with one cast
+    for both where they share a dtype: the two gradients are then views of one storage (autograd
+    accepts them as ``.grad`` as they are: dense, with the parameters' strides)."""
+    (d_out, r), d_in = lora_B.shape, lora_A.shape[1]
+    n_b = d_out * r if need_b else 0
+    if lora_A.dtype == lora_B.dtype:
+        grads = grads.to(lora_A.dtype)
+        ga = gb = grads
+    else:
+        ga, gb = grads.to(lora_A.dtype), grads.to(lora_B.dtype)
+    db = gb[:n_b].view(d_out, r) if need_b else None
+    da = ga[n_b:].view(r, d_in) if need_a else None
+    return da, db
 
 
 # ----------------------------------------------------------------------------------------- autograd
@@ -991,15 +1040,11 @@ class LoRAFunction(torch.autograd.Function):
         dy = dy.contiguous()
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dx = dw = da = db = dbias = None
-        det = deterministic()
-        g, db32 = _lora_bwd_gb(dy, lora_B, xa, p_out, seed, det)
-        if need_b:
-            db = (db32 * s).to(lora_B.dtype)
+        g, grads = _lora_bwd(dy, x, lora_B, xa, s, s, p_in, p_out, seed, need_b, need_a, deterministic())
+        da, db = adapter_grads(grads, lora_A, lora_B, need_a, need_b)
         if need_x:
             dx = _lora_gemm(dy, weight, None, g, lora_A, None, s * keep_scale(p_in), p_in, seed, dy.dtype,
                             ctx.base)
-        if need_a:
-            da = _lora_bwd_da(g, x, s, p_in, seed, det).to(lora_A.dtype)
         if need_w:
             dw = torch.mm(dy.t(), x).to(weight.dtype)
         if need_bias and ctx.has_bias:

@@ -524,7 +524,7 @@ class RoSAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         from ..reference._philox import keep_scale
-        from .lora import _lora_bwd_da, _lora_bwd_gb, _lora_gemm, deterministic
+        from .lora import _lora_bwd, _lora_gemm, adapter_grads, deterministic
 
         xt, weight, lora_A, lora_B, xa, seed, val, crow, col, crow_t, row_t, perm = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout_p
@@ -532,15 +532,11 @@ class RoSAFunction(torch.autograd.Function):
         dx = dw = db = da = dlb = dval = None
         dy = dy.contiguous()
         dyt = dy.t().contiguous()  # token-minor dY: the dX gather and the SDDMM
-        det = deterministic()
-        g, db32 = _lora_bwd_gb(dy, lora_B, xa, 0.0, seed, det)
-        if need_lb:
-            dlb = (db32 * s).to(lora_B.dtype)
+        g, grads = _lora_bwd(dy, xt.t(), lora_B, xa, s, s, p, 0.0, seed, need_lb, need_a, deterministic())
+        da, dlb = adapter_grads(grads, lora_A, lora_B, need_a, need_lb)
         if need_x:
             dx = _lora_gemm(dy, weight, None, g, lora_A, None, s * keep_scale(p), p, seed, dy.dtype, ctx.base)
             _spmm_add(ctx.impl)(dx, dyt.t(), crow_t, row_t, val.float()[perm])
-        if need_a:
-            da = _lora_bwd_da(g, xt.t(), s, p, seed, det).to(lora_A.dtype)
         if need_val:
             _, sddmm = _kernels(ctx.impl)
             dval = sddmm(dyt.t(), xt.t(), crow, col).to(val.dtype)

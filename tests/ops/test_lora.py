@@ -235,8 +235,9 @@ def test_custom_ops_opcheck(interpret):
         (torch.ops.peft_kernels.lora_bwd_gb.default, (dy, B, xa, 0.2, seed)),
         (torch.ops.peft_kernels.lora_gemm.default, (dy, W, None, g, A, None, 1.5, 0.2, seed, torch.float32, "triton")),
         (torch.ops.peft_kernels.lora_gemm.default, (dy, W, None, g, A, None, 1.5, 0.2, seed, torch.float32, "cublas")),
-        (torch.ops.peft_kernels.lora_bwd_da.default, (g, x, 1.5, 0.2, seed)),
-        (torch.ops.peft_kernels.lora_bwd_da.default, (g, x, 1.5, 0.2, seed, True)),
+        (torch.ops.peft_kernels.lora_bwd.default, (dy, x, B, xa, 1.5, 0.5, 0.2, 0.0, seed, True, True)),
+        (torch.ops.peft_kernels.lora_bwd.default, (dy, x, B, xa, 1.5, 0.5, 0.0, 0.2, seed, True, False, True)),
+        (torch.ops.peft_kernels.lora_bwd.default, (dy, x, B, xa, 1.5, 0.5, 0.2, 0.0, seed, False, True, True)),
         (torch.ops.peft_kernels.lora_bwd_gb.default, (dy, B, xa, 0.2, seed, True)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -279,10 +280,40 @@ def test_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch, ba
     seed = torch.tensor([3])
     xa = L._lora_down(xb, w1, 0.3, seed)
     L._lora_gemm(xb, w1, None, xa, w1, None, 1.0, 0.3, seed, torch.float32, "triton")
-    g, _ = L._lora_bwd_gb(xb, w1, xa, 0.3, seed)
-    L._lora_bwd_da(g, xb, 1.0, 0.3, seed)
+    L._lora_bwd(xb, xb, w1, xa, 1.0, 1.0, 0.3, 0.0, seed, True, True)
     assert len(big.launches) == 4
     big.assert_grid_within_cuda_limits()
+
+
+@pytest.mark.parametrize("train_a,train_b", [(True, True), (True, False), (False, True)])
+def test_adapter_grads_one_buffer_accumulate_and_frozen_factors(interpret, monkeypatch, train_a, train_b):
+    """dA and dB come from one zeroed fp32 buffer cast once (no separate scaling or cast launches):
+    they accumulate correctly over two backward passes (``.grad += ...`` into views of one storage),
+    a frozen factor gets no gradient and no space in the buffer, and the values match the reference."""
+    x, W, A, B, b = (t.to(interpret) for t in _inputs((29,), 6, True))
+    go = torch.randn(29, D_OUT, device=interpret)
+    made = []
+    real = L._lora_bwd
+    monkeypatch.setattr(L, "_lora_bwd", lambda *a: made.append(real(*a)) or made[-1])
+    dtype = torch.bfloat16
+    xs = [leaf(x, dtype), leaf(W, dtype, requires_grad=False), leaf(A, dtype, requires_grad=train_a),
+          leaf(B, dtype, requires_grad=train_b), leaf(b, dtype)]
+    for _ in range(2):
+        L.lora_linear(*xs, scaling=0.7, dropout_p=0.25, seed=5, impl="triton").backward(go.to(dtype))
+    n_want = (D_OUT * 6 if train_b else 0) + (6 * D_IN if train_a else 0)
+    assert len(made) == 2 and all(buf.shape == (n_want,) and buf.dtype == torch.float32 for _, buf in made)
+    if train_a and train_b:  # one cast for both: autograd keeps the two views of its result
+        assert xs[2].grad.untyped_storage().data_ptr() == xs[3].grad.untyped_storage().data_ptr()
+    ref = [leaf(x), leaf(W, requires_grad=False), leaf(A, requires_grad=train_a), leaf(B, requires_grad=train_b),
+           leaf(b)]
+    y = R.lora(*ref, scaling=0.7, dropout_p=0.25, seed=5)
+    y.backward(2 * go.double())
+    for got, want in [(xs[2].grad, ref[2].grad), (xs[3].grad, ref[3].grad), (xs[0].grad, ref[0].grad)]:
+        if want is None:
+            assert got is None
+        else:
+            assert got.dtype == dtype and got.shape == want.shape
+            torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
 
 
 def test_gemm_op_accepts_strided_bias(interpret):
@@ -387,7 +418,7 @@ def test_deterministic_mode_reduces_without_atomics(interpret, monkeypatch, p, o
     go = torch.randn(37, D_OUT, device=interpret)
     seen = []
     orig = L._launch_da
-    monkeypatch.setattr(L, "_launch_da", lambda *a: seen.append(a[-1]) or orig(*a))
+    monkeypatch.setattr(L, "_launch_da", lambda *a, **k: seen.append(a[5]) or orig(*a, **k))
 
     def run():
         xs = [leaf(x), leaf(W, requires_grad=False), leaf(A), leaf(B), leaf(b)]

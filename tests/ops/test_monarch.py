@@ -241,7 +241,7 @@ def test_monarch_frozen_factor_gets_no_gradient_pass(interpret, monkeypatch):
     x, weight, W1, W2, b, dy = (t.float().to(interpret) for t in _make((17,), 40, 24, 4, 4, True))
     calls = []
     real = lora_ops._launch_da
-    monkeypatch.setattr(lora_ops, "_launch_da", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lora_ops, "_launch_da", lambda *a, **k: calls.append(1) or real(*a, **k))
     W2l = leaf(W2)
     y = monarch_linear(leaf(x), weight, W1, W2l, b, impl="triton")
     (gW2,) = torch.autograd.grad(y, [W2l], dy)
