@@ -76,7 +76,7 @@ from .. import dispatch
 from .._checks import check_tensor
 from ..reference.lily import check_lily_args, lily as reference_lily
 from ._casts import to_rne
-from ._triton import triton, tl
+from ._triton import cdiv, custom_op, next_pow2, triton, tl
 # the shared fused-GEMM primitives of the LoRA family (private to ops/, reused here on purpose)
 from .lora import MAX_RANK, _lora_bwd_gb, _lora_gemm, base_mode, deterministic
 
@@ -394,7 +394,7 @@ def _lily_gradw_kernel(
 # ----------------------------------------------------------------------------------------------
 def _pad16(n: int) -> int:
     # tl.dot needs every dimension >= 16; masks keep the padding out of the result
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def _device_guard(device: torch.device):
@@ -426,14 +426,14 @@ def _split(t: torch.Tensor, n_rows: int, block_t: int, grid_other: int) -> tuple
     Chunks fill the GPU (~2 programs per SM) when the output tiles alone are too few; each chunk
     writes its own partial, summed afterwards (deterministic, unlike atomics).
     """
-    n_blocks = max(1, triton.cdiv(n_rows, block_t))
+    n_blocks = max(1, cdiv(n_rows, block_t))
     if _interpreting(t):
         split = min(_INTERPRET_SPLIT, n_blocks)
     else:
         sms = _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
         split = max(1, min(n_blocks, (2 * sms) // max(1, grid_other)))
-    chunk = triton.cdiv(n_blocks, split) * block_t
-    return triton.cdiv(n_rows, chunk) if n_rows else 1, chunk
+    chunk = cdiv(n_blocks, split) * block_t
+    return cdiv(n_rows, chunk) if n_rows else 1, chunk
 
 
 def _rank_tile(r_pad: int) -> int:
@@ -450,7 +450,7 @@ def _launch_proj(x2, lp, router, router_h: bool):
         BLOCK_T = BLOCK_K = _INTERPRET_BLOCK
     else:
         BLOCK_T = BLOCK_K = _rank_tile(R_PAD)
-    n_blocks = triton.cdiv(T, BLOCK_T)
+    n_blocks = cdiv(T, BLOCK_T)
     h = torch.empty(T, r, device=x2.device, dtype=torch.float32)
     p = torch.empty(T, E, device=x2.device, dtype=torch.float32)
     psum = torch.zeros(max(n_blocks, 1), E, device=x2.device, dtype=torch.float32)
@@ -482,7 +482,7 @@ def _launch_mix(y, h, p, hp, scaling: float):
     BM, BN, BC, warps = _mix_blocks(y, kz)
     if T:
         with _device_guard(y.device):
-            _lily_mix_kernel[(triton.cdiv(T, BM), triton.cdiv(d_out, BN))](
+            _lily_mix_kernel[(cdiv(T, BM), cdiv(d_out, BN))](
                 y, h, p, hp,
                 T, d_out, r, E, kz,
                 float(scaling),
@@ -501,7 +501,7 @@ def _launch_dz(dy, hp_like, r: int, kz: int):
         BM, BO, BC = 64, 64, min(128, _pad16(kz))
     if T:
         with _device_guard(dy.device):
-            _lily_dz_kernel[(triton.cdiv(T, BM), triton.cdiv(kz, BC))](
+            _lily_dz_kernel[(cdiv(T, BM), cdiv(kz, BC))](
                 dy, hp_like, dz,
                 T, d_out, r, kz,
                 DOT=_dot_mode(dy), BLOCK_M=BM, BLOCK_O=BO, BLOCK_C=BC,
@@ -520,12 +520,12 @@ def _launch_dhp(dy, h, p, n_exp: int, token: bool):
         BC = 16
     else:
         BO, BT, BC = 64, 64, min(64, _pad16(kz))
-    grid_oc = triton.cdiv(d_out, BO) * triton.cdiv(kz, BC)
+    grid_oc = cdiv(d_out, BO) * cdiv(kz, BC)
     split, chunk = _split(dy, T, BT, grid_oc)
     part = torch.zeros(split, n_exp, d_out, r, device=dy.device, dtype=torch.float32)
     if T:
         with _device_guard(dy.device):
-            _lily_dhp_kernel[(triton.cdiv(d_out, BO), triton.cdiv(kz, BC), split)](
+            _lily_dhp_kernel[(cdiv(d_out, BO), cdiv(kz, BC), split)](
                 dy, h, p, part,
                 T, d_out, r, E, kz, chunk,
                 TOKEN=token, DOT=_dot_mode(dy), BLOCK_O=BO, BLOCK_C=BC, BLOCK_T=BT,
@@ -547,7 +547,7 @@ def _launch_route_bwd(dz, h, p, router, dw, scaling: float, token: bool, router_
     in_kernel = router_h and R_PAD * E_PAD <= ROUTE_BWD_MAX_RE
     if T:
         with _device_guard(h.device):
-            _lily_route_bwd_kernel[(triton.cdiv(T, BT),)](
+            _lily_route_bwd_kernel[(cdiv(T, BT),)](
                 dz, h, p, router, dw, dg, dg[:, r:],
                 T, r, E,
                 dg.stride(0),
@@ -569,13 +569,13 @@ def _launch_gradw(x2, dg, r: int, router_h: bool):
         BK = BT = _INTERPRET_BLOCK
     else:
         BK = BT = _rank_tile(R_PAD)
-    split, chunk = _split(x2, T, BT, triton.cdiv(d_in, BK))
+    split, chunk = _split(x2, T, BT, cdiv(d_in, BK))
     dlp = torch.zeros(split, r, d_in, device=x2.device, dtype=torch.float32)
     dr = torch.zeros(split if not router_h else 1, E, d_in if not router_h else 1, device=x2.device,
                      dtype=torch.float32)
     if T:
         with _device_guard(x2.device):
-            _lily_gradw_kernel[(triton.cdiv(d_in, BK), split)](
+            _lily_gradw_kernel[(cdiv(d_in, BK), split)](
                 x2, dg, dg[:, r:], dlp, dr,
                 T, d_in, r, E, chunk,
                 dg.stride(0),
@@ -616,7 +616,7 @@ def _hp_bar(w, hp):
 # ----------------------------------------------------------------------------------------------
 # torch.library ops: Dynamo sees one opaque op per direction instead of graph-breaking on Triton
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("peft_kernels::lily_fwd", mutates_args=())
+@custom_op("peft_kernels::lily_fwd", mutates_args=())
 def _lily_fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lp: torch.Tensor,
                  router: torch.Tensor, hp: torch.Tensor, scaling: float, token: bool,
                  router_h: bool, base: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -653,7 +653,7 @@ def _(x2, weight, bias, lp, router, hp, scaling, token, router_h, base):
             torch.empty(T, hp.shape[0], **f32), torch.empty(hp.shape[0], **f32))
 
 
-@torch.library.custom_op("peft_kernels::lily_bwd", mutates_args=())
+@custom_op("peft_kernels::lily_bwd", mutates_args=())
 def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: torch.Tensor, router: torch.Tensor,
                  hp: torch.Tensor, h: torch.Tensor, p: torch.Tensor, w: torch.Tensor, scaling: float, token: bool,
                  router_h: bool, need_dx: bool,

@@ -92,7 +92,7 @@ from ..reference.lora import check_lora_args, lora as lora_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile
-from ._triton import HAS_TRITON, precompile_configs, tl, triton, tuning_bench
+from ._triton import HAS_TRITON, cdiv, custom_op, next_pow2, precompile_configs, tl, triton, tuning_bench
 
 BASE_ENV = "PEFT_KERNELS_BASE"
 # who runs the frozen product; tma: the Triton GEMM with TMA tile loads (Hopper+, aligned operands,
@@ -497,11 +497,11 @@ def _lora_bwd_da_kernel(
 def _m_bucket(m: int) -> int:
     """Autotune key for the token count: the next power of two, so varying sequence lengths reuse
     one tuning result instead of re-benchmarking every config for each new T."""
-    return triton.next_power_of_2(max(m, 1))
+    return next_pow2(max(m, 1))
 
 
 def _r_pad(r: int) -> int:
-    return max(MIN_DOT, triton.next_power_of_2(r))
+    return max(MIN_DOT, next_pow2(r))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -572,7 +572,7 @@ def _launch_rows(inp, w, xa, out, dw, dropout_p, seed, out_scale, dw_scale=1.0):
     dw_args = (dw, dw.stride(0), dw.stride(1)) if has_dw else (out, 0, 0)
     with _DeviceGuard(inp.device):
         _tuned_launch(
-            _lora_rows_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
+            _lora_rows_kernel, lambda meta: (cdiv(M, meta["BLOCK_M"]),),
             (inp, w, xa_args[0], out, dw_args[0],
              M, N, r, _m_bucket(M),
              inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), xa_args[1], xa_args[2],
@@ -583,7 +583,7 @@ def _launch_rows(inp, w, xa, out, dw, dropout_p, seed, out_scale, dw_scale=1.0):
         )
 
 
-@torch.library.custom_op("peft_kernels::lora_down", mutates_args=())
+@custom_op("peft_kernels::lora_down", mutates_args=())
 def _lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     """xa = dropout(x) @ A^T in fp32, (T, r)."""
     T, K = x.shape
@@ -618,7 +618,7 @@ def _launch_gemm(x, w, c, left, right, bias, scale, dropout_p, seed, out):
     cs = (c.stride(0), c.stride(1)) if c is not None else (0, 0)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     with _DeviceGuard(left.device):
         _tuned_launch(
@@ -695,7 +695,7 @@ def _launch_gemm_tma(x, w, c, left, right, bias, scale, dropout_p, seed, out):
     w_desc = TensorDescriptor.from_tensor(w.t() if w_nk else w, [MIN_DOT, MIN_DOT])
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     with _DeviceGuard(left.device):
         _tuned_launch(
@@ -728,7 +728,7 @@ def _launch_add_only(c, left, right, scale, dropout_p, seed):
         return c
     has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
     cfg = _add_only_config()
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     with _DeviceGuard(left.device):
         _lora_gemm_kernel.fn[grid](
             left, left, c, left, right, left, c,
@@ -843,7 +843,7 @@ def base_decisions() -> list[dict]:
             for key, times in _AUTO_TIMES.items()]
 
 
-@torch.library.custom_op("peft_kernels::lora_gemm", mutates_args=())
+@custom_op("peft_kernels::lora_gemm", mutates_args=())
 def _lora_gemm(x: Optional[torch.Tensor], w: Optional[torch.Tensor], c: Optional[torch.Tensor],
                left: torch.Tensor, right: torch.Tensor, bias: Optional[torch.Tensor],
                scale: float, dropout_p: float, seed: torch.Tensor, out_dtype: torch.dtype,
@@ -888,11 +888,11 @@ def _launch_da(g, x, total_scale, dropout_p, seed, deterministic_sum, out=None):
     # splits are fixed here, before the autotuner picks BLOCK_M: whole multiples of the largest
     # candidate BLOCK_M (a split's last block is masked anyway), enough programs for ~4 waves
     gran = 32 if dispatch.interpreter_enabled() else max(t[0] for t in _DA_TILES)
-    k_blocks = triton.cdiv(K, block_k)
-    m_blocks = triton.cdiv(M, gran)
-    splits = max(1, min(m_blocks, triton.cdiv(4 * _num_sms(x.device), k_blocks)))
-    rows_per_split = triton.cdiv(m_blocks, splits) * gran
-    splits = triton.cdiv(M, rows_per_split)
+    k_blocks = cdiv(K, block_k)
+    m_blocks = cdiv(M, gran)
+    splits = max(1, min(m_blocks, cdiv(4 * _num_sms(x.device), k_blocks)))
+    rows_per_split = cdiv(m_blocks, splits) * gran
+    splits = cdiv(M, rows_per_split)
     target = torch.empty((splits, r, K), device=x.device, dtype=torch.float32) if deterministic_sum else out
     strides = target.stride() if deterministic_sum else (0, *out.stride())
     with _DeviceGuard(x.device):
@@ -910,7 +910,7 @@ def _launch_da(g, x, total_scale, dropout_p, seed, deterministic_sum, out=None):
     return out
 
 
-@torch.library.custom_op("peft_kernels::lora_bwd_gb", mutates_args=())
+@custom_op("peft_kernels::lora_bwd_gb", mutates_args=())
 def _lora_bwd_gb(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
                  dropout_p: float, seed: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(g = dY' @ B fp32 (T, r), dY'^T @ xa fp32 (d_out, r), unscaled) in one pass over dY, where
@@ -938,7 +938,7 @@ def _(dy, lora_B, xa, dropout_p, seed, deterministic=False):
             dy.new_empty((dy.shape[1], r), dtype=torch.float32))
 
 
-@torch.library.custom_op("peft_kernels::lora_bwd", mutates_args=())
+@custom_op("peft_kernels::lora_bwd", mutates_args=())
 def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale_b: float,
               scale_a: float, p_in: float, p_out: float, seed: torch.Tensor, need_b: bool, need_a: bool,
               deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,7 +83,7 @@ from ..reference.monarch import monarch as monarch_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile
-from ._triton import HAS_TRITON, tl, triton, tuning_bench
+from ._triton import HAS_TRITON, cdiv, custom_op, next_pow2, tl, triton, tuning_bench
 
 # ------------------------------------------------------------------------------------------------
 # constants
@@ -380,8 +380,8 @@ def _chunks(N: int, r: int, p: int, n: int):
     """``(RB, [(F0, col_lo, col_hi), ...])``: the padded chunk width and, per launch, the first
     intermediate index and the x columns its blocks cover."""
     R = N * r
-    RB = max(_MIN_DOT, triton.next_power_of_2(R))
-    RB = min(RB, max(_MIN_DOT, triton.next_power_of_2(MAX_R_CHUNK)))
+    RB = max(_MIN_DOT, next_pow2(R))
+    RB = min(RB, max(_MIN_DOT, next_pow2(MAX_R_CHUNK)))
     out = []
     for F0 in range(0, R, RB):
         f_last = min(F0 + RB, R) - 1
@@ -408,8 +408,8 @@ def _target_programs(device: torch.device) -> int:
 
 def _num_splits(token_tiles: int, ncols: int, block: int, device: torch.device) -> int:
     """Column splits so that token tiles x splits roughly fills the GPU (1 when T is large)."""
-    want = triton.cdiv(_target_programs(device), max(token_tiles, 1))
-    return max(1, min(want, triton.cdiv(ncols, block)))
+    want = cdiv(_target_programs(device), max(token_tiles, 1))
+    return max(1, min(want, cdiv(ncols, block)))
 
 
 def _dropout_args(dropout_p: float):
@@ -426,7 +426,7 @@ def _dot_args(dtype: torch.dtype) -> dict:
     return {"DOT_PREC": prec, "INTERP_BF16": interp_bf16}
 
 
-@torch.library.custom_op("peft_kernels::monarch_fwd", mutates_args=())
+@custom_op("peft_kernels::monarch_fwd", mutates_args=())
 def _monarch_fwd(x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
                  bias: Optional[torch.Tensor], dropout_p: float,
                  seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,7 +451,7 @@ def _monarch_fwd(x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: t
     RB, chunks = _chunks(N, r, p, n)
 
     def grid(meta):
-        tiles = triton.cdiv(T, meta["BLOCK_T"])
+        tiles = cdiv(T, meta["BLOCK_T"])
         return (tiles, _num_splits(tiles, m, meta["BLOCK_M"], x2.device))
 
     with _device_guard(x2.device):
@@ -473,7 +473,7 @@ def _(x2, weight, W1, W2, bias, dropout_p, seed):
     return x2.new_empty((T, weight.shape[0])), x2.new_empty((T, R), dtype=torch.float32)
 
 
-@torch.library.custom_op("peft_kernels::monarch_bwd", mutates_args=())
+@custom_op("peft_kernels::monarch_bwd", mutates_args=())
 def _monarch_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
                  y1: torch.Tensor, dropout_p: float, seed: torch.Tensor,
                  need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -493,7 +493,7 @@ def _monarch_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, W1: 
     interp = dispatch.interpreter_enabled()
     block_t = _BWD_BLOCK_T_INTERP if interp else _BWD_BLOCK_T_GPU
     split_cols = _BWD_SPLIT_COLS_INTERP if interp else _BWD_SPLIT_COLS_GPU
-    tiles = triton.cdiv(T, block_t)
+    tiles = cdiv(T, block_t)
     # zeros: every partial entry has one writer, but the padded positions (x columns >= n, output
     # columns >= m) have none and must read as zero gradient
     p1 = torch.zeros((tiles, N * r * p), device=x2.device, dtype=torch.float32)
@@ -662,7 +662,7 @@ def _monarch_expand_bwd_kernel(
         tl.store(dw2_ptr + e, to_rne(g, dw2_ptr.dtype.element_ty, FIX), mask=ok)
 
 
-@torch.library.custom_op("peft_kernels::monarch_expand", mutates_args=())
+@custom_op("peft_kernels::monarch_expand", mutates_args=())
 def _monarch_expand(W1: torch.Tensor, W2: torch.Tensor, n: int, m: int,
                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``dense_factors(W1, W2, n, m)`` cast to ``out_dtype``, in one launch."""
@@ -679,9 +679,9 @@ def _launch_pair(kernel, a, b, out_a, out_b, W1, W2, n: int, m: int) -> None:
     s = W2.shape[1]
     if out_a.numel() + out_b.numel() == 0:
         return
-    p1 = triton.cdiv(out_a.numel(), EXPAND_BLOCK)
+    p1 = cdiv(out_a.numel(), EXPAND_BLOCK)
     with _device_guard(W1.device):
-        kernel[(p1 + triton.cdiv(out_b.numel(), EXPAND_BLOCK),)](
+        kernel[(p1 + cdiv(out_b.numel(), EXPAND_BLOCK),)](
             a.contiguous(), b.contiguous(), out_a, out_b, N, r, p, s, n, m, p1, BLOCK=EXPAND_BLOCK,
             FIX=dispatch.interpreter_enabled())
 
@@ -692,7 +692,7 @@ def _(W1, W2, n, m, out_dtype):
     return W1.new_empty((R, n), dtype=out_dtype), W1.new_empty((m, R), dtype=out_dtype)
 
 
-@torch.library.custom_op("peft_kernels::monarch_expand_bwd", mutates_args=())
+@custom_op("peft_kernels::monarch_expand_bwd", mutates_args=())
 def _monarch_expand_bwd(dB1: torch.Tensor, dB2: torch.Tensor, W1: torch.Tensor,
                         W2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW1, dW2) in the factors' dtypes, gathered from the expansions' gradients in one launch."""

@@ -56,7 +56,7 @@ from ..reference.sparse import check_csr
 from ..reference.sparse import sparse as _reference_sparse
 from ..reference.sparse import sparse_adapter as _reference_sparse_adapter
 from ._casts import to_rne
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, cdiv, custom_op, tl, triton
 
 # bf16 casts round to nearest under the interpreter as on a GPU (see ``_casts``)
 _INTERPRETER = tl.constexpr(dispatch.interpreter_enabled()) if HAS_TRITON else False
@@ -185,12 +185,12 @@ def _launch_spmm(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torc
         return
     xt = x.t().contiguous()  # (K, T); free when x is already a transposed view
     crow, col = crow.contiguous(), col.contiguous()  # indexed densely by the kernel (no-ops normally)
-    n_blocks = triton.cdiv(out_features, SPMM_BLOCK_R)
+    n_blocks = cdiv(out_features, SPMM_BLOCK_R)
     # per row block, the longest row: the kernel's loop count (no host sync)
     counts = crow.to(torch.int64).diff()
     counts = torch.nn.functional.pad(counts, (0, n_blocks * SPMM_BLOCK_R - out_features))
     steps = counts.view(n_blocks, SPMM_BLOCK_R).amax(dim=1).to(torch.int32)
-    grid = (n_blocks * triton.cdiv(T, SPMM_BLOCK_T),)  # row blocks fastest (see the kernel)
+    grid = (n_blocks * cdiv(T, SPMM_BLOCK_T),)  # row blocks fastest (see the kernel)
     with _device_guard(x.device):
         _spmm_kernel[grid](
             xt, crow, col, val.contiguous(), steps, y,
@@ -206,7 +206,7 @@ def _check_raw(**tensors) -> None:
     check_same_device(**tensors)
 
 
-@torch.library.custom_op("peft_kernels::sparse_spmm_triton", mutates_args=())
+@custom_op("peft_kernels::sparse_spmm_triton", mutates_args=())
 def _spmm_triton(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
                  out_features: int) -> torch.Tensor:
     _check_raw(x=x, crow=crow, col=col, val=val)
@@ -220,7 +220,7 @@ def _(x, crow, col, val, out_features):
     return x.new_empty((x.shape[0], out_features))
 
 
-@torch.library.custom_op("peft_kernels::sparse_spmm_add_triton", mutates_args=("y",))
+@custom_op("peft_kernels::sparse_spmm_add_triton", mutates_args=("y",))
 def _spmm_add_triton(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
                      val: torch.Tensor) -> None:
     """``y += x @ (M⊙S)^T`` in place (``y`` ``(T, N)`` with a unit column stride, x's dtype; the
@@ -241,7 +241,7 @@ def _(y, x, crow, col, val):
     return None
 
 
-@torch.library.custom_op("peft_kernels::sparse_sddmm_triton", mutates_args=())
+@custom_op("peft_kernels::sparse_sddmm_triton", mutates_args=())
 def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     _check_raw(dy=dy, x=x, crow=crow, col=col)
     nnz = col.shape[0]
@@ -253,7 +253,7 @@ def _sddmm_triton(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: to
     xt = x.t().contiguous()
     col = col.contiguous()  # indexed densely by the kernel (a no-op normally)
     rows = _coo_rows(crow, nnz)
-    grid = (triton.cdiv(nnz, SDDMM_BLOCK_NNZ),)
+    grid = (cdiv(nnz, SDDMM_BLOCK_NNZ),)
     with _device_guard(x.device):
         _sddmm_kernel[grid](
             dyt, xt, rows, col, out,

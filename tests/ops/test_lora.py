@@ -316,6 +316,29 @@ def test_adapter_grads_one_buffer_accumulate_and_frozen_factors(interpret, monke
             torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
 
 
+def test_backward_issues_no_small_ops_beyond_one_cast(interpret):
+    """The fused backward is the ``lora_bwd`` op (g, dB, dA in one zeroed buffer), one cast of
+    that buffer to the parameters' dtype, and the dX ``lora_gemm``: no separate scaling, zeroing
+    or per-gradient casts (each a kernel launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    x, W, A, B = (t.to(interpret) for t in _inputs((29,), 4, False)[:4])
+    xs = [leaf(x, torch.bfloat16), leaf(W, torch.bfloat16, requires_grad=False), leaf(A, torch.bfloat16),
+          leaf(B, torch.bfloat16)]
+    y = L.lora_linear(*xs, scaling=0.5, dropout_p=0.1, seed=3, impl="triton", base="triton")
+    dy = torch.randn_like(y)
+    seen = []
+    with Log():
+        y.backward(dy)
+    launching = [n for n in seen if not n.startswith(("aten::view", "aten::slice", "aten::detach", "aten::t"))]
+    assert launching == ["peft_kernels::lora_bwd", "aten::_to_copy", "peft_kernels::lora_gemm"]
+
+
 def test_gemm_op_accepts_strided_bias(interpret):
     """The GEMM kernel reads the bias without a stride: the op makes a strided bias dense first."""
     x, W, A, B, _ = (t.float().to(interpret) if t is not None else None for t in _inputs((19,), 4, False))
