@@ -7,9 +7,9 @@
 #   bash benchmarks/gpu_session.sh                  # on the device: OUT is set by the device tool
 #   OUT=/tmp/g STEPS="build tests" bash benchmarks/gpu_session.sh   # a subset, elsewhere
 #
-# Steps (in order; STEPS picks a subset): build tests tests_native bench | train e2e. Two calls:
+# Steps (in order; STEPS picks a subset): build tests tests_native bench | train host e2e. Two calls:
 #   1. bash benchmarks/gpu_session.sh                      (default STEPS: build tests tests_native bench)
-#   2. STEPS="train" bash benchmarks/gpu_session.sh         (then STEPS="e2e" if device time is left)
+#   2. STEPS="train host" bash benchmarks/gpu_session.sh    (then STEPS="e2e" if device time is left)
 # on the same warm machine (the built extension stays). Every first call of a kernel shape compiles
 # and autotunes its Triton kernels (~100+ compiles in the bench), so the bench gets most of call 1.
 # Per-step limits (seconds) are the LIMIT_<STEP> variables below; build overlaps tests, so call 1
@@ -25,6 +25,7 @@ LIMIT_TESTS=${LIMIT_TESTS:-150}
 LIMIT_NATIVE=${LIMIT_NATIVE:-40}
 LIMIT_BENCH=${LIMIT_BENCH:-330}
 LIMIT_TRAIN=${LIMIT_TRAIN:-100}
+LIMIT_HOST=${LIMIT_HOST:-90}
 LIMIT_E2E=${LIMIT_E2E:-300}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -89,6 +90,10 @@ step bench "$LIMIT_BENCH" $PY -m peft_kernels bench --out "$OUT/bench" --no-prog
 
 # End to end: llama-1b (TinyLlama shape), seq 2048, batch 4, LoRA r16 on every linear.
 step train "$LIMIT_TRAIN" $PY -m peft_kernels train-speed --out "$OUT/train" --steps 6 --warmup 2 --no-progress
+
+# Host-bound step time of one tiny adapted layer (real launches): the CPU cost train-speed hides
+# behind short kernels (llama-1b's k/v projections); LoRA rows first, the other families after.
+step host "$LIMIT_HOST" $PY benchmarks/host_overhead.py --json "$OUT/host_overhead.json" --steps 200
 
 # Whole models on the GPU, every family against the torch path (not in the default STEPS: many
 # kernel compiles; a second call: STEPS=e2e bash benchmarks/gpu_session.sh)

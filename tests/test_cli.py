@@ -406,3 +406,23 @@ def test_lora_base_rows_run_on_the_triton_path(interpret, monkeypatch):
         assert_close_to_reference(f"{var.name} y", y.cpu(), same_y, exact_y)
         for n, g, sg, eg in zip(("dx", "dA", "dB"), got, same_g, exact_g):
             assert_close_to_reference(f"{var.name} {n}", g.cpu(), sg, eg)
+
+
+def test_host_overhead_script_writes_rows(tmp_path):
+    """benchmarks/host_overhead.py (its own process: it stubs every Triton launch) measures the
+    host cost of a layer step for the fused and torch paths and HF PEFT, and writes them."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "host.json"
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "host_overhead.py"), "--cpu", "--steps", "3",
+                        "--rounds", "1", "--only", "nn.Linear,lora r16:,monarch", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(out.read_text())
+    names = [r["variant"] for r in got["rows"]]
+    assert names[:3] == ["nn.Linear (frozen)", "lora r16: fused", "lora r16: torch path"]
+    assert "monarch N4 r4: fused" in names and "lora r16: HF PEFT" in names
+    assert all(r["us_per_step"] > 0 for r in got["rows"])
+    assert got["meta"]["launches"].startswith("stubbed")
