@@ -130,12 +130,22 @@ _PRECOMPILED: set = set()
 _POOL = None
 
 
+_KEY_POS: dict = {}
+
+
 def _autotune_key(kernel, args: tuple, kwargs: dict) -> tuple:
-    """The key triton's Autotuner.run caches a launch's choice under (triton 3.6)."""
-    all_args = {**dict(zip(kernel.arg_names, args)), **kwargs}
-    named = {k: v for k, v in all_args.items() if k in kernel.arg_names}
-    key = [named[k] for k in kernel.keys if k in named]
-    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    """The key triton's Autotuner.run caches a launch's choice under (triton 3.6): the ``key``
+    arguments' values, then the dtype of every argument that has one (positional, then keyword).
+    Computed from cached argument positions: it runs before every autotuned launch."""
+    pos = _KEY_POS.get(id(kernel))
+    if pos is None:
+        pos = _KEY_POS[id(kernel)] = (kernel.arg_names, [kernel.arg_names.index(k) for k in kernel.keys])
+    names, key_pos = pos
+    n = len(args)
+    key = [args[i] if i < n else kwargs[names[i]] for i in key_pos if i < n or names[i] in kwargs]
+    key += [str(a.dtype) for a in args if hasattr(a, "dtype")]
+    if kwargs:
+        key += [str(v.dtype) for k, v in kwargs.items() if hasattr(v, "dtype") and k in names]
     return tuple(key)
 
 
