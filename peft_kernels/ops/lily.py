@@ -78,7 +78,7 @@ from ..reference.lily import check_lily_args, lily as reference_lily
 from ._casts import to_rne
 from ._triton import cdiv, custom_op, next_pow2, triton, tl
 # the shared fused-GEMM primitives of the LoRA family (private to ops/, reused here on purpose)
-from .lora import MAX_RANK, _lora_bwd_gb, _lora_gemm, base_mode, deterministic
+from .lora import _ZERO_SEED, MAX_RANK, _lora_bwd_gb, _lora_gemm, base_mode, deterministic
 
 # Widest mixing K (E*r token, r batch) that runs on the LoRA primitives: _lora_bwd_gb keeps a
 # (BLOCK, K) fp32 tile in registers (lora.MAX_RANK), and token routing materialises Z (T, K) fp32.
@@ -89,8 +89,6 @@ FUSED_MAX_K = MAX_RANK
 MAX_R = 512
 # Largest R_PAD * E_PAD whose router-on-h backward term stays inside ``_lily_route_bwd_kernel``.
 ROUTE_BWD_MAX_RE = 512
-# the primitives' dropout seed; Lily has no dropout (p = 0), so it is never read
-_NO_SEED = torch.zeros(1, dtype=torch.int64)
 
 # Interpreter runs (CI, CPU) use one small config: fewer programs keep it fast while 32-wide
 # tiles on T=37-ish / d=53-ish shapes still exercise every mask and multi-block path.
@@ -641,7 +639,7 @@ def _lily_fwd_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     else:
         left, right = h, _hp_bar(w, hp).to(x2.dtype).t()         # (T, r) fp32, (r, d_out) view
     # x @ W0^T + s * left @ right + b, W0^T a free transposed view; base as decided by _lora_gemm
-    y = _lora_gemm(x2, weight.t(), None, left, right, bias, float(scaling), 0.0, _NO_SEED, x2.dtype, base)
+    y = _lora_gemm(x2, weight.t(), None, left, right, bias, float(scaling), 0.0, _ZERO_SEED, x2.dtype, base)
     return y, h, p, w
 
 
@@ -669,7 +667,7 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
     if token:
         if fused:
             # one pass over dY for both (Z rebuilt from h, p: cheaper than keeping it from forward)
-            g, dhc = _lora_bwd_gb(dy, _hp_cat(hp, dy.dtype), _z(h, p), 0.0, _NO_SEED, deterministic())
+            g, dhc = _lora_bwd_gb(dy, _hp_cat(hp, dy.dtype), _z(h, p), 0.0, _ZERO_SEED, deterministic())
             dhp = torch.empty(E, d_out, r, device=dy.device, dtype=torch.float32)
             torch.mul(dhc.view(d_out, E, r).permute(1, 0, 2), s, out=dhp)      # back to HP's layout
         else:
@@ -680,7 +678,7 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
         hp32 = hp.float()
         hp_bar = _hp_bar(w, hp32)
         if fused:
-            g, dhb = _lora_bwd_gb(dy, hp_bar.to(dy.dtype), h, 0.0, _NO_SEED, deterministic())
+            g, dhb = _lora_bwd_gb(dy, hp_bar.to(dy.dtype), h, 0.0, _ZERO_SEED, deterministic())
         else:
             g = _launch_dz(dy, hp_bar.contiguous().unsqueeze(0), r, r)
             dhb = _launch_dhp(dy, h, p, 1, token=False)[0]
@@ -698,7 +696,7 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
             left, right = dg[:, :r], lp.to(dy.dtype)
         else:
             left, right = dg, torch.cat([lp.to(dy.dtype), router.to(dy.dtype)], dim=0)
-        dx = _lora_gemm(dy, weight.to(dy.dtype), None, left, right, None, 1.0, 0.0, _NO_SEED, dy.dtype, base)
+        dx = _lora_gemm(dy, weight.to(dy.dtype), None, left, right, None, 1.0, 0.0, _ZERO_SEED, dy.dtype, base)
     else:
         dx = dy.new_empty(0)
     return dx, dlp, drouter, dhp

@@ -526,7 +526,13 @@ def _seed_tensor(seed) -> torch.Tensor:
     from a module is passed through without being read, so no graph break)."""
     if isinstance(seed, torch.Tensor):
         return seed.reshape(1).to(torch.int64)
+    if seed == 0:
+        return _ZERO_SEED  # the no-dropout default: one shared tensor (never written), no allocation per call
     return torch.tensor([seed], dtype=torch.int64)
+
+
+# the seed tensor of every call without dropout (Lily's primitives too): never read, never written
+_ZERO_SEED = torch.zeros(1, dtype=torch.int64)
 
 
 def _num_sms(device: torch.device) -> int:
