@@ -87,6 +87,11 @@ class EagerOp:
         self._fn = fn
         functools.update_wrapper(self, fn)
 
+    @property
+    def default(self):
+        """The registered overload, ``torch.ops.<ns>.<name>.default`` (as on an op packet)."""
+        return self.op._opoverload
+
     def register_fake(self, fake):
         return self.op.register_fake(fake)
 

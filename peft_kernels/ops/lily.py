@@ -721,7 +721,7 @@ class LilyFunction(torch.autograd.Function):
         router_h = router_input == "h"
         x2 = x2.contiguous()
         lp_c, router_c, hp_c = lp.contiguous(), router.contiguous(), hp.contiguous()
-        y, h, p, w = torch.ops.peft_kernels.lily_fwd(x2, weight, bias, lp_c, router_c, hp_c, float(scaling),
+        y, h, p, w = _lily_fwd_op(x2, weight, bias, lp_c, router_c, hp_c, float(scaling),
                                                      token, router_h, base)
         ctx.save_for_backward(x2, weight, lp_c, router_c, hp_c, h, p, w)
         ctx.cfg = (float(scaling), token, router_h, None if bias is None else bias.dtype, base)
@@ -733,7 +733,7 @@ class LilyFunction(torch.autograd.Function):
         scaling, token, router_h, bias_dtype, base = ctx.cfg
         dy = dy.contiguous()
         need = ctx.needs_input_grad
-        dx, dlp, drouter, dhp = torch.ops.peft_kernels.lily_bwd(dy, x2, weight, lp, router, hp, h, p, w, scaling,
+        dx, dlp, drouter, dhp = _lily_bwd_op(dy, x2, weight, lp, router, hp, h, p, w, scaling,
                                                                 token, router_h, bool(need[0]), base)
         dweight = (dy.t() @ x2).to(weight.dtype) if need[1] else None
         dbias = dy.sum(dim=0).to(bias_dtype) if (bias_dtype is not None and need[5]) else None

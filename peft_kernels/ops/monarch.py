@@ -552,7 +552,7 @@ class MonarchFunction(torch.autograd.Function):
     def forward(ctx, x, weight, W1, W2, bias, dropout_p, seed):
         m, n = weight.shape
         x2 = x.reshape(-1, n)
-        y, y1 = torch.ops.peft_kernels.monarch_fwd(x2, weight, W1, W2, bias, float(dropout_p), seed)
+        y, y1 = _monarch_fwd(x2, weight, W1, W2, bias, float(dropout_p), seed)
         # the seed is a tensor: saved like one, so compiled autograd carries it to backward
         ctx.save_for_backward(x2, weight, W1, W2, y1, seed)
         ctx.dropout_p = float(dropout_p)
@@ -566,7 +566,7 @@ class MonarchFunction(torch.autograd.Function):
         m = weight.shape[0]
         dy2 = dy.reshape(-1, m)
         need_dx = ctx.needs_input_grad[0]
-        dx, dW1, dW2 = torch.ops.peft_kernels.monarch_bwd(dy2, x2, weight, W1, W2, y1, ctx.dropout_p, seed,
+        dx, dW1, dW2 = _monarch_bwd(dy2, x2, weight, W1, W2, y1, ctx.dropout_p, seed,
                                                           need_dx)
         grad_x = dx.view(ctx.x_shape) if need_dx else None
         grad_w = (dy2.float().t() @ x2.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None

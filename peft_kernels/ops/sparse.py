@@ -296,14 +296,14 @@ if _native_ops_loaded():
 def _kernels(impl: str):
     """(spmm, sddmm) callables of one implementation."""
     if impl == "triton":
-        return torch.ops.peft_kernels.sparse_spmm_triton, torch.ops.peft_kernels.sparse_sddmm_triton
+        return _spmm_triton, _sddmm_triton
     return torch.ops.peft_kernels.sparse_spmm, torch.ops.peft_kernels.sparse_sddmm
 
 
 def _spmm_add(impl: str):
     """The in-place ``y += x @ (M⊙S)^T`` of one implementation."""
     if impl == "triton":
-        return torch.ops.peft_kernels.sparse_spmm_add_triton
+        return _spmm_add_triton
     return torch.ops.peft_kernels.sparse_spmm_add_
 
 

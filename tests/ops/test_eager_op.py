@@ -46,6 +46,7 @@ def test_eager_call_runs_the_body_directly():
     assert CALLS["body"] == before["body"] + 1 and CALLS["fake"] == before["fake"]
     # the registered op is still there, same result
     torch.testing.assert_close(torch.ops.peft_kernels_test.twice_plus(x, 0.5), got)
+    assert _twice_plus.default is torch.ops.peft_kernels_test.twice_plus.default
 
 
 def test_dispatch_mode_sees_the_registered_op():
