@@ -608,7 +608,8 @@ def _hp_cat(hp, dtype):
 
 def _hp_bar(w, hp):
     """``HPbar = sum_e w_e HP_e`` ``(d_out, r)`` fp32."""
-    return torch.einsum("e,eor->or", w, hp.float())
+    E, d_out, r = hp.shape
+    return torch.mv(hp.float().reshape(E, d_out * r).t(), w).view(d_out, r)  # (einsum costs ~4x the host time)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -684,7 +685,7 @@ def _lily_bwd_op(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lp: t
             dhb = _launch_dhp(dy, h, p, 1, token=False)[0]
         dhp_bar = dhb.mul_(s)                                                # s * dY^T @ h, (d_out, r)
         dhp = w[:, None, None] * dhp_bar                                     # dHP_e = w_e dHPbar
-        dw = torch.einsum("eor,or->e", hp32, dhp_bar).contiguous()          # dL/dw_e
+        dw = torch.mv(hp32.reshape(E, d_out * r), dhp_bar.reshape(-1))     # dL/dw_e
     dg = _launch_route_bwd(g, h, p, router, dw, s, token, router_h)          # [dh | dlogits], (T, r + E)
     dlp, drouter = _launch_gradw(x2, dg, r, router_h)
     if router_h:
