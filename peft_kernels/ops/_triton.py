@@ -65,26 +65,41 @@ def next_pow2(n: int) -> int:
 
 
 # --------------------------------------------------------------------------------- custom ops
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _traced() -> bool:
-    """True while torch.compile / AOTAutograd / make_fx / a functorch transform is tracing (or
-    any TorchDispatchMode is active): the registered op, with its fake, must be called."""
+    """True while torch.compile / AOTAutograd / make_fx / a functorch transform / torch.jit.trace
+    is tracing (or any TorchDispatchMode is active): the registered op, with its fake, must be
+    called."""
     return bool(torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-                or torch._C._functorch.peek_interpreter_stack() is not None)
+                or torch._C._functorch.peek_interpreter_stack() is not None
+                or torch._C._get_tracing_state() is not None)
 
 
 class EagerOp:
     """A ``torch.library.custom_op`` whose plain eager calls run its Python body directly.
 
     The registered op (``.op``; also ``torch.ops.peft_kernels.<name>``) is what torch.compile,
-    AOTAutograd, fake tensors and ``opcheck`` see. In eager mode its dispatcher round trip
-    (autograd fallthrough, redispatch, dynamo-disable wrapper) costs ~40-50 us of CPU per call on a
-    2-core machine, for bodies that only check, allocate and launch: ~45% of a LoRA layer's
-    host-side cost per training step. The body is the same function either way; the ops are only
-    called inside ``autograd.Function`` forward/backward, where grad mode is off."""
+    AOTAutograd, fake tensors, ``torch.jit.trace`` and ``opcheck`` see. In eager mode its
+    dispatcher round trip (autograd fallthrough, redispatch, dynamo-disable wrapper) costs ~40-50 us
+    of CPU per call on a 2-core machine, for bodies that only check, allocate and launch: ~45% of a
+    LoRA layer's host-side cost per training step.
+
+    The body runs directly only when nothing could tell the difference: no tracing, every tensor
+    argument a plain ``torch.Tensor``/``Parameter`` (a subclass such as DTensor or a quantised
+    weight gets the op, and its own dispatch), and no argument that autograd would need to see
+    (grad mode on and an argument requiring grad: e.g. a backward run with ``create_graph=True``,
+    where the registered op raises "no autograd formula" instead of silently dropping the
+    second-order terms). Mutated arguments get their version counter bumped, as the op would."""
 
     def __init__(self, name: str, fn, mutates_args):
+        import inspect
+
         self.op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
         self._fn = fn
+        names = list(inspect.signature(fn).parameters)
+        self._mutated = tuple((names.index(a), a) for a in mutates_args) if not isinstance(mutates_args, str) else ()
         functools.update_wrapper(self, fn)
 
     @property
@@ -95,10 +110,22 @@ class EagerOp:
     def register_fake(self, fake):
         return self.op.register_fake(fake)
 
-    def __call__(self, *args, **kwargs):
+    def _direct(self, args, kwargs) -> bool:
         if _traced():
+            return False
+        grad = torch.is_grad_enabled()
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or (grad and a.requires_grad)):
+                return False
+        return True
+
+    def __call__(self, *args, **kwargs):
+        if not self._direct(args, kwargs):
             return self.op(*args, **kwargs)
-        return self._fn(*args, **kwargs)
+        out = self._fn(*args, **kwargs)
+        for i, name in self._mutated:
+            torch.autograd.graph.increment_version(args[i] if i < len(args) else kwargs[name])
+        return out
 
 
 def custom_op(name: str, *, mutates_args):
@@ -135,16 +162,14 @@ _PRECOMPILED: set = set()
 _POOL = None
 
 
-_KEY_POS: dict = {}
-
-
 def _autotune_key(kernel, args: tuple, kwargs: dict) -> tuple:
     """The key triton's Autotuner.run caches a launch's choice under (triton 3.6): the ``key``
     arguments' values, then the dtype of every argument that has one (positional, then keyword).
     Computed from cached argument positions: it runs before every autotuned launch."""
-    pos = _KEY_POS.get(id(kernel))
-    if pos is None:
-        pos = _KEY_POS[id(kernel)] = (kernel.arg_names, [kernel.arg_names.index(k) for k in kernel.keys])
+    pos = getattr(kernel, "_pk_key_pos", None)
+    if pos is None:  # triton skips a key name that is not an argument; so does this
+        pos = (kernel.arg_names, [kernel.arg_names.index(k) for k in kernel.keys if k in kernel.arg_names])
+        kernel._pk_key_pos = pos
     names, key_pos = pos
     n = len(args)
     key = [args[i] if i < n else kwargs[names[i]] for i in key_pos if i < n or names[i] in kwargs]

@@ -71,6 +71,7 @@ import functools
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import dispatch
 from .._checks import check_tensor
@@ -729,6 +730,7 @@ class LilyFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2, weight, lp, router, hp, h, p, w = ctx.saved_tensors
         scaling, token, router_h, bias_dtype, base = ctx.cfg

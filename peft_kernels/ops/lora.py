@@ -85,6 +85,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import dispatch
 from .._checks import check_choice
@@ -531,7 +532,8 @@ def _seed_tensor(seed) -> torch.Tensor:
     return torch.tensor([seed], dtype=torch.int64)
 
 
-# the seed tensor of every call without dropout (Lily's primitives too): never read, never written
+# the seed tensor of every call with seed 0 (Lily's primitives too): read only where there is dropout
+# (as 0), never written
 _ZERO_SEED = torch.zeros(1, dtype=torch.int64)
 
 
@@ -881,7 +883,8 @@ def deterministic() -> bool:
 
 def _launch_da(g, x, total_scale, dropout_p, seed, deterministic_sum, out=None):
     """``total_scale * g^T @ (mask * x)`` fp32 ``(r, K)``, tokens split over programs; into
-    ``out`` (an fp32 ``(r, K)`` view, zero on entry) when given, else into a new tensor."""
+    ``out`` (an fp32 ``(r, K)`` view, possibly strided) when given, else into a new tensor. The
+    atomic path adds into ``out`` (zero it first); the deterministic one overwrites it."""
     M, K = x.shape
     r = g.shape[1]
     if out is None:
@@ -1038,6 +1041,7 @@ class LoRAFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
         s, p_in, p_out = ctx.scaling, ctx.p_in, ctx.p_out

@@ -76,6 +76,7 @@ import functools
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import dispatch
 from ..reference.monarch import check_monarch_args
@@ -561,6 +562,7 @@ class MonarchFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], m)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x2, weight, W1, W2, y1, seed = ctx.saved_tensors
         m = weight.shape[0]
@@ -717,6 +719,7 @@ class _ExpandFunction(torch.autograd.Function):
         return _monarch_expand(W1, W2, n, m, out_dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dB1, dB2):
         W1, W2 = ctx.saved_tensors
         n, m, dtype = ctx.n, ctx.m, ctx.out_dtype

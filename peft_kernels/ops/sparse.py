@@ -48,6 +48,7 @@ import contextlib
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import _ext, dispatch
 from .._checks import check_bias, check_input, check_same_device, check_tensor
@@ -437,6 +438,7 @@ class SparseAdapterFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         xt, val, crow, col, crow_t, row_t, perm = ctx.saved_tensors
         spmm, sddmm = _kernels(ctx.impl)
@@ -473,6 +475,7 @@ class SparseLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         xt, w, val, crow, col, crow_t, row_t, perm = ctx.saved_tensors
         need_x, need_w, need_b, need_val = ctx.needs_input_grad[:4]
@@ -522,6 +525,7 @@ class RoSAFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         from ..reference._philox import keep_scale
         from .lora import _lora_bwd, _lora_gemm, adapter_grads, deterministic

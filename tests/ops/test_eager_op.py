@@ -71,3 +71,40 @@ def test_host_int_helpers_match_triton(n):
     assert next_pow2(n) == triton.next_power_of_2(n)
     for d in (1, 3, 16, 64):
         assert cdiv(n, d) == triton.cdiv(n, d)
+
+
+@custom_op("peft_kernels_test::add_into", mutates_args=("y",))
+def _add_into(y: torch.Tensor, x: torch.Tensor) -> None:
+    CALLS["body"] += 1
+    y.add_(x)
+
+
+@_add_into.register_fake
+def _(y, x):
+    return None
+
+
+def test_direct_call_only_where_nothing_can_tell():
+    """The registered op (not the body) where autograd must see the call (grad mode on, an input
+    requiring grad) or a tensor subclass must dispatch it; mutated inputs get a version bump
+    either way (autograd's saved-tensor check relies on it)."""
+    x = torch.arange(3.0, requires_grad=True)
+    with _Log() as log:
+        pass
+    assert _twice_plus._direct((x.detach(),), {})
+    assert not _twice_plus._direct((x,), {})  # would need autograd: the op raises "no autograd formula"
+    with torch.no_grad():
+        assert _twice_plus._direct((x,), {})
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not _twice_plus._direct((torch.zeros(2).as_subclass(Sub),), {})
+    assert log.ops == []
+    y = torch.zeros(3)
+    v0 = y._version
+    _add_into(y, torch.ones(3))
+    assert y._version > v0 and torch.equal(y, torch.ones(3))
+    v1 = y._version
+    _add_into(y=y, x=torch.ones(3))
+    assert y._version > v1 and torch.equal(y, 2 * torch.ones(3))

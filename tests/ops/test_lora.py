@@ -339,6 +339,24 @@ def test_backward_issues_no_small_ops_beyond_one_cast(interpret):
     assert launching == ["peft_kernels::lora_bwd", "aten::_to_copy", "peft_kernels::lora_gemm"]
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_double_backward_raises_and_jit_trace_replays(interpret):
+    """The fused backward is first-order only: ``create_graph=True`` through it raises (it must not
+    silently drop the second-order terms), and ``torch.jit.trace`` records the op and replays it
+    on a new input."""
+    x, W, A, B, b = (t.float().to(interpret) for t in _inputs((13,), 4, True))
+    xs = [leaf(x), leaf(W, requires_grad=False), leaf(A), leaf(B), leaf(b)]
+    y = L.lora_linear(*xs, scaling=0.5, impl="triton")
+    (gx,) = torch.autograd.grad(y.square().sum(), [xs[0]], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|no autograd formula"):
+        gx.square().sum().backward()
+
+    fn = lambda t: L.lora_linear(t, W, A, B, b, scaling=0.5, impl="triton")  # noqa: E731
+    traced = torch.jit.trace(fn, (x,), check_trace=False)
+    x2 = torch.randn_like(x)
+    torch.testing.assert_close(traced(x2), R.lora(x2, W, A, B, b, scaling=0.5), rtol=1e-4, atol=1e-4)
+
+
 def test_gemm_op_accepts_strided_bias(interpret):
     """The GEMM kernel reads the bias without a stride: the op makes a strided bias dense first."""
     x, W, A, B, _ = (t.float().to(interpret) if t is not None else None for t in _inputs((19,), 4, False))
