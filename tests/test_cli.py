@@ -106,8 +106,35 @@ def test_train_speed_tiny(tmp_path, capsys):
         assert rows[name]["tokens_per_s"] > 0
     # both adapters train the same parameter count on the same targets
     assert rows["peft_kernels lora"]["trainable_params"] == rows["HF PEFT lora"]["trainable_params"] > 0
+    # the GPU-busy diagnostic exists only on CUDA: absent from the CPU table, None in the files
+    assert "GPU busy" not in text and all(r["gpu_busy_pct"] is None for r in rows.values())
     for k in STAMP_KEYS:
         assert data["meta"][k], k
+
+
+def test_train_speed_gpu_busy_arithmetic_and_table(monkeypatch):
+    """GPU busy = device-side profiler events' time (CPU-side events carry none) over the step time;
+    the table shows the column and its reading when a row has it."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from peft_kernels.bench import train_speed as TS
+
+    ev = [SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=1500.0),
+          SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=500.0),
+          SimpleNamespace(device_type=DeviceType.CPU, device_time_total=9999.0)]
+    assert TS._device_busy_ms(ev) == 2.0
+    assert TS._gpu_busy_ms(lambda: None, torch.device("cpu")) is None
+    row = {"variant": "peft_kernels lora", "family": "lora", "trainable_params": 1, "step_ms": 4.0,
+           "tokens_per_s": 10.0, "slowdown_vs_floor": None, "speedup_vs_peft": None, "peak_gib": 1.0,
+           "gpu_busy_ms": 2.0, "gpu_busy_pct": 50.0, "status": "ok"}
+    res = TS.TrainSpeedResult(meta={}, settings={"model": "tiny", "hidden_size": 1, "num_hidden_layers": 1,
+                                                 "batch": 1, "seq": 1, "dtype": "bf16", "steps": 1, "warmup": 0,
+                                                 "step": "x"}, rows=[row])
+    monkeypatch.setattr("peft_kernels.bench.meta.stamp_line", lambda meta: "stamp")
+    text = TS.train_speed_text(res)
+    assert "GPU busy %" in text and " 50" in text and "leaves the GPU idle" in text
 
 
 def _interrupt_at_call(monkeypatch, module, name: str, n: int) -> None:

@@ -132,6 +132,34 @@ def _time_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> tupl
     return elapsed, peak
 
 
+def _device_busy_ms(events) -> float:
+    """Milliseconds the GPU spent in kernels, copies and memsets among profiler ``events``
+    (``prof.events()``: device-side events carry their own duration; one stream, no overlap)."""
+    from torch.autograd import DeviceType
+
+    return sum(e.device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3
+
+
+def _gpu_busy_ms(step, device: torch.device) -> Optional[float]:
+    """GPU time of one more step, from torch.profiler's CUDA activity (None off CUDA, or where the
+    profiler cannot trace the device). Against the timed step's wall time it says who limits the
+    step: near 100% the GPU; well below, the host (Python, launches) or a sync leaves the GPU idle.
+    Profiled once, after the timed steps, so it costs them nothing."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize(device)
+        busy = _device_busy_ms(prof.events())
+        return busy if busy > 0 else None
+    except Exception:  # noqa: BLE001 - a diagnostic only: no CUPTI, a profiler already running, ...
+        return None
+
+
 def _floor_step(model, ids):
     emb = model.get_input_embeddings()
 
@@ -237,7 +265,7 @@ def _run_variants(s, device, progress, config, ids, tokens, result) -> None:
     for name, fam, maker in tqdm(list(_variants(s)), desc="peft-kernels train-speed", unit="model", disable=not progress):
         row = {"variant": name, "family": fam or "-", "trainable_params": 0, "step_ms": None,
                "tokens_per_s": None, "slowdown_vs_floor": None, "speedup_vs_peft": None, "peak_gib": None,
-               "status": "ok"}
+               "gpu_busy_ms": None, "gpu_busy_pct": None, "status": "ok"}
         model = params = step = None
         try:
             if maker is None:
@@ -252,6 +280,9 @@ def _run_variants(s, device, progress, config, ids, tokens, result) -> None:
             elapsed, peak = _time_steps(step, s.warmup, s.steps, device)
             tps = tokens * s.steps / elapsed
             row.update(step_ms=1e3 * elapsed / s.steps, tokens_per_s=tps, peak_gib=peak)
+            busy = _gpu_busy_ms(step, device)
+            if busy is not None:
+                row.update(gpu_busy_ms=busy, gpu_busy_pct=min(100.0, 100.0 * busy / row["step_ms"]))
         except ImportError as e:
             row["status"] = f"n/a: {type(e).__name__}: {e}"[:200]
         except Exception as e:  # noqa: BLE001 - one failing variant must not sink the comparison
@@ -270,6 +301,7 @@ TRAIN_COLUMNS = (
     ("variant", "variant", None), ("trainable", "trainable_params", ","), ("step ms", "step_ms", ".1f"),
     ("tokens/s", "tokens_per_s", ",.0f"), ("x floor", "slowdown_vs_floor", ".2f"),
     ("vs HF PEFT", "speedup_vs_peft", ".2f"), ("peak GiB", "peak_gib", ".2f"),
+    ("GPU busy %", "gpu_busy_pct", ".0f"),
 )
 
 
@@ -288,7 +320,11 @@ def train_speed_text(result: TrainSpeedResult) -> str:
     if result.interrupted:
         out.append("INTERRUPTED: only the variants below finished")
     ok = [r for r in result.rows if r["status"] == "ok"]
-    out.append(format_table(ok, TRAIN_COLUMNS if any(r["peak_gib"] for r in ok) else TRAIN_COLUMNS[:-1]))
+    cols = [c for c in TRAIN_COLUMNS if c[1] not in ("peak_gib", "gpu_busy_pct") or any(r[c[1]] for r in ok)]
+    out.append(format_table(ok, cols))
+    if any(r["gpu_busy_pct"] for r in ok):
+        out.append("GPU busy % = GPU time of one profiled step (kernels, copies) / timed step time: "
+                   "well below 100 = the host (Python, launches) leaves the GPU idle")
     for r in result.rows:
         if r["status"] != "ok":
             out.append(f"  [{r['variant']}] {r['status']}")
