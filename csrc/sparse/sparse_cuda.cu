@@ -12,6 +12,7 @@
 // Kept deliberately simple (one output element per thread in the SpMM, one warp per nonzero
 // in the SDDMM); see peft_kernels/ops/sparse.py for what to measure first on an H100.
 #ifdef PEFT_KERNELS_WITH_CUDA
+#include <algorithm>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -44,13 +45,13 @@ __global__ void spmm_kernel(
     const index_t* __restrict__ col,    // (nnz,)
     const float* __restrict__ val,      // (nnz,)
     scalar_t* __restrict__ y,           // (T, N) output (kAccumulate: added into, in place), row stride ldy
-    // sizes
-    int64_t T, int64_t N, int64_t ldy) {
+    // sizes; tile_offset: the first token tile of this launch (grid axis y holds at most 65535)
+    int64_t T, int64_t N, int64_t ldy, int64_t tile_offset) {
   // blockIdx.x walks row tiles fastest, so the blocks resident at one time share a token tile
   // and its gathered x^T columns (K x 32 tokens) stay in L2.
   __shared__ float tile[kTile][kTile + 1];  // [row][token]; +1 avoids bank conflicts on the transpose
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t t0 = (tile_offset + static_cast<int64_t>(blockIdx.y)) * kTile;
   const int64_t t = t0 + threadIdx.x;
   for (int i = threadIdx.y; i < kTile; i += kRowsPerPass) {
     const int64_t r = r0 + i;
@@ -114,20 +115,25 @@ template <bool kAccumulate>
 void launch_spmm(at::Tensor& y, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                  const at::Tensor& val) {
   const int64_t T = x.size(0), N = y.size(1);
-  TORCH_CHECK((T + kTile - 1) / kTile <= 65535, "sparse_spmm: too many tokens for one launch (T=", T, ")");
+  const int64_t row_tiles = (N + kTile - 1) / kTile, token_tiles = (T + kTile - 1) / kTile;
   const at::Tensor xt = x.t().contiguous();  // (K, T); free when x is a transposed view
   const at::Tensor crowc = crow.contiguous(), colc = col.contiguous(), valc = val.contiguous();
   const dim3 block(kTile, kRowsPerPass);
-  const dim3 grid(static_cast<unsigned int>((N + kTile - 1) / kTile), static_cast<unsigned int>((T + kTile - 1) / kTile));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  PK_DISPATCH_DATA_TYPES(x.scalar_type(), "sparse_spmm_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(crowc.scalar_type(), "sparse_spmm_cuda_index", [&] {
-      spmm_kernel<scalar_t, index_t, kAccumulate><<<grid, block, 0, stream>>>(
-          xt.data_ptr<scalar_t>(), crowc.data_ptr<index_t>(), colc.data_ptr<index_t>(), valc.data_ptr<float>(),
-          y.data_ptr<scalar_t>(), T, N, y.stride(0));
+  // grid axis y (token tiles) is capped at 65535 by CUDA: more than ~2.1 M tokens take several launches
+  constexpr int64_t kMaxGridY = 65535;
+  for (int64_t offset = 0; offset < token_tiles; offset += kMaxGridY) {
+    const dim3 grid(static_cast<unsigned int>(row_tiles),
+                    static_cast<unsigned int>(std::min(kMaxGridY, token_tiles - offset)));
+    PK_DISPATCH_DATA_TYPES(x.scalar_type(), "sparse_spmm_cuda", [&] {
+      AT_DISPATCH_INDEX_TYPES(crowc.scalar_type(), "sparse_spmm_cuda_index", [&] {
+        spmm_kernel<scalar_t, index_t, kAccumulate><<<grid, block, 0, stream>>>(
+            xt.data_ptr<scalar_t>(), crowc.data_ptr<index_t>(), colc.data_ptr<index_t>(), valc.data_ptr<float>(),
+            y.data_ptr<scalar_t>(), T, N, y.stride(0), offset);
+      });
     });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace

@@ -244,6 +244,28 @@ def test_larger_shapes_on_gpu(request, impl, dtype):
     _check_linear(impl, _impl_device(request, impl), dtype, True, x_shape=(4, 251, 1031), d_out=769, density=0.02)
 
 
+@pytest.mark.gpu
+def test_cuda_spmm_beyond_one_launch_of_token_tiles(request):
+    """More than 65535 token tiles (CUDA's grid-axis-y cap, ~2.1 M tokens): the native SpMM splits
+    the launch; rows on both sides of the split match the fp32 torch product."""
+    device = _impl_device(request, "cuda")
+    T = 65535 * 32 + 77
+    g = torch.Generator().manual_seed(3)
+    crow, col = random_mask(40, 8, 0.3, g)
+    val = torch.randn(col.shape[0], generator=g)
+    dense = torch.zeros(40, 8)
+    rows = torch.repeat_interleave(torch.arange(40), crow[1:] - crow[:-1])
+    dense[rows, col] = val
+    x = torch.randn(T, 8, generator=g).to(device, torch.bfloat16)
+    y = torch.ops.peft_kernels.sparse_spmm(x, crow.to(device), col.to(device), val.to(device), 40)
+    want = x.float() @ dense.to(device).t()
+    for sl in (slice(0, 64), slice(65535 * 32 - 64, 65535 * 32 + 77)):
+        torch.testing.assert_close(y[sl].float(), want[sl], rtol=1e-2, atol=1e-2)
+    y2 = torch.zeros_like(y)
+    torch.ops.peft_kernels.sparse_spmm_add_(y2, x, crow.to(device), col.to(device), val.to(device))
+    assert torch.equal(y2[-77:], y[-77:])
+
+
 def test_triton_launches_guarded_and_grid_within_cuda_limits(interpret, monkeypatch):
     """Every launch runs under ``torch.cuda.device(x.device)`` (Triton launches on the current
     device), and no grid axis but 0 grows with T: CUDA caps axes 1/2 at 65535, which the
