@@ -382,6 +382,33 @@ def test_bench_interrupted_keeps_what_was_measured(tmp_path, capsys, monkeypatch
     assert data["settings"]["cases"].endswith("(interrupted)")
 
 
+def test_bench_defers_compile_rows_and_restores_table_order(monkeypatch):
+    """torch.compile rows (a compile per shape) run after every other row of every shape, reuse the
+    base timed for their (family, shape), and land back in their place in the table."""
+    import dataclasses
+
+    from peft_kernels.bench import layer
+
+    spec = C.FAMILY_SPECS["lora"]
+    i = next(k for k, v in enumerate(spec.variants) if v.name == "torch.compile")
+    assert spec.variants[i].deferred
+    shapes = [(24, 16), (16, 24)]
+    jobs = layer._jobs(["lora", "monarch"], shapes, False, torch.device("cpu"))
+    late = [j for j in jobs if j[3] is not None and j[3].deferred]
+    assert late and jobs[-len(late):] == late and all(j[3].name == "torch.compile" for j in late)
+    # run it on the CPU (as plain torch LoRA) to see the base reuse and the order
+    variants = list(spec.variants)
+    variants[i] = dataclasses.replace(variants[i], build=C.lora_torch, gpu_only=False)
+    monkeypatch.setitem(C.FAMILY_SPECS, "lora", dataclasses.replace(spec, variants=variants))
+    res = layer.run_bench(families=["lora", "monarch"], shapes=shapes, tokens=5, reps=1, progress=False)
+    keys = [(r["family"], r["shape"], r["config"], r["variant"].split("[")[0]) for r in res.rows]
+    order = layer._natural_order(["lora", "monarch"], shapes, False)
+    assert [order[k] for k in keys] == sorted(order[k] for k in keys)
+    compiled = [r for r in res.rows if r["variant"] == "torch.compile"]
+    assert len(compiled) == 4 and all(r["status"] == "ok" and r["fwdbwd_ratio"] > 0 for r in compiled)
+    assert sum(r["variant"] == "frozen base" for r in res.rows) == 4  # timed once per (family, shape)
+
+
 def test_lora_base_rows_run_on_the_triton_path(interpret, monkeypatch):
     """Forced onto the Triton path (the interpreter on a CPU-only machine, else the GPU),
     the default row and the two base-pinned rows are all measured and labelled with their base,

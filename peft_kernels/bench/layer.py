@@ -154,21 +154,50 @@ def measure(fwd, params: Sequence[torch.Tensor], setup: C.Setup, reps: int, stat
             "peak_mib": None if peak is None else peak / MiB, "saved_mib": None if saved is None else saved / MiB}
 
 
-def _jobs(families, shapes, sweep: bool, device: torch.device):
-    """Every (family, shape, config, variant) to run, base first per (family, shape); shape-major,
-    so every family's first shape (GUIDE's (4096, 4096), where every issue has a target) is measured
-    before any family's second: a run cut short by a time limit keeps the headline rows."""
-    jobs = []
+def _all_cases(families, shapes, sweep: bool):
+    """(family, shape, config, variant) in table order, ``(fam, shape, None, None)`` = the frozen
+    base first per (family, shape); shape-major, so every family's first shape (GUIDE's
+    (4096, 4096), where every issue has a target) comes before any family's second. Variants that
+    do not apply to a config are left out; skipped ones stay (the table says why)."""
     for shape in shapes:
         for fam in families:
             spec = C.FAMILY_SPECS[fam]
-            jobs.append((fam, shape, None, None))
+            yield fam, shape, None, None
             for cfg in spec.configs(sweep):
                 for var in spec.variants:
-                    if not var.applies(cfg):
-                        continue
-                    jobs.append((fam, shape, cfg, var))  # skipped ones too: the table says why
-    return jobs
+                    if var.applies(cfg):
+                        yield fam, shape, cfg, var
+
+
+def _jobs(families, shapes, sweep: bool, device: torch.device):
+    """What to run, in order: ``_all_cases`` with the deferred variants (torch.compile: a compile
+    per shape, ~10-40 s each) moved after all the others, so a run cut short by a time limit keeps
+    every kernel row; their rows reuse the base timed for their (family, shape) and are put back in
+    table order afterwards (``_sort_rows``)."""
+    cases = list(_all_cases(families, shapes, sweep))
+    late = [c for c in cases if c[3] is not None and c[3].deferred]
+    return [c for c in cases if c[3] is None or not c[3].deferred] + late
+
+
+def _natural_order(families, shapes, sweep: bool) -> dict:
+    """(family, shape, config label, variant name) -> position in ``_all_cases``."""
+    order = {}
+    for fam, shape, cfg, var in _all_cases(families, shapes, sweep):
+        label, name = ("-", "frozen base") if var is None else (C.FAMILY_SPECS[fam].label(cfg), var.name)
+        order.setdefault((fam, f"{shape[0]}x{shape[1]}", label, name), len(order))
+    return order
+
+
+def _sort_rows(rows: list, order: dict) -> list:
+    """Rows in table order; a row whose key is not in ``order`` (a renamed kernel row, e.g.
+    ``peft_kernels[triton]``) sorts by its variant's base name, and stays stable otherwise."""
+    def key(ir):
+        i, r = ir
+        name = r["variant"].split("[")[0]
+        k = (r["family"], r["shape"], r["config"], name)
+        return (order.get(k, len(order)), i)
+
+    return [r for _, r in sorted(enumerate(rows), key=key)]
 
 
 def _row(fam, shape, tokens, dtype, cfg_label, variant, impl=None, **extra) -> dict:
@@ -231,6 +260,7 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
     bar = tqdm(total=len(jobs), desc="peft-kernels bench", unit="case", disable=not progress,
                mininterval=0.5, dynamic_ncols=True)
     setup, base, current = None, None, None
+    bases = {}  # (family, shape) -> the base's timings, for the deferred rows
     done = 0
     try:
         for done, (fam, shape, cfg, var) in enumerate(jobs):
@@ -242,12 +272,14 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
                     torch.cuda.empty_cache()
                 setup = C.make_setup(shape[0], shape[1], tokens, dtype, device)
                 current = (fam, shape)
+                base = bases.get(current)  # a deferred row's (family, shape): timed in the first pass
             if var is None:
                 bar.set_postfix_str(f"{fam} {shape[0]}x{shape[1]} base", refresh=False)
                 w = setup.weight
                 row = _row(fam, shape, tokens, dtype, "-", "frozen base", impl="torch")
                 try:
                     base = measure(lambda: F.linear(setup.x, w), [], setup, reps, stat, clock)
+                    bases[current] = base
                     row.update(base, fwd_ratio=1.0, bwd_ratio=1.0, fwdbwd_ratio=1.0)
                 except Exception as e:  # noqa: BLE001
                     row["status"] = f"error: {_error_text(e)}"
@@ -311,6 +343,7 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
         result.interrupted = True
     finally:
         bar.close()
+    result.rows = _sort_rows(result.rows, _natural_order(families, shapes, sweep))
     result.settings["cases"] = f"{done} of {len(jobs)}" + (" (interrupted)" if result.interrupted else "")
     result.base_decisions = collect_base_decisions()
     result.sparse_decisions = collect_sparse_decisions()
