@@ -23,6 +23,7 @@ _LAZY = {
     "lily_linear": "peft_kernels.ops.lily",
     # drop-in modules
     "LoRALinear": "peft_kernels.modules.lora",
+    "share_inputs": "peft_kernels.modules.lora",
     "AdaLoRALinear": "peft_kernels.modules.adalora",
     "MonarchLinear": "peft_kernels.modules.monarch",
     "SparseLinear": "peft_kernels.modules.sparse",

@@ -289,13 +289,19 @@ def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: O
     ``"self_attn.q_proj"``), full names, or regexes over the full name; a single string is a regex
     (PEFT's rule); ``"all-linear"`` takes every linear but the output layer. ``layers`` keeps only
     modules whose path holds one of these integer indices (``model.layers.3.mlp.up_proj`` -> 3).
-    ``method_options`` go to the family's ``from_linear`` (``build_lily`` for Lily).
+    ``method_options`` go to the family's ``from_linear`` (``build_lily`` for Lily), except
+    ``share_inputs`` (LoRA only): True links siblings that read one input (q/k/v, gate/up; see
+    ``modules.lora.share_inputs``) so they share one down-projection pass on the fused path; a
+    sequence of name tuples picks the groups. Runtime only: a saved adapter does not record it.
     """
     if isinstance(model, AdaptedModel):
         raise TypeError("model is already an AdaptedModel; pass adapted.model to adapt more layers")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     family_class(method)  # fail early on an unknown or missing family
+    share = method_options.pop("share_inputs", False)
+    if share is not False and method != "lora":
+        raise TypeError(f"share_inputs is a LoRA option, not one of {method!r}")
     names = select_modules(model, target_modules, layers)
     snapshot = _snapshot_requires_grad(model)
     linears, conv1d = _base_linears(model, names, snapshot)
@@ -304,7 +310,12 @@ def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: O
     except BaseException:
         _restore_requires_grad(snapshot)  # from_linear may already have frozen some base layers
         raise
-    return _install(model, method, method_options, modules, conv1d, snapshot)
+    adapted = _install(model, method, method_options, modules, conv1d, snapshot)
+    if share is not False:
+        from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs
+
+        share_inputs(model, DEFAULT_SHARED_INPUTS if share is True else share)
+    return adapted
 
 
 def _json_safe(options: dict) -> dict:

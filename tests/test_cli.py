@@ -112,6 +112,24 @@ def test_train_speed_tiny(tmp_path, capsys):
         assert data["meta"][k], k
 
 
+def test_train_speed_shared_inputs_row_on_the_fused_path(tmp_path, capsys, interpret):
+    """The fused path adds a 'shared inputs' LoRA row (q/k/v, gate/up share one down-projection
+    pass); it trains the same parameters and is compared with HF PEFT like the plain row. The torch
+    path, where grouping does nothing, has no such row."""
+    from peft_kernels.bench import train_speed as TS
+
+    assert [n for n, *_ in TS._variants(TS.TrainSpeedSettings(device="cpu"))] == [
+        "frozen model (floor)", "peft_kernels lora", "HF PEFT lora"]
+    assert "peft_kernels lora (shared inputs)" in [n for n, *_ in TS._variants(TS.TrainSpeedSettings(device="cuda"))]
+    rc = main(["train-speed", "--model", "tiny", "--family", "lora", "--seq", "8", "--batch", "1", "--steps", "1",
+               "--warmup", "0", "--impl", "triton", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "train_speed.json").read_text())["rows"]}
+    shared, plain = rows["peft_kernels lora (shared inputs)"], rows["peft_kernels lora"]
+    assert shared["status"] == "ok" and shared["trainable_params"] == plain["trainable_params"] > 0
+    assert shared["speedup_vs_peft"] is not None
+
+
 def test_train_speed_gpu_busy_arithmetic_and_table(monkeypatch):
     """GPU busy = device-side profiler events' time (CPU-side events carry none) over the step time;
     the table shows the column and its reading when a row has it."""

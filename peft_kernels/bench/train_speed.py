@@ -192,6 +192,12 @@ def _kernels_model(config, fam: str, opts: dict, s: TrainSpeedSettings, device: 
     return handle, params
 
 
+def _kernels_model_shared(config, fam: str, opts: dict, s: TrainSpeedSettings, device: torch.device):
+    """peft_kernels LoRA with ``share_inputs=True``: q/k/v and gate/up share one down-projection
+    pass over their input (opt-in until this row shows it pays)."""
+    return _kernels_model(config, fam, {**opts, "share_inputs": True}, s, device)
+
+
 def _peft_model(config, fam: str, opts: dict, s: TrainSpeedSettings, device: torch.device):
     import peft
 
@@ -214,6 +220,8 @@ def _variants(s: TrainSpeedSettings):
     yield "frozen model (floor)", None, None
     for fam in s.families:
         yield f"peft_kernels {fam}", fam, _kernels_model
+        if fam == "lora" and (s.device.startswith("cuda") or s.impl == "triton"):
+            yield f"peft_kernels {fam} (shared inputs)", fam, _kernels_model_shared  # fused path only
         if fam in ("lora", "lily"):
             yield f"HF PEFT {fam}", fam, _peft_model
 

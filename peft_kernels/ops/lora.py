@@ -82,13 +82,13 @@ epilogue's spill stores fell from 1612 to 44 bytes at 128x128x64 (8 warps) and f
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from .. import dispatch
-from .._checks import check_choice
+from .._checks import check_choice, check_same_device, check_tensor
 from ..reference.lora import check_lora_args, lora as lora_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
@@ -950,9 +950,9 @@ def _(dy, lora_B, xa, dropout_p, seed, deterministic=False):
 @custom_op("peft_kernels::lora_bwd", mutates_args=())
 def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale_b: float,
               scale_a: float, p_in: float, p_out: float, seed: torch.Tensor, need_b: bool, need_a: bool,
-              deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adapter half of the LoRA backward, before dX: ``(g, grads)`` with ``g = dY' @ B`` fp32
-    ``(T, r)`` unscaled (dY' = dY, or ``mask_out * dY`` for an output-side dropout ``p_out``) and
+              deterministic: bool = False, scale_g: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter half of the LoRA backward, before dX: ``(g, grads)`` with ``g = scale_g * dY' @ B``
+    fp32 ``(T, r)`` (dY' = dY, or ``mask_out * dY`` for an output-side dropout ``p_out``) and
     ``grads`` ONE flat fp32 buffer holding, in order, ``dB = scale_b * dY'^T @ xa`` ``(d_out, r)``
     (``need_b``) and ``dA = scale_a * keep_scale(p_in) * g^T @ (mask_in * x)`` ``(r, d_in)``
     (``need_a``); ``adapter_grads`` splits it. One buffer: one memset for both atomic targets and,
@@ -972,18 +972,18 @@ def _lora_bwd(dy: torch.Tensor, x: torch.Tensor, lora_B: torch.Tensor, xa: torch
         ws.zero_()
         return g, ws
     if deterministic:
-        _launch_rows(dy, lora_B, None, g, None, p_out, seed, 1.0)
+        _launch_rows(dy, lora_B, None, g, None, p_out, seed, scale_g)
         if need_b:
             _launch_da(xa, dy, scale_b, p_out, seed, True, out=db.t())
     else:
-        _launch_rows(dy, lora_B, xa if need_b else None, g, db if need_b else None, p_out, seed, 1.0, scale_b)
+        _launch_rows(dy, lora_B, xa if need_b else None, g, db if need_b else None, p_out, seed, scale_g, scale_b)
     if need_a:
         _launch_da(g, x, scale_a * keep_scale(p_in), p_in, seed, deterministic, out=da)
     return g, ws
 
 
 @_lora_bwd.register_fake
-def _(dy, x, lora_B, xa, scale_b, scale_a, p_in, p_out, seed, need_b, need_a, deterministic=False):
+def _(dy, x, lora_B, xa, scale_b, scale_a, p_in, p_out, seed, need_b, need_a, deterministic=False, scale_g=1.0):
     r = lora_B.shape[1]
     n = (dy.shape[1] * r if need_b else 0) + (r * x.shape[1] if need_a else 0)
     return dy.new_empty((dy.shape[0], r), dtype=torch.float32), dy.new_empty((n,), dtype=torch.float32)
@@ -1023,14 +1023,24 @@ class LoRAFunction(torch.autograd.Function):
     ``output_dropout=False`` (LoRA): ``D`` drops elements of ``x`` before ``A``.
     ``output_dropout=True`` (Monarch's placement, which reuses these kernels through dense
     expansions of its factors): ``D`` drops elements of the ``(T, d_out)`` adapter output. Same
-    mask spec either way, over the tensor it applies to."""
+    mask spec either way, over the tensor it applies to.
+
+    ``xa`` given (a shared-input group's member, no dropout): the down-projection ``x A^T`` was
+    computed for the whole group by ``LoRAGroupDownFunction``, which also owns dA; ``lora_A``
+    (detached) only serves the dX epilogue, and the gradient returned for ``xa`` is
+    ``s * dY B``."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, base, output_dropout=False):
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, base, output_dropout=False,
+                xa=None):
         x = x.contiguous()
         lora_A = lora_A.contiguous()
         p_in, p_out = (0.0, dropout_p) if output_dropout else (dropout_p, 0.0)
-        xa = _lora_down(x, lora_A, p_in, seed)
+        ctx.grouped = xa is not None
+        if xa is None:
+            xa = _lora_down(x, lora_A, p_in, seed)
+        elif dropout_p != 0.0:
+            raise ValueError("a precomputed xa (shared-input group) takes dropout_p = 0")
         s_out = scaling * keep_scale(p_out)  # keep_scale(0) == 1
         # B^T is an (r, d_out) view read through strides
         y = _lora_gemm(x, weight.t(), None, xa, lora_B.t(), bias, s_out, p_out, seed, x.dtype, base)
@@ -1049,17 +1059,67 @@ class LoRAFunction(torch.autograd.Function):
         s = s * keep_scale(p_out)
         dy = dy.contiguous()
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        dx = dw = da = db = dbias = None
-        g, grads = _lora_bwd(dy, x, lora_B, xa, s, s, p_in, p_out, seed, need_b, need_a, deterministic())
-        da, db = adapter_grads(grads, lora_A, lora_B, need_a, need_b)
-        if need_x:
-            dx = _lora_gemm(dy, weight, None, g, lora_A, None, s * keep_scale(p_in), p_in, seed, dy.dtype,
-                            ctx.base)
+        dx = dw = da = db = dbias = dxa = None
+        if ctx.grouped:  # g = s * dY B is xa's gradient; dA is the group's (one pass over x for all)
+            need_xa = ctx.needs_input_grad[10]
+            g, grads = _lora_bwd(dy, x, lora_B, xa, s, s, 0.0, 0.0, seed, need_b, False, deterministic(), s)
+            _, db = adapter_grads(grads, lora_A, lora_B, False, need_b)
+            if need_x:
+                dx = _lora_gemm(dy, weight, None, g, lora_A, None, 1.0, 0.0, seed, dy.dtype, ctx.base)
+            dxa = g if need_xa else None
+        else:
+            g, grads = _lora_bwd(dy, x, lora_B, xa, s, s, p_in, p_out, seed, need_b, need_a, deterministic())
+            da, db = adapter_grads(grads, lora_A, lora_B, need_a, need_b)
+            if need_x:
+                dx = _lora_gemm(dy, weight, None, g, lora_A, None, s * keep_scale(p_in), p_in, seed, dy.dtype,
+                                ctx.base)
         if need_w:
             dw = torch.mm(dy.t(), x).to(weight.dtype)
         if need_bias and ctx.has_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, da, db, dbias, None, None, None, None, None
+        return dx, dw, da, db, dbias, None, None, None, None, None, dxa
+
+
+class LoRAGroupDownFunction(torch.autograd.Function):
+    """The down-projections of LoRA layers that read one input (q/k/v, gate/up): ``xa_i = x A_i^T``
+    (fp32 ``(T, r_i)``) for every member in ONE pass over x, and in backward every ``dA_i =
+    dxa_i^T x`` in one pass over x (the members' ``LoRAFunction``s, given ``xa_i``, return
+    ``dxa_i = s_i dY_i B_i``). No gradient for x here: each member's dX GEMM already adds its
+    ``s_i g_i A_i`` term in its epilogue. No dropout (each member would need its own mask of x).
+
+    forward(x2 (T, d_in), A_1, ..., A_n) -> (xa_1, ..., xa_n), column views of one (T, sum r_i)
+    buffer."""
+
+    @staticmethod
+    def forward(ctx, x2, *lora_As):
+        x2 = x2.contiguous()
+        ranks = [a.shape[0] for a in lora_As]
+        a_cat = torch.cat([a.to(x2.dtype) for a in lora_As], dim=0)
+        xa = _lora_down(x2, a_cat, 0.0, _ZERO_SEED)
+        ctx.set_materialize_grads(False)  # an unused member's xa gets None (its A no gradient), not zeros
+        ctx.save_for_backward(x2)
+        ctx.ranks, ctx.dtypes = ranks, [a.dtype for a in lora_As]
+        return tuple(xa.split(ranks, dim=1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *dxas):
+        (x2,) = ctx.saved_tensors
+        need = [d is not None and ctx.needs_input_grad[1 + i] for i, d in enumerate(dxas)]
+        if not any(need):
+            return (None, *[None] * len(dxas))
+        T, ranks = x2.shape[0], ctx.ranks
+        g = torch.cat([d if d is not None else x2.new_zeros((T, r), dtype=torch.float32)
+                       for d, r in zip(dxas, ranks)], dim=1)
+        det = deterministic()
+        da = (torch.empty if det else torch.zeros)((sum(ranks), x2.shape[1]), device=x2.device, dtype=torch.float32)
+        _launch_da(g, x2, 1.0, 0.0, _ZERO_SEED, det, out=da)
+        cast = {dt: da.to(dt) for dt in set(ctx.dtypes)}  # one cast for members sharing a dtype
+        out, off = [], 0
+        for r, dt, want in zip(ranks, ctx.dtypes, need):
+            out.append(cast[dt][off:off + r] if want else None)
+            off += r
+        return (None, *out)
 
 
 # ----------------------------------------------------------------------------------------- public
@@ -1081,8 +1141,13 @@ def lora_linear(
     impl: Optional[str] = None,
     *,
     base: Optional[str] = None,
+    xa: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``x @ W0^T (+ b) + scaling * dropout(x) @ A^T @ B^T`` over any leading dims of ``x``.
+
+    ``xa``: this layer's ``x @ A^T`` from ``lora_group_down`` (layers sharing one input; no
+    dropout), used on the Triton path instead of a pass over x (the group then owns dA). The torch
+    path ignores it (and computes the same function, with dA itself).
 
     ``impl`` picks ``triton`` / ``torch`` (default: dispatch). ``base`` (``triton``/``cublas``/``tma``/
     ``auto``, default ``PEFT_KERNELS_BASE`` or ``auto``) picks who runs the base GEMM on the Triton
@@ -1104,8 +1169,34 @@ def lora_linear(
     if chosen == "torch":
         return lora_reference(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
     seed = _seed_tensor(seed)
+    if xa is not None:
+        if dropout_p != 0.0:
+            raise ValueError(f"xa (a shared-input group's down-projection) needs dropout_p = 0, got {dropout_p}")
+        check_tensor("xa", xa, shape=(x.numel() // max(d_in, 1), lora_A.shape[0]), dtypes=(torch.float32,))
     with torch.autocast(x.device.type, enabled=False):
         cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, lora_A, lora_B, bias)]
         x2 = cast[0].reshape(-1, d_in)
-        y = LoRAFunction.apply(x2, cast[1], cast[2], cast[3], cast[4], scaling, dropout_p, seed, mode, False)
+        a = cast[2] if xa is None else cast[2].detach()  # grouped: dA comes from the group's pass
+        y = LoRAFunction.apply(x2, cast[1], a, cast[3], cast[4], scaling, dropout_p, seed, mode, False, xa)
     return y.reshape(*x.shape[:-1], d_out)
+
+
+def lora_group_down(x: torch.Tensor, lora_As: Sequence[torch.Tensor], impl: Optional[str] = None
+                    ) -> Optional[list[torch.Tensor]]:
+    """``[x @ A_i^T]`` (fp32 ``(T, r_i)``, T = every leading dim of x) for LoRA layers that read the
+    same ``x``, in one pass over x (``LoRAGroupDownFunction``; dA for all of them in one pass in
+    backward); pass each to its layer's ``lora_linear(..., xa=)``. None where the fused path would
+    not run (dispatch picks torch, a rank above ``MAX_RANK``): the layers then run on their own."""
+    check_tensor("x", x, min_ndim=1)
+    d_in = x.shape[-1]
+    if not lora_As:
+        raise ValueError("lora_As must hold at least one lora_A")
+    for i, a in enumerate(lora_As):
+        check_tensor(f"lora_As[{i}]", a, shape=(None, d_in))
+        check_same_device(x=x, **{f"lora_As[{i}]": a})
+    dtype = dispatch.compute_dtype(x)
+    if dispatch.choose("lora", x.device, dtype, impl) != "triton" or any(a.shape[0] > MAX_RANK for a in lora_As):
+        return None
+    with torch.autocast(x.device.type, enabled=False):
+        x2 = (x if x.dtype == dtype else x.to(dtype)).reshape(-1, d_in)
+        return list(LoRAGroupDownFunction.apply(x2, *lora_As))
