@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .._checks import check_dropout, check_positive_int
-from ..ops.lora import lora_group_down, lora_linear
+from ..ops.lora import _group_down, lora_linear
 from ..reference.lora import lora_delta_weight, lora_scaling
 
 
@@ -201,11 +201,12 @@ class SharedInputGroup:
         self._round = None
         if not self._eligible():
             return None
-        xas = lora_group_down(x, [m.lora_A.weight for m in self.members], impl=member.impl)
+        a_s = [m.lora_A.weight for m in self.members]
+        xas = _group_down(x, a_s, member.impl)
         if xas is None:
             return None
         pending = {k: xa for k, xa in enumerate(xas) if k != i}
-        self._round = (x, x._version, self._versions(), pending) if pending else None
+        self._round = (x, x._version, tuple(a._version for a in a_s), pending) if pending else None
         return xas[i]
 
 

@@ -113,9 +113,12 @@ class EagerOp:
     def _direct(self, args, kwargs) -> bool:
         if _traced():
             return False
-        grad = torch.is_grad_enabled()
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or (grad and a.requires_grad)):
+        vals = (*args, *kwargs.values()) if kwargs else args
+        if torch.is_grad_enabled():  # not inside autograd.Function forward/backward: look closer
+            return not any(isinstance(a, torch.Tensor) and (a.requires_grad or type(a) not in _PLAIN) for a in vals)
+        for a in vals:
+            t = type(a)
+            if t is not torch.Tensor and t is not torch.nn.Parameter and isinstance(a, torch.Tensor):
                 return False
         return True
 

@@ -1194,6 +1194,13 @@ def lora_group_down(x: torch.Tensor, lora_As: Sequence[torch.Tensor], impl: Opti
     for i, a in enumerate(lora_As):
         check_tensor(f"lora_As[{i}]", a, shape=(None, d_in))
         check_same_device(x=x, **{f"lora_As[{i}]": a})
+    return _group_down(x, lora_As, impl)
+
+
+def _group_down(x: torch.Tensor, lora_As: Sequence[torch.Tensor], impl: Optional[str]) -> Optional[list]:
+    """``lora_group_down`` after its argument checks (a ``SharedInputGroup`` calls it directly: its
+    members' A's are checked module parameters)."""
+    d_in = x.shape[-1]
     dtype = dispatch.compute_dtype(x)
     if dispatch.choose("lora", x.device, dtype, impl) != "triton" or any(a.shape[0] > MAX_RANK for a in lora_As):
         return None

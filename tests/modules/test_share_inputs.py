@@ -43,8 +43,8 @@ def _model(device, dtype=torch.float32, dropout=0.0, impl="triton", share=True):
 
 def _spy(monkeypatch):
     calls = []
-    real = ML.lora_group_down
-    monkeypatch.setattr(ML, "lora_group_down", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ML._group_down
+    monkeypatch.setattr(ML, "_group_down", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
