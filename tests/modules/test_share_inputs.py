@@ -28,17 +28,20 @@ class Attn(nn.Module):
         return self.o_proj(q * torch.tanh(k).repeat(1, 1, 3) + v.repeat(1, 1, 3))
 
 
-def _model(device, dtype=torch.float32, dropout=0.0, impl="triton", share=True):
-    torch.manual_seed(0)
-    m = nn.Sequential(Attn(), Attn()).to(device, dtype)
-    am = adapt(m, "lora", target_modules="all-linear", r=4, alpha=8, dropout=dropout, impl=impl,
-               share_inputs=share)
+def _adapt(model, std=0.2, **options):
+    """``adapt`` every linear with LoRA r=4, B drawn at random (PEFT's zeros would hide B's path)."""
+    am = adapt(model, "lora", target_modules="all-linear", r=4, alpha=8, **options)
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in am.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.2)
+                p.normal_(0, std)
     return am
+
+
+def _model(device, dtype=torch.float32, dropout=0.0, impl="triton", share=True):
+    torch.manual_seed(0)
+    return _adapt(nn.Sequential(Attn(), Attn()).to(device, dtype), dropout=dropout, impl=impl, share_inputs=share)
 
 
 def _spy(monkeypatch):
@@ -190,13 +193,7 @@ def test_llama_groups_q_k_v_and_gate_up(interpret, monkeypatch):
 
     def run(share):
         torch.manual_seed(5)
-        am = adapt(copy.deepcopy(base), "lora", target_modules="all-linear", r=4, alpha=8, impl="triton",
-                   share_inputs=share)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for n, p in am.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
+        am = _adapt(copy.deepcopy(base), std=0.1, impl="triton", share_inputs=share)
         loss = am(input_ids=ids, labels=ids).loss
         loss.backward()
         return am, (loss.detach(), {n: p.grad for n, p in am.named_parameters() if p.grad is not None})
