@@ -300,6 +300,8 @@ def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: O
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     family_class(method)  # fail early on an unknown or missing family
     share = method_options.pop("share_inputs", False)
+    if share is None:
+        share = False
     if share is not False and method != "lora":
         raise TypeError(f"share_inputs is a LoRA option, not one of {method!r}")
     names = select_modules(model, target_modules, layers)

@@ -21,6 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .. import dispatch
 from .._checks import check_dropout, check_positive_int
 from ..ops.lora import _group_down, lora_linear
 from ..reference.lora import lora_delta_weight, lora_scaling
@@ -160,24 +161,31 @@ class SharedInputGroup:
     """LoRA layers called one after another with the same input tensor (``q = q_proj(h); k =
     k_proj(h); v = v_proj(h)``). The first member called computes every member's ``x @ A^T`` in
     one pass over x (and, in backward, every dA in one pass); the others take theirs from the
-    round. A round holds the input tensor itself and is used only while it is the very same tensor,
-    unmodified (its version), with every member's A unchanged: any other call starts a new round,
-    and a member whose input differs simply computes again (never a stale value). Used only on the
-    fused path, without dropout, and not while torch.compile traces (each layer then runs alone).
-    Saves (n - 1) passes over x forward and backward per group; costs one concatenation of the A's
-    per round and of the ``s dY B`` terms in backward."""
+    round. A round is used only for the very same input tensor, unmodified (its version), with the
+    same A tensors unchanged (their versions; a change through ``.data`` is invisible, as to
+    autograd), the same grad mode and the same compute dtype (autocast): any other call starts a
+    new round, and a member whose input differs computes again (never a stale value). Used only on
+    the fused path, without dropout, outside inference mode, and not while torch.compile traces
+    (each layer then runs alone). Saves (n - 1) passes over x forward and backward per group;
+    costs one concatenation of the A's per round and of the ``s dY B`` terms in backward.
+
+    Limits: the members' down-projections are one autograd node, so their outputs must be
+    differentiated in one backward (two separate ``backward()`` calls through different members
+    need ``retain_graph=True`` on the first). A round some member never takes (that member was
+    not called, or was called with another tensor) keeps its input and buffers alive until the
+    group's next call (``reset()`` drops it); copies and pickles of the model leave it out."""
 
     def __init__(self, members):
         self.members = tuple(members)
         self._round = None
 
-    def _versions(self) -> tuple:
-        return tuple(m.lora_A.weight._version for m in self.members)
+    def __getstate__(self):  # deepcopy / pickle: the links, not a round in progress
+        return {"members": self.members, "_round": None}
 
-    def _eligible(self) -> bool:
+    def _eligible(self, x: torch.Tensor) -> bool:
         first = self.members[0]
         w = first.lora_A.weight
-        return all(
+        return not x.is_inference() and not torch.is_inference_mode_enabled() and all(
             not m._merged and not (m.training and m.dropout > 0.0) and m.impl == first.impl
             and m.lora_A.weight.device == w.device and m.lora_A.weight.dtype == w.dtype for m in self.members)
 
@@ -185,29 +193,39 @@ class SharedInputGroup:
         """Drop the round in progress (it holds the last input and its down-projections)."""
         self._round = None
 
+    def _state(self, x: torch.Tensor) -> tuple:
+        """What a round is valid for, besides the input's identity."""
+        return (x._version, torch.is_grad_enabled(), dispatch.compute_dtype(x),
+                tuple((m.lora_A.weight, m.lora_A.weight._version) for m in self.members))
+
     def xa_for(self, member: "LoRALinear", x: torch.Tensor) -> Optional[torch.Tensor]:
         """``member``'s down-projection of ``x`` from the group's pass, or None (run alone)."""
         if torch.compiler.is_compiling():
             return None
-        i = next(k for k, m in enumerate(self.members) if m is member)
+        i = next((k for k, m in enumerate(self.members) if m is member), None)
+        if i is None:  # e.g. an nn.DataParallel replica: its members are copies
+            return None
         rnd = self._round
         if rnd is not None:
-            rx, version, a_versions, pending = rnd
-            if rx is x and version == x._version and i in pending and a_versions == self._versions():
+            rx, state, pending = rnd
+            if rx is x and i in pending and not x.is_inference() and self._same(state, self._state(x)):
                 xa = pending.pop(i)
                 if not pending:
                     self._round = None
                 return xa
         self._round = None
-        if not self._eligible():
+        if not self._eligible(x):
             return None
-        a_s = [m.lora_A.weight for m in self.members]
-        xas = _group_down(x, a_s, member.impl)
+        xas = _group_down(x, [m.lora_A.weight for m in self.members], member.impl)
         if xas is None:
             return None
         pending = {k: xa for k, xa in enumerate(xas) if k != i}
-        self._round = (x, x._version, tuple(a._version for a in a_s), pending) if pending else None
+        self._round = (x, self._state(x), pending) if pending else None
         return xas[i]
+
+    @staticmethod
+    def _same(a: tuple, b: tuple) -> bool:
+        return a[:3] == b[:3] and all(t is u and vt == vu for (t, vt), (u, vu) in zip(a[3], b[3]))
 
 
 def share_inputs(model: nn.Module, groups=DEFAULT_SHARED_INPUTS) -> list[tuple[str, ...]]:
@@ -217,6 +235,12 @@ def share_inputs(model: nn.Module, groups=DEFAULT_SHARED_INPUTS) -> list[tuple[s
 
     Only for siblings the parent really calls with one input tensor (as Llama's q/k/v and gate/up):
     a member called with another tensor is still correct, but its group's pass is then wasted."""
+    groups = list(groups)
+    if groups and all(isinstance(n, str) for n in groups):
+        groups = [tuple(groups)]  # one group given as a bare tuple of names
+    for g in groups:
+        if isinstance(g, str) or not all(isinstance(n, str) for n in g):
+            raise TypeError(f"groups must be sequences of child names such as ('q_proj', 'k_proj'), got {g!r}")
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.__dict__.pop("_share_group", None)

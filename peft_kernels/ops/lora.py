@@ -1111,7 +1111,7 @@ class LoRAGroupDownFunction(torch.autograd.Function):
         T, ranks = x2.shape[0], ctx.ranks
         g = torch.cat([d if d is not None else x2.new_zeros((T, r), dtype=torch.float32)
                        for d, r in zip(dxas, ranks)], dim=1)
-        det = deterministic()
+        det = deterministic() and T > 0  # T = 0: nothing is written, so the zeros must be there
         da = (torch.empty if det else torch.zeros)((sum(ranks), x2.shape[1]), device=x2.device, dtype=torch.float32)
         _launch_da(g, x2, 1.0, 0.0, _ZERO_SEED, det, out=da)
         cast = {dt: da.to(dt) for dt in set(ctx.dtypes)}  # one cast for members sharing a dtype
@@ -1186,7 +1186,10 @@ def lora_group_down(x: torch.Tensor, lora_As: Sequence[torch.Tensor], impl: Opti
     """``[x @ A_i^T]`` (fp32 ``(T, r_i)``, T = every leading dim of x) for LoRA layers that read the
     same ``x``, in one pass over x (``LoRAGroupDownFunction``; dA for all of them in one pass in
     backward); pass each to its layer's ``lora_linear(..., xa=)``. None where the fused path would
-    not run (dispatch picks torch, a rank above ``MAX_RANK``): the layers then run on their own."""
+    not run (dispatch picks torch, a rank above ``MAX_RANK``): the layers then run on their own.
+
+    Only for that use: the outputs carry gradients to the A's but NOT to x (each layer's fused
+    dX adds its ``s g A`` term itself), so any other use of them loses x's gradient."""
     check_tensor("x", x, min_ndim=1)
     d_in = x.shape[-1]
     if not lora_As:

@@ -217,3 +217,45 @@ def test_grouped_training_on_gpu(dtype, tol):
     dev = torch.device("cuda")
     x = torch.randn(4, 300, 24, device=dev, dtype=dtype)
     _assert_same(_step(_model(dev, dtype), x, steps=3), _step(_model(dev, dtype, share=False), x, steps=3), tol)
+
+
+def test_review_edge_cases(interpret, monkeypatch):
+    """Inference mode runs (no group); an empty input's dA is zero in deterministic mode; a round
+    started without grad is not reused with grad (nor across autocast states); a DataParallel-style
+    replica runs alone; a model with a pending round deep-copies; groups given as one bare tuple."""
+    am = _model(interpret)
+    attn = am.model[0]
+    with torch.inference_mode():
+        out = am(torch.randn(2, 5, 24, device=interpret))
+    assert out.shape == (2, 5, 24)
+
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        h0 = torch.randn(0, 24, device=interpret)
+        (attn.q_proj(h0).sum() + attn.k_proj(h0).sum() + attn.v_proj(h0).sum()).backward()
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        g = getattr(attn, name).lora_A.weight.grad
+        assert g is not None and torch.equal(g, torch.zeros_like(g)), name
+    am.zero_grad(set_to_none=True)
+
+    h = torch.randn(4, 24, device=interpret)
+    with torch.no_grad():
+        attn.q_proj(h)  # starts a round without a graph
+    attn.k_proj(h).sum().backward()
+    assert attn.k_proj.lora_A.weight.grad is not None  # not the graph-less round's xa
+
+    assert attn.q_proj._share_group._round is not None  # k's round: q and v pending
+    attn.q_proj._share_group.reset()
+    calls = _spy(monkeypatch)
+    replica = attn.q_proj._replicate_for_data_parallel()
+    torch.testing.assert_close(replica(h), attn.q_proj(h))
+    assert len(calls) == 1  # the original's call only
+    attn.q_proj(h)  # leaves a pending round (k, v never called)
+    copy.deepcopy(am)
+    assert share_inputs(am.model, ("q_proj", "k_proj")) == [("0.q_proj", "0.k_proj"), ("1.q_proj", "1.k_proj")]
+    with pytest.raises(TypeError, match="sequences of child names"):
+        share_inputs(am.model, [("q_proj", 3)])
+    adapt(nn.Sequential(Attn()).to(interpret), "lora", target_modules="all-linear", share_inputs=None)
