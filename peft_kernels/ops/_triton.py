@@ -222,5 +222,24 @@ def precompile_configs(kernel, args: tuple, kwargs: dict) -> bool:
         return False
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "precompile_configs", "PRECOMPILE_ENV", "tuning_bench", "cdiv",
+def launch_tuned(kernel, grid, args: tuple, kwargs: dict) -> None:
+    """Launch an autotuned ``kernel`` (its configs compiled in parallel first on a new key, opt-in).
+
+    On a key the autotuner has already tuned, the chosen config is launched on the JIT function
+    directly, as ``Autotuner.run`` itself would: that wrapper rebuilds dicts of every argument on
+    each call (its argument filter is a list-membership test per argument), ~15-25 us per launch on
+    a 2-core CPU through triton's real launch path (measured with a fake sm_90 driver whose
+    launcher is a no-op: 44 us per launch in all). New keys, configs with a ``pre_hook`` (the TMA
+    descriptors) and single-config kernels go through the autotuner as before."""
+    precompile_configs(kernel, args, kwargs)
+    configs = getattr(kernel, "configs", None)
+    if configs is not None and len(configs) > 1:
+        cfg = kernel.cache.get(_autotune_key(kernel, args, kwargs))
+        if cfg is not None and cfg.pre_hook is None:
+            kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+            return
+    kernel[grid](*args, **kwargs)
+
+
+__all__ = ["triton", "tl", "HAS_TRITON", "launch_tuned", "precompile_configs", "PRECOMPILE_ENV", "tuning_bench", "cdiv",
            "next_pow2", "custom_op", "EagerOp"]

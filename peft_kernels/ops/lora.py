@@ -93,7 +93,7 @@ from ..reference.lora import check_lora_args, lora as lora_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile
-from ._triton import HAS_TRITON, cdiv, custom_op, next_pow2, precompile_configs, tl, triton, tuning_bench
+from ._triton import HAS_TRITON, cdiv, custom_op, launch_tuned, next_pow2, tl, triton, tuning_bench
 
 BASE_ENV = "PEFT_KERNELS_BASE"
 # who runs the frozen product; tma: the Triton GEMM with TMA tile loads (Hopper+, aligned operands,
@@ -559,10 +559,9 @@ class _DeviceGuard:
 
 
 def _tuned_launch(kernel, grid, args: tuple, kwargs: dict) -> None:
-    """An autotuned kernel's launch, its configs compiled in parallel first on a new key
-    (``_triton.precompile_configs``, opt-in)."""
-    precompile_configs(kernel, args, kwargs)
-    kernel[grid](*args, **kwargs)
+    """An autotuned kernel's launch (``_triton.launch_tuned``: parallel precompile on a new key,
+    opt-in; the tuned config launched without the autotuner's per-call overhead)."""
+    launch_tuned(kernel, grid, args, kwargs)
 
 
 def _launch_rows(inp, w, xa, out, dw, dropout_p, seed, out_scale, dw_scale=1.0):

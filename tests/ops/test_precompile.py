@@ -172,3 +172,60 @@ def test_real_warmup_compiles_every_config_for_sm90(tmp_path):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, (ok, compiled, configs) in res.items():
         assert ok and compiled == configs and configs >= 2, (name, res)
+
+
+def test_launch_tuned_uses_the_tuned_config_without_the_autotuner(interpret, monkeypatch):
+    """``launch_tuned``: a new key goes through the autotuner (which benchmarks and caches a
+    config); the next launch with that key runs the cached config on the JIT function directly,
+    with the same result; a config with a pre_hook (the TMA descriptors) always goes through it."""
+    import triton.language as tl
+    from triton.runtime.autotuner import Autotuner
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["N"])
+    @triton.jit
+    def add_one(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < N) + 1.0, mask=offs < N)
+
+    monkeypatch.setattr(Autotuner, "_bench", lambda self, *a, config, **k: [float(config.kwargs["BLOCK"])] * 3)
+    runs = []
+    real_run = Autotuner.run
+    monkeypatch.setattr(Autotuner, "run", lambda self, *a, **k: runs.append(1) or real_run(self, *a, **k))
+    x = torch.arange(40, dtype=torch.float32, device=interpret)
+    grid = lambda meta: (triton.cdiv(40, meta["BLOCK"]),)  # noqa: E731
+    for i in range(3):
+        y = torch.zeros_like(x)
+        T.launch_tuned(add_one, grid, (x, y, 40), {})
+        torch.testing.assert_close(y, x + 1)
+        assert len(runs) == 1  # only the first launch (a new key) went through Autotuner.run
+    assert add_one.cache[T._autotune_key(add_one, (x, y, 40), {})].kwargs["BLOCK"] == 16
+    hooked = []
+    for cfg in add_one.configs:
+        cfg.pre_hook = lambda nargs: hooked.append(nargs["BLOCK"])
+    y = torch.zeros_like(x)
+    T.launch_tuned(add_one, grid, (x, y, 40), {})
+    torch.testing.assert_close(y, x + 1)
+    assert len(runs) == 2 and hooked == [16]
+
+
+def test_host_launch_path_script_runs_without_a_gpu(tmp_path):
+    """benchmarks/host_launch_path.py compiles the LoRA kernels for sm_90 and launches them through
+    triton's real launch path on a fake driver (nothing runs on a device), and writes its rows."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("the script measures with a fake driver on machines without a GPU")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""), TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "launch.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "host_launch_path.py"), "--steps", "5",
+                           "--rounds", "1", "--json", str(out)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [r["variant"] for r in data["rows"]] == ["autotuner", "launch_tuned", "stubbed"]
+    assert data["meta"]["launches_per_step"] == 5 and all(r["us_per_step"] > 0 for r in data["rows"])
