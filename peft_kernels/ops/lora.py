@@ -537,9 +537,16 @@ def _seed_tensor(seed) -> torch.Tensor:
 _ZERO_SEED = torch.zeros(1, dtype=torch.int64)
 
 
+_NUM_SMS: dict = {}
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        n = _NUM_SMS.get(idx)
+        if n is None:
+            n = _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        return n
     return 2
 
 
@@ -654,6 +661,18 @@ def _tma_layout(w: torch.Tensor) -> Optional[bool]:
     return None
 
 
+_SM_MAJOR: dict = {}
+
+
+def _sm_major(device: torch.device) -> int:
+    """The CUDA device's compute capability major (cached: asked twice per LoRA GEMM call)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    major = _SM_MAJOR.get(idx)
+    if major is None:
+        major = _SM_MAJOR[idx] = torch.cuda.get_device_capability(idx)[0]
+    return major
+
+
 def tma_eligible(x: Optional[torch.Tensor], w: Optional[torch.Tensor], out_dtype: torch.dtype) -> bool:
     """Whether ``base="tma"`` can run ``x @ w``: a Hopper-or-newer GPU (or the interpreter, which
     emulates descriptor loads); x and w of one dtype in fp16/bf16/fp32 (fp32 only with TF32 dots:
@@ -663,7 +682,7 @@ def tma_eligible(x: Optional[torch.Tensor], w: Optional[torch.Tensor], out_dtype
     if x is None or w is None or x.dtype != w.dtype or x.dtype not in TMA_DTYPES or out_dtype not in TMA_DTYPES:
         return False
     if x.device.type == "cuda":
-        if torch.cuda.get_device_capability(x.device)[0] < 9:
+        if _sm_major(x.device) < 9:
             return False
     elif not dispatch.interpreter_enabled():
         return False
