@@ -1,10 +1,18 @@
-"""Triton import shared by the ops modules.
+"""Triton import and host-side launch helpers shared by the ops modules.
 
 Triton is a dependency on Linux only. Where it is missing the ops modules still import (the
 kernels are decorated by a stand-in that keeps the Python function) and dispatch reports
 "triton is not installed", so the torch and native paths keep working.
+
+Also here, because every ops module launches through them: host-side ``cdiv``/``next_pow2``,
+``custom_op``/``EagerOp`` (torch.library ops whose eager calls skip the dispatcher), the autotune
+timer, the opt-in parallel precompile and ``launch_tuned``.
 """
 from __future__ import annotations
+
+import functools
+
+import torch
 
 try:
     import triton
@@ -44,10 +52,6 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 
     triton = _Triton()
     tl = _Lang()
-
-import functools
-
-import torch
 
 # --------------------------------------------------------------------------------- host-side ints
 # triton.cdiv / triton.next_power_of_2 are triton "constexpr functions" in 3.6: ~3-4 us of
@@ -227,10 +231,11 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict) -> None:
 
     On a key the autotuner has already tuned, the chosen config is launched on the JIT function
     directly, as ``Autotuner.run`` itself would: that wrapper rebuilds dicts of every argument on
-    each call (its argument filter is a list-membership test per argument), ~15-25 us per launch on
-    a 2-core CPU through triton's real launch path (measured with a fake sm_90 driver whose
-    launcher is a no-op: 44 us per launch in all). New keys, configs with a ``pre_hook`` (the TMA
-    descriptors) and single-config kernels go through the autotuner as before."""
+    each call (its argument filter is a list-membership test per argument), 7-11 us per launch on a
+    2-core CPU through triton's real launch path (``benchmarks/host_launch_path.py``: a fake sm_90
+    driver whose launcher is a no-op; 40-45 us per launch in all before, 33-34 after). New keys,
+    configs with a ``pre_hook`` (the TMA descriptors) and single-config kernels go through the
+    autotuner as before."""
     precompile_configs(kernel, args, kwargs)
     configs = getattr(kernel, "configs", None)
     if configs is not None and len(configs) > 1:
