@@ -93,7 +93,9 @@ step train "$LIMIT_TRAIN" $PY -m peft_kernels train-speed --out "$OUT/train" --s
 
 # Host-bound step time of one tiny adapted layer (real launches): the CPU cost train-speed hides
 # behind short kernels (llama-1b's k/v projections); LoRA rows first, the other families after.
-step host "$LIMIT_HOST" $PY benchmarks/host_overhead.py --json "$OUT/host_overhead.json" --steps 200
+# Then the LoRA rows again with the Triton launches stubbed: the difference is triton's launch path.
+step host "$LIMIT_HOST" bash -c "$PY benchmarks/host_overhead.py --json $OUT/host_overhead.json --steps 200 \
+    && $PY benchmarks/host_overhead.py --stub --only 'nn.Linear,lora r16:' --json $OUT/host_overhead_stub.json --steps 200"
 
 # Whole models on the GPU, every family against the torch path (not in the default STEPS: many
 # kernel compiles; a second call: STEPS=e2e bash benchmarks/gpu_session.sh)

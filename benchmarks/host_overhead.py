@@ -13,6 +13,8 @@ short: llama-1b's k/v projections (2048 -> 256) run in a few microseconds each.
   everything but the launches themselves.
 - With CUDA the launches are real and the shapes tiny (the GPU finishes each kernel before the
   host issues the next), so the figure is the host-bound step time, launches included.
+  ``--stub`` stubs the Triton launches there too (outputs are then garbage; only the time counts):
+  the difference between the two runs is triton's launch path on that host.
 Rows: the nn.Linear alone, each family's module on the fused (Triton) path and on the torch path,
 and HF PEFT's LoRA layer where ``peft`` is installed. Median over rounds of many steps.
 """
@@ -38,10 +40,11 @@ if not torch.cuda.is_available():
 
 def stub_triton_launches() -> None:
     """Every Triton kernel launch becomes a no-op (host cost up to the launch call only)."""
-    from triton.runtime import autotuner, interpreter
+    from triton.runtime import autotuner, interpreter, jit
 
     autotuner.Autotuner.run = lambda self, *a, **k: None
     interpreter.InterpretedFunction.run = lambda self, *a, **k: None
+    jit.JITFunction.run = lambda self, *a, **k: None  # compiled kernels (CUDA with --stub)
 
 
 def _peft_lora(linear: nn.Linear, p: float) -> nn.Module:
@@ -120,13 +123,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cpu", action="store_true", help="measure on the CPU even where CUDA is present")
     ap.add_argument("--no-stub", action="store_true", help="CPU: run the Triton interpreter instead of stubbing")
+    ap.add_argument("--stub", action="store_true", help="CUDA: stub the Triton launches too (host cost without them)")
     ap.add_argument("--only", default="", help="comma-separated substrings of row names")
     ap.add_argument("--json", default="", help="write the rows here too")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    stubbed = device.type == "cpu" and not args.no_stub
+    stubbed = (device.type == "cpu" and not args.no_stub) or args.stub
     if stubbed:
         stub_triton_launches()
     g = torch.Generator().manual_seed(0)
