@@ -385,7 +385,7 @@ def test_bench_interrupted_keeps_what_was_measured(tmp_path, capsys, monkeypatch
     from peft_kernels.bench import layer
 
     jobs = layer._jobs(["lora", "sparse"], [(24, 16), (16, 24)], False, torch.device("cpu"))
-    assert [(f, s) for f, s, c, v in jobs if v is None] == [("lora", (24, 16)), ("sparse", (24, 16)),
+    assert [(f, s) for _, f, s, c, v in jobs if v is None] == [("lora", (24, 16)), ("sparse", (24, 16)),
                                                             ("lora", (16, 24)), ("sparse", (16, 24))]
     _interrupt_at_call(monkeypatch, layer, "measure", 3)
     out = tmp_path / "bi"
@@ -412,15 +412,19 @@ def test_bench_defers_compile_rows_and_restores_table_order(monkeypatch):
     assert spec.variants[i].deferred
     shapes = [(24, 16), (16, 24)]
     jobs = layer._jobs(["lora", "monarch"], shapes, False, torch.device("cpu"))
-    late = [j for j in jobs if j[3] is not None and j[3].deferred]
-    assert late and jobs[-len(late):] == late and all(j[3].name == "torch.compile" for j in late)
+    late = [j for j in jobs if j[4] is not None and j[4].deferred]
+    assert late and jobs[-len(late):] == late and all(j[4].name == "torch.compile" for j in late)
+    assert sorted(j[0] for j in jobs) == list(range(len(jobs)))  # every case once, with its table position
     # run it on the CPU (as plain torch LoRA) to see the base reuse and the order
     variants = list(spec.variants)
     variants[i] = dataclasses.replace(variants[i], build=C.lora_torch, gpu_only=False)
     monkeypatch.setitem(C.FAMILY_SPECS, "lora", dataclasses.replace(spec, variants=variants))
     res = layer.run_bench(families=["lora", "monarch"], shapes=shapes, tokens=5, reps=1, progress=False)
     keys = [(r["family"], r["shape"], r["config"], r["variant"].split("[")[0]) for r in res.rows]
-    order = layer._natural_order(["lora", "monarch"], shapes, False)
+    order = {}  # (family, shape, config label, variant name) -> position in the table order
+    for fam, shape, cfg, var in layer._all_cases(["lora", "monarch"], shapes, False):
+        label, name = ("-", "frozen base") if var is None else (C.FAMILY_SPECS[fam].label(cfg), var.name)
+        order.setdefault((fam, f"{shape[0]}x{shape[1]}", label, name), len(order))
     assert [order[k] for k in keys] == sorted(order[k] for k in keys)
     compiled = [r for r in res.rows if r["variant"] == "torch.compile"]
     assert len(compiled) == 4 and all(r["status"] == "ok" and r["fwdbwd_ratio"] > 0 for r in compiled)

@@ -172,32 +172,12 @@ def _all_cases(families, shapes, sweep: bool):
 def _jobs(families, shapes, sweep: bool, device: torch.device):
     """What to run, in order: ``_all_cases`` with the deferred variants (torch.compile: a compile
     per shape, ~10-40 s each) moved after all the others, so a run cut short by a time limit keeps
-    every kernel row; their rows reuse the base timed for their (family, shape) and are put back in
-    table order afterwards (``_sort_rows``)."""
-    cases = list(_all_cases(families, shapes, sweep))
-    late = [c for c in cases if c[3] is not None and c[3].deferred]
-    return [c for c in cases if c[3] is None or not c[3].deferred] + late
-
-
-def _natural_order(families, shapes, sweep: bool) -> dict:
-    """(family, shape, config label, variant name) -> position in ``_all_cases``."""
-    order = {}
-    for fam, shape, cfg, var in _all_cases(families, shapes, sweep):
-        label, name = ("-", "frozen base") if var is None else (C.FAMILY_SPECS[fam].label(cfg), var.name)
-        order.setdefault((fam, f"{shape[0]}x{shape[1]}", label, name), len(order))
-    return order
-
-
-def _sort_rows(rows: list, order: dict) -> list:
-    """Rows in table order; a row whose key is not in ``order`` (a renamed kernel row, e.g.
-    ``peft_kernels[triton]``) sorts by its variant's base name, and stays stable otherwise."""
-    def key(ir):
-        i, r = ir
-        name = r["variant"].split("[")[0]
-        k = (r["family"], r["shape"], r["config"], name)
-        return (order.get(k, len(order)), i)
-
-    return [r for _, r in sorted(enumerate(rows), key=key)]
+    every kernel row; their rows reuse the base timed for their (family, shape). Each job is
+    ``(position in _all_cases, family, shape, config, variant)``: the rows are put back in that
+    order afterwards."""
+    cases = list(enumerate(_all_cases(families, shapes, sweep)))
+    late = [c for c in cases if c[1][3] is not None and c[1][3].deferred]
+    return [(i, *c) for i, c in cases if c[3] is None or not c[3].deferred] + [(i, *c) for i, c in late]
 
 
 def _row(fam, shape, tokens, dtype, cfg_label, variant, impl=None, **extra) -> dict:
@@ -261,9 +241,15 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
                mininterval=0.5, dynamic_ncols=True)
     setup, base, current = None, None, None
     bases = {}  # (family, shape) -> the base's timings, for the deferred rows
+    positions = []  # each row's job position in table order (rows come in run order)
     done = 0
+
+    def emit(row):
+        positions.append(pos)
+        result.rows.append(row)
+
     try:
-        for done, (fam, shape, cfg, var) in enumerate(jobs):
+        for done, (pos, fam, shape, cfg, var) in enumerate(jobs):
             spec = C.FAMILY_SPECS[fam]
             if current != (fam, shape):  # new (family, shape): fresh tensors, base timed first
                 setup = base = None
@@ -283,7 +269,7 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
                     row.update(base, fwd_ratio=1.0, bwd_ratio=1.0, fwdbwd_ratio=1.0)
                 except Exception as e:  # noqa: BLE001
                     row["status"] = f"error: {_error_text(e)}"
-                result.rows.append(row)
+                emit(row)
                 bar.update(1)
                 continue
             label = spec.label(cfg)
@@ -292,7 +278,7 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
             builder = var.build
             skip = skip_reason(var, device, *impls[fam])
             if skip is not None:
-                result.rows.append(_row(fam, shape, tokens, dtype, label, name, status=f"skipped: {skip}"))
+                emit(_row(fam, shape, tokens, dtype, label, name, status=f"skipped: {skip}"))
                 bar.update(1)
                 continue
             if var.fused:
@@ -309,7 +295,7 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
                         name = f"{C.KERNEL}[cuda|triton, measured]"  # sparse_impl_decisions says which
                 row_base = var.base or default_base(fam, row_impl)
                 if row_impl is None:
-                    result.rows.append(_row(fam, shape, tokens, dtype, label, name, status=f"n/a: {reason}"))
+                    emit(_row(fam, shape, tokens, dtype, label, name, status=f"n/a: {reason}"))
                     bar.update(1)
                     continue
                 builder = fused_builder(var, None if unforced else row_impl)
@@ -336,14 +322,14 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
                 row["status"] = f"error: {_error_text(e)}"
                 if on_gpu:
                     torch.cuda.empty_cache()
-            result.rows.append(row)
+            emit(row)
             bar.update(1)
         done = len(jobs)
     except KeyboardInterrupt:  # a time limit's SIGINT: keep (and let the caller write) what was measured
         result.interrupted = True
     finally:
         bar.close()
-    result.rows = _sort_rows(result.rows, _natural_order(families, shapes, sweep))
+    result.rows = [row for _, row in sorted(zip(positions, result.rows), key=lambda t: t[0])]  # stable
     result.settings["cases"] = f"{done} of {len(jobs)}" + (" (interrupted)" if result.interrupted else "")
     result.base_decisions = collect_base_decisions()
     result.sparse_decisions = collect_sparse_decisions()
