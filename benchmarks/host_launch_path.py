@@ -130,10 +130,9 @@ def main(argv=None) -> int:
             "triton": __import__("triton").__version__, "cpu_threads": os.cpu_count()}
     print(json.dumps(meta))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+        from peft_kernels.bench.report import write_json  # temp file + rename, as the CLI's files
+
+        write_json(args.json, {"meta": meta, "rows": rows})
     return 0
 
 

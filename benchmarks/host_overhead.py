@@ -153,10 +153,9 @@ def main(argv=None) -> int:
             "d": args.d, "tokens": args.tokens, "dtype": str(dtype), "torch": torch.__version__}
     print(json.dumps(meta))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"meta": meta, "rows": out}, f, indent=1)
-        os.replace(tmp, args.json)
+        from peft_kernels.bench.report import write_json  # temp file + rename, as the CLI's files
+
+        write_json(args.json, {"meta": meta, "rows": out})
     return 0
 
 
