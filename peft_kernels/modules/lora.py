@@ -208,7 +208,7 @@ class SharedInputGroup:
         rnd = self._round
         if rnd is not None:
             rx, state, pending = rnd
-            if rx is x and i in pending and not x.is_inference() and self._same(state, self._state(x)):
+            if rx is x and i in pending and self._same(state, self._state(x)):  # rx: never an inference tensor
                 xa = pending.pop(i)
                 if not pending:
                     self._round = None

@@ -11,6 +11,7 @@ timer, the opt-in parallel precompile and ``launch_tuned``.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -186,11 +187,11 @@ def _autotune_key(kernel, args: tuple, kwargs: dict) -> tuple:
     return tuple(key)
 
 
-def precompile_configs(kernel, args: tuple, kwargs: dict) -> bool:
+def precompile_configs(kernel, args: tuple, kwargs: dict, key: Optional[tuple] = None) -> bool:
     """Before an autotuned ``kernel``'s first launch for a new key, compile every (pruned) config
     in parallel threads; True when it did. Call it with the exact arguments of the launch, inside
-    the launch's device guard. No-op unless PEFT_KERNELS_PRECOMPILE=1, under the interpreter, and
-    for keys the autotuner has seen."""
+    the launch's device guard (``key``: their ``_autotune_key``, where the caller has it). No-op
+    unless PEFT_KERNELS_PRECOMPILE=1, under the interpreter, and for keys the autotuner has seen."""
     import os
 
     global _POOL
@@ -199,7 +200,7 @@ def precompile_configs(kernel, args: tuple, kwargs: dict) -> bool:
     try:
         if len(kernel.configs) < 2:
             return False
-        key = _autotune_key(kernel, args, kwargs)
+        key = _autotune_key(kernel, args, kwargs) if key is None else key
         if key in kernel.cache or (id(kernel), key) in _PRECOMPILED:
             return False
         _PRECOMPILED.add((id(kernel), key))
@@ -236,11 +237,13 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict) -> None:
     driver whose launcher is a no-op; 40-45 us per launch in all before, 33-34 after). New keys,
     configs with a ``pre_hook`` (the TMA descriptors) and single-config kernels go through the
     autotuner as before."""
-    precompile_configs(kernel, args, kwargs)
     configs = getattr(kernel, "configs", None)
-    if configs is not None and len(configs) > 1:
-        cfg = kernel.cache.get(_autotune_key(kernel, args, kwargs))
-        if cfg is not None and cfg.pre_hook is None:
+    if configs is not None and len(configs) > 1:  # one config: nothing to tune or precompile
+        key = _autotune_key(kernel, args, kwargs)
+        cfg = kernel.cache.get(key)
+        if cfg is None:
+            precompile_configs(kernel, args, kwargs, key)
+        elif cfg.pre_hook is None:
             kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
             return
     kernel[grid](*args, **kwargs)
