@@ -7,29 +7,33 @@
 #   bash benchmarks/gpu_session.sh                  # on the device: OUT is set by the device tool
 #   OUT=/tmp/g STEPS="build tests" bash benchmarks/gpu_session.sh   # a subset, elsewhere
 #
-# Steps (in order; STEPS picks a subset): build tests tests_native bench | train host e2e. Two calls:
-#   1. bash benchmarks/gpu_session.sh                      (default STEPS: build tests tests_native bench)
+# Steps (in order; STEPS picks a subset): build smoke tests tests_native bench | train host e2e. Two calls:
+#   1. bash benchmarks/gpu_session.sh                      (default STEPS: build smoke tests tests_native bench)
 #   2. STEPS="train host" bash benchmarks/gpu_session.sh    (then STEPS="e2e" if device time is left)
 # on the same warm machine (the built extension stays). Every first call of a kernel shape compiles
 # and autotunes its Triton kernels (~100+ compiles in the bench), so the bench gets most of call 1.
-# Per-step limits (seconds) are the LIMIT_<STEP> variables below; build overlaps tests, so call 1
-# sums to ~520 s (a build that outlasts the tests delays them), inside one 600 s command.
+# Per-step limits (seconds) are the LIMIT_<STEP> variables below; build overlaps smoke and tests, so
+# call 1 sums to at most ~550 s (60 + 150 + 40 + 300), inside one 600 s command.
 # The device image has torch, triton, peft, transformers, safetensors, tqdm, matplotlib and
 # pytest; nothing is installed: the package runs from the source tree (PYTHONPATH=.).
 set -u -o pipefail
 
 OUT=${OUT:-gpu_out}
-STEPS=${STEPS:-"build tests tests_native bench"}
-LIMIT_BUILD=${LIMIT_BUILD:-150}  # in the background, during the tests step
+STEPS=${STEPS:-"build smoke tests tests_native bench"}
+LIMIT_BUILD=${LIMIT_BUILD:-150}  # in the background, during the smoke and tests steps
+LIMIT_SMOKE=${LIMIT_SMOKE:-60}
 LIMIT_TESTS=${LIMIT_TESTS:-150}
 LIMIT_NATIVE=${LIMIT_NATIVE:-40}
-LIMIT_BENCH=${LIMIT_BENCH:-330}
+LIMIT_BENCH=${LIMIT_BENCH:-300}
 LIMIT_TRAIN=${LIMIT_TRAIN:-140}
 LIMIT_HOST=${LIMIT_HOST:-90}
 LIMIT_E2E=${LIMIT_E2E:-300}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # Hopper only: halves the nvcc time
+# torch guesses CUDA_HOME from nvcc's path; where nvcc is a wrapper in /usr/local/bin that guess is
+# /usr/local, which has no libcudart, and the extension fails to link (seen on the dev box)
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/lib64 ]; then export CUDA_HOME=/usr/local/cuda; fi
 PY=${PY:-python3}
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -68,10 +72,26 @@ esac
 export PEFT_KERNELS_PRECOMPILE=${PEFT_KERNELS_PRECOMPILE:-1}
 LAST_RC=0
 
+# First contact: one small LoRA layer per base GEMM path, each checked against the reference, in
+# its own process. The TMA path is the riskiest and base="auto" (the default) times it on every new
+# shape: if it fails, it is left out of every later step (a device fault would kill each of them).
+# The verdict outlives this call (a later call's steps on the same warm machine read it).
+NO_TMA_FILE=/tmp/peft_kernels_no_tma
+TEST_SELECT=()
+step smoke "$LIMIT_SMOKE" $PY benchmarks/gpu_smoke.py
+case " $STEPS " in *" smoke "*)
+    if grep -Eq "^tma (ok|skipped)" "$OUT/logs/smoke.log"; then rm -f "$NO_TMA_FILE"; else touch "$NO_TMA_FILE"; fi ;;
+esac
+if [ -f "$NO_TMA_FILE" ]; then
+    export PEFT_KERNELS_AUTO_BASES=triton,cublas
+    TEST_SELECT=(-k "not tma")
+    note "smoke: the tma base did not pass: PEFT_KERNELS_AUTO_BASES=$PEFT_KERNELS_AUTO_BASES, tests -k 'not tma'"
+fi
+
 # GPU tests first: a kernel that is wrong on the card makes every timing below meaningless.
 NATIVE_TESTS="tests/ops/test_sparse.py tests/modules/test_sparse.py"
 step tests "$LIMIT_TESTS" $PY -m pytest -q -m "gpu and not e2e" -p no:cacheprovider tests -rfE --maxfail=10 --durations=10 \
-    $(for f in $NATIVE_TESTS; do echo --ignore=$f; done)
+    ${TEST_SELECT[@]+"${TEST_SELECT[@]}"} $(for f in $NATIVE_TESTS; do echo --ignore=$f; done)
 if [ "$LAST_RC" -ge 124 ] && [ "$PEFT_KERNELS_PRECOMPILE" = 1 ]; then
     export PEFT_KERNELS_PRECOMPILE=0
     note "tests step rc=$LAST_RC: parallel precompile turned OFF for the remaining steps (suspect it first)"

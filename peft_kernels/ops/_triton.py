@@ -227,7 +227,17 @@ def precompile_configs(kernel, args: tuple, kwargs: dict, key: Optional[tuple] =
         return False
 
 
-def launch_tuned(kernel, grid, args: tuple, kwargs: dict) -> None:
+def _refuse_capture(args: tuple) -> None:
+    """A new autotune key benchmarks every config (synchronising the device), which a CUDA graph
+    capture cannot contain: say so instead of failing inside triton's benchmark."""
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("peft_kernels: a kernel met a new shape while a CUDA graph was being captured; its "
+                           "configurations must be autotuned (timed) first: run the same step once, uncaptured, "
+                           "before capturing (e.g. torch.compile mode='reduce-overhead' warm-up steps)")
+
+
+def launch_tuned(kernel, grid, args: tuple, kwargs: dict, inplace: tuple = ()) -> None:
     """Launch an autotuned ``kernel`` (its configs compiled in parallel first on a new key, opt-in).
 
     On a key the autotuner has already tuned, the chosen config is launched on the JIT function
@@ -236,14 +246,23 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict) -> None:
     2-core CPU through triton's real launch path (``benchmarks/host_launch_path.py``: a fake sm_90
     driver whose launcher is a no-op; 40-45 us per launch in all before, 33-34 after). New keys,
     configs with a ``pre_hook`` (the TMA descriptors) and single-config kernels go through the
-    autotuner as before."""
+    autotuner as before.
+
+    ``inplace``: positions of the arguments the kernel read-modify-writes (adds into). On a new key
+    the autotuner's timed runs then go to copies of them, and the tuned config runs once on the
+    real ones. (triton's ``restore_value`` would clone them and copy them back around every timed
+    run, inside the timing: at a (8192, 11008) output that copy, not the kernel, ranks the configs.)"""
     configs = getattr(kernel, "configs", None)
     if configs is not None and len(configs) > 1:  # one config: nothing to tune or precompile
         key = _autotune_key(kernel, args, kwargs)
         cfg = kernel.cache.get(key)
         if cfg is None:
+            _refuse_capture(args)
             precompile_configs(kernel, args, kwargs, key)
-        elif cfg.pre_hook is None:
+            if inplace:
+                kernel[grid](*(a.clone() if i in inplace else a for i, a in enumerate(args)), **kwargs)
+                cfg = kernel.cache.get(key)
+        if cfg is not None and cfg.pre_hook is None:
             kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
             return
     kernel[grid](*args, **kwargs)

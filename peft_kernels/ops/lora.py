@@ -82,6 +82,7 @@ epilogue's spill stores fell from 1612 to 44 bytes at 128x128x64 (8 warps) and f
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -100,6 +101,7 @@ BASE_ENV = "PEFT_KERNELS_BASE"
 # else it runs as "triton")
 BASES = ("triton", "cublas", "tma")
 BASE_MODES = BASES + ("auto",)  # auto: the eligible bases timed once per shape on the GPU, the fastest kept
+AUTO_BASES_ENV = "PEFT_KERNELS_AUTO_BASES"  # comma list: the bases ``auto`` may pick from (default: all)
 TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TMA_ALIGN = 16  # bytes: TMA needs 16-byte aligned base addresses and row strides
 DEFAULT_BASE = "auto"
@@ -475,7 +477,9 @@ def _lora_bwd_da_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_end
         rows = offs_m.to(tl.int64)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        # int64 columns too: RoSA passes x as a transposed view (stride_xk = T), and d_in * T can
+        # pass 2**31
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep_tile(seed, offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_K)
@@ -793,6 +797,7 @@ def _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtyp
 # Base chosen by measurement (``base="auto"``), per key; ``base_decisions()`` exposes it.
 _AUTO_CHOICE: dict = {}
 _AUTO_TIMES: dict = {}
+_AUTO_ERRORS: dict = {}  # key -> {base: error} for bases that raised on their first call (left out)
 AUTO_ROUNDS = 5  # timing rounds, the two bases interleaved in each
 AUTO_CALLS = 3  # back-to-back calls per timed sample (launch latency amortised, as in training)
 
@@ -847,25 +852,61 @@ def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, ti
     if timer is None:
         if x.device.type != "cuda":
             return "triton"
-        if torch.cuda.is_current_stream_capturing():
+        with _DeviceGuard(x.device):  # the operands' GPU's stream, not the current device's
+            capturing = torch.cuda.is_current_stream_capturing()
+        if capturing:
             return "cublas"
         timer = _time_ms
-    bases = [b for b in BASES if b != "tma" or tma_eligible(x, w, out_dtype)]
+    bases = [b for b in auto_bases() if b != "tma" or tma_eligible(x, w, out_dtype)]
     fns = {b: (lambda b=b: _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, b))
            for b in bases}
+    errors = {}
     with _DeviceGuard(x.device):  # events and launches on the operands' GPU, not the current one
+        for b in bases:
+            # the first call compiles and autotunes; a base that raises there (a path that cannot
+            # run on this device or build) leaves the race instead of failing every default call
+            try:
+                fns[b]()
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - reported in base_decisions() and warned about
+                if len(fns) == 1:
+                    raise
+                errors[b] = f"{type(e).__name__}: {e}"
+                del fns[b]
+                warnings.warn(f"peft_kernels: base={b!r} failed on its first call and is left out of base='auto' "
+                              f"for this shape ({errors[b]})", RuntimeWarning, stacklevel=2)
         times = timer(fns)
-    choice = min(bases, key=lambda b: times[b])
+    times.update({b: float("inf") for b in errors})
+    choice = min(fns, key=lambda b: times[b])
     _AUTO_CHOICE[key] = choice
     _AUTO_TIMES[key] = times
+    if errors:
+        _AUTO_ERRORS[key] = errors
     return choice
+
+
+def auto_bases() -> tuple:
+    """The bases ``base="auto"`` may pick from: ``PEFT_KERNELS_AUTO_BASES`` (a comma list), else all."""
+    raw = os.environ.get(AUTO_BASES_ENV, "").strip()
+    if not raw:
+        return BASES
+    names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    for n in names:
+        check_choice(AUTO_BASES_ENV, n, BASES)
+    if "triton" not in names and "cublas" not in names:
+        # tma is not eligible everywhere (alignment, pre-Hopper): one of the others must remain
+        raise ValueError(f"{AUTO_BASES_ENV} must include 'triton' or 'cublas' (tma cannot run every shape), "
+                         f"got {raw!r}")
+    return names
 
 
 def base_decisions() -> list[dict]:
     """Every ``base="auto"`` decision taken in this process, with each timed base's time (ms)."""
     names = ("device", "dtype", "out_dtype", "dot_precision", "tokens_bucket", "N", "K", "r_pad", "dropout", "bias",
              "c", "w_transposed", "right_transposed", "tma_eligible")
-    return [dict(zip(names, key), choice=_AUTO_CHOICE[key], **{f"{b}_ms": t for b, t in times.items()})
+    return [dict(zip(names, key), choice=_AUTO_CHOICE[key], **{f"{b}_ms": t for b, t in times.items()},
+                 **{f"{b}_error": e for b, e in _AUTO_ERRORS.get(key, {}).items()})
             for key, times in _AUTO_TIMES.items()]
 
 

@@ -84,7 +84,7 @@ from ..reference.monarch import monarch as monarch_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile
-from ._triton import HAS_TRITON, cdiv, custom_op, next_pow2, tl, triton, tuning_bench
+from ._triton import HAS_TRITON, cdiv, custom_op, launch_tuned, next_pow2, tl, triton, tuning_bench
 
 # ------------------------------------------------------------------------------------------------
 # constants
@@ -201,9 +201,9 @@ def _keep_scale(x, rows, col0, ncols, seed, threshold, scale, BLOCK_COLS: tl.con
     return tl.where(keep, x * scale, 0.0)
 
 
-# restore_value: the kernel adds into Y in place, so the autotuner's benchmark runs must not
-# leave their sums behind (only the final launch's add may remain)
-@triton.autotune(configs=_fwd_configs(), key=["n", "m", "R", "HAS_DROPOUT"], restore_value=["Y"], do_bench=tuning_bench)
+# Y is added into in place: a new key is tuned on a copy of it (launch_tuned's ``inplace``), so the
+# autotuner's benchmark runs leave no sums behind (only the final launch's add remains)
+@triton.autotune(configs=_fwd_configs(), key=["n", "m", "R", "HAS_DROPOUT"], do_bench=tuning_bench)
 @triton.jit
 def _monarch_fwd_kernel(
     # pointers
@@ -323,8 +323,8 @@ def _monarch_bwd_dy1_kernel(
     tl.store(DY1P + split_base + rows64[:, None] * R + f[None, :], dy1, mask=y1_ok)
 
 
-# restore_value: DX is read-modify-written (P1 is plain stores)
-@triton.autotune(configs=_bwd_dx_configs(), key=["n", "m", "R", "NEED_DX"], restore_value=["DX"], do_bench=tuning_bench)
+# DX is read-modify-written (P1 is plain stores): a new key is tuned on a copy of it (launch_tuned)
+@triton.autotune(configs=_bwd_dx_configs(), key=["n", "m", "R", "NEED_DX"], do_bench=tuning_bench)
 @triton.jit
 def _monarch_bwd_dx_kernel(
     # pointers
@@ -457,13 +457,9 @@ def _monarch_fwd(x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: t
 
     with _device_guard(x2.device):
         for F0, col_lo, col_hi in chunks:
-            _monarch_fwd_kernel[grid](
-                x2, W1, W2, y, y1,
-                T, n, m, N, r, p, s, R,
-                F0, col_lo, col_hi,
-                seed, threshold, scale,
-                RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt),
-            )
+            launch_tuned(_monarch_fwd_kernel, grid,
+                         (x2, W1, W2, y, y1, T, n, m, N, r, p, s, R, F0, col_lo, col_hi, seed, threshold, scale),
+                         dict(RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt)), inplace=(3,))
     return y, y1
 
 
@@ -510,21 +506,17 @@ def _monarch_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, W1: 
         dy1p = torch.empty((m_splits, T, R), device=x2.device, dtype=torch.float32)
         with _device_guard(x2.device):
             for F0, _, _ in chunks:
-                _monarch_bwd_dy1_kernel[(tiles, m_splits)](
-                    dy2, W2c, y1, dy1p, p2,
-                    T, m, n, N, r, s, R,
-                    F0,
-                    seed, threshold, scale,
-                    BLOCK_T=block_t, RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt),
-                )
+                launch_tuned(_monarch_bwd_dy1_kernel, (tiles, m_splits),
+                             (dy2, W2c, y1, dy1p, p2, T, m, n, N, r, s, R, F0, seed, threshold, scale),
+                             dict(BLOCK_T=block_t, RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt)))
             dy1 = dy1p[0] if m_splits == 1 else dy1p.sum(0)  # deterministic sum of the column splits
             for F0, col_lo, col_hi in chunks:
-                _monarch_bwd_dx_kernel[(tiles, n_splits)](
-                    x2, W1c, dy1, dx if need_dx else x2, p1,
-                    T, m, n, N, r, p, R,
-                    F0, col_lo, col_hi,
-                    BLOCK_T=block_t, RB=RB, NEED_DX=need_dx, **_dot_args(dt),
-                )
+                # without dX, DX is the empty placeholder: never the caller's x (a tuning copy-back
+                # into a saved input would bump its version under another node's saved tensors)
+                launch_tuned(_monarch_bwd_dx_kernel, (tiles, n_splits),
+                             (x2, W1c, dy1, dx, p1, T, m, n, N, r, p, R, F0, col_lo, col_hi),
+                             dict(BLOCK_T=block_t, RB=RB, NEED_DX=need_dx, **_dot_args(dt)),
+                             inplace=(3,) if need_dx else ())
     # deterministic second stage of the reduction over token tiles
     dW1 = p1.sum(0).view(N, r, p).to(W1.dtype)
     dW2 = p2.sum(0).view(N, s, r).to(W2.dtype)

@@ -329,6 +329,49 @@ def test_monarch_launches_guarded_and_grid_within_cuda_limits(interpret, monkeyp
     big.assert_grid_within_cuda_limits()
 
 
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_monarch_autotuning_leaves_outputs_and_inputs_alone(interpret, monkeypatch, dedicated, x_grad):
+    """On a GPU the dedicated kernels autotune several configs on a new key; two of them add into
+    an output in place (Y forward, DX backward). The timed runs must go to copies (launch_tuned's
+    ``inplace``): no sum of theirs may remain in the result, and the caller's x, which the dX
+    kernel receives in no form when x needs no gradient, keeps its version (another node may have
+    saved it). The interpreter has one config per kernel: here each gets two and a do_bench that
+    runs every candidate twice, as the GPU's autotuner would (several times)."""
+    runs = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()
+        runs.append(1)
+        return [1.0, 1.0, 1.0]
+
+    for name in ("_monarch_fwd_kernel", "_monarch_bwd_dy1_kernel", "_monarch_bwd_dx_kernel"):
+        kernel = getattr(monarch_ops, name)
+        cfg = kernel.configs[0]
+        twin = type(cfg)(dict(cfg.kwargs), num_warps=cfg.num_warps * 2, num_stages=cfg.num_stages)
+        monkeypatch.setattr(kernel, "configs", [cfg, twin])
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setitem(kernel.__dict__, "do_bench", bench)
+    x, weight, W1, W2, b, dy = (t.to(interpret) for t in _make((21,), 40, 24, 4, 8, True))
+    xs = leaf(x, F32, requires_grad=x_grad)
+    ws, W1s, W2s, bs = leaf(weight, F32, requires_grad=False), leaf(W1, F32), leaf(W2, F32), leaf(b, F32)
+    version = xs._version
+    y = monarch_linear(xs, ws, W1s, W2s, bs, dropout_p=0.2, seed=5, impl="triton")
+    got = grads(y, [xs, W1s, W2s, bs], dy.float())
+    assert len(runs) == 6, "every kernel should have timed both configs"
+    assert xs._version == version
+    ref = [leaf(t, F32) if t is not None else None for t in (x, W1, W2, b)]
+    ref[0].requires_grad_(x_grad)
+    y_ref = monarch(ref[0], ws, ref[1], ref[2], ref[3], 0.2, 5)
+    want = grads(y_ref, ref, dy.float())
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_monarch_fake_gradients_contiguous_for_strided_factors(interpret):
     """The real backward returns contiguous dW1/dW2 whatever the factors' strides; the fake must
     report the same strides or torch.compile (inductor) miscompiles code that relies on them."""
