@@ -11,6 +11,7 @@ timer, the opt-in parallel precompile and ``launch_tuned``.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -148,6 +149,15 @@ def custom_op(name: str, *, mutates_args):
 # and thousands of a small kernel's, enough to rank configs that differ by a few percent.
 TUNE_WARMUP_MS = 10
 TUNE_REP_MS = 40
+# Tuning results on disk (triton's ``cache_results``, in its cache dir, ~/.triton/cache): a key
+# tuned once, by any earlier process with the same triton, GPU architecture, kernel source, configs
+# and key, is not benchmarked again. A training run otherwise re-times every config of every
+# kernel at each of its shapes on every start (~1-2 s per key), and the GPU session's later steps
+# re-tune what its earlier ones did. PEFT_KERNELS_TUNE_CACHE=0 (read at import) re-tunes each
+# process; deleting the cache dir forgets the stored choices. Configs with a pre_hook (the TMA
+# GEMM's descriptors) are always timed: triton cannot store them.
+TUNE_CACHE_ENV = "PEFT_KERNELS_TUNE_CACHE"
+TUNE_CACHE = os.environ.get(TUNE_CACHE_ENV, "1") != "0"
 
 
 def tuning_bench(kernel_call, quantiles):
@@ -192,8 +202,6 @@ def precompile_configs(kernel, args: tuple, kwargs: dict, key: Optional[tuple] =
     in parallel threads; True when it did. Call it with the exact arguments of the launch, inside
     the launch's device guard (``key``: their ``_autotune_key``, where the caller has it). No-op
     unless PEFT_KERNELS_PRECOMPILE=1, under the interpreter, and for keys the autotuner has seen."""
-    import os
-
     global _POOL
     if not HAS_TRITON or os.environ.get(PRECOMPILE_ENV, "0") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
@@ -268,5 +276,5 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict, inplace: tuple = ()) -
     kernel[grid](*args, **kwargs)
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "launch_tuned", "precompile_configs", "PRECOMPILE_ENV", "tuning_bench", "cdiv",
-           "next_pow2", "custom_op", "EagerOp"]
+__all__ = ["triton", "tl", "HAS_TRITON", "launch_tuned", "precompile_configs", "PRECOMPILE_ENV", "tuning_bench",
+           "TUNE_CACHE", "cdiv", "next_pow2", "custom_op", "EagerOp"]

@@ -94,7 +94,7 @@ from ..reference.lora import check_lora_args, lora as lora_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile
-from ._triton import HAS_TRITON, cdiv, custom_op, launch_tuned, next_pow2, tl, triton, tuning_bench
+from ._triton import HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, tl, triton, tuning_bench
 
 BASE_ENV = "PEFT_KERNELS_BASE"
 # who runs the frozen product; tma: the Triton GEMM with TMA tile loads (Hopper+, aligned operands,
@@ -283,7 +283,8 @@ def _lora_epilogue(
 # every flag that changes the code; the add-only mode is never autotuned (``_launch_add_only``)
 @triton.autotune(configs=_gemm_configs(),
                  key=["M_BUCKET", "N", "K", "R_BLOCK", "stride_wk", "HAS_GEMM", "HAS_BIAS", "HAS_DROPOUT",
-                      "DOT_PRECISION"], do_bench=tuning_bench)
+                      "DOT_PRECISION"], do_bench=tuning_bench,
+                 cache_results=TUNE_CACHE)
 @triton.jit
 def _lora_gemm_kernel(
     # pointers
@@ -336,7 +337,8 @@ def _lora_gemm_kernel(
 # block shapes are set per config by ``_set_tma_blocks`` (the configs' pre_hook)
 @triton.autotune(configs=_tma_configs(),
                  key=["M_BUCKET", "N", "K", "R_BLOCK", "X_BYTES", "W_NK", "HAS_C", "HAS_BIAS", "HAS_DROPOUT",
-                      "DOT_PRECISION"], do_bench=tuning_bench)
+                      "DOT_PRECISION"], do_bench=tuning_bench,
+                 cache_results=TUNE_CACHE)
 @triton.jit
 def _lora_gemm_tma_kernel(
     # tensor descriptors: x (M, K), W0 as stored (W_NK: (N, K), the forward; else (K, N), the dX pass)
@@ -384,7 +386,8 @@ def _lora_gemm_tma_kernel(
 # launcher passes `out` as dw_ptr when there is no dW: pure stores, zeroing it is harmless)
 @triton.autotune(configs=_small_configs(_ROWS_TILES, ("BLOCK_M", "BLOCK_N")),
                  key=["M_BUCKET", "N", "R_PAD", "HAS_DW", "HAS_DROPOUT", "SCALE_OUT", "DOT_PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_small}, reset_to_zero=["dw_ptr"], do_bench=tuning_bench)
+                 prune_configs_by={"early_config_prune": _prune_small}, reset_to_zero=["dw_ptr"], do_bench=tuning_bench,
+                 cache_results=TUNE_CACHE)
 @triton.jit
 def _lora_rows_kernel(
     # pointers
@@ -445,7 +448,8 @@ def _lora_rows_kernel(
 # reset_to_zero: the atomic dA target starts from zero on every autotune benchmark run
 @triton.autotune(configs=_small_configs(_DA_TILES, ("BLOCK_M",)),
                  key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT", "DETERMINISTIC", "DOT_PRECISION", "BLOCK_K"],
-                 prune_configs_by={"early_config_prune": _prune_small}, reset_to_zero=["da_ptr"], do_bench=tuning_bench)
+                 prune_configs_by={"early_config_prune": _prune_small}, reset_to_zero=["da_ptr"], do_bench=tuning_bench,
+                 cache_results=TUNE_CACHE)
 @triton.jit
 def _lora_bwd_da_kernel(
     # pointers

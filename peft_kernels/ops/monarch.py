@@ -84,7 +84,7 @@ from ..reference.monarch import monarch as monarch_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile
-from ._triton import HAS_TRITON, cdiv, custom_op, launch_tuned, next_pow2, tl, triton, tuning_bench
+from ._triton import HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, tl, triton, tuning_bench
 
 # ------------------------------------------------------------------------------------------------
 # constants
@@ -203,7 +203,8 @@ def _keep_scale(x, rows, col0, ncols, seed, threshold, scale, BLOCK_COLS: tl.con
 
 # Y is added into in place: a new key is tuned on a copy of it (launch_tuned's ``inplace``), so the
 # autotuner's benchmark runs leave no sums behind (only the final launch's add remains)
-@triton.autotune(configs=_fwd_configs(), key=["n", "m", "R", "HAS_DROPOUT"], do_bench=tuning_bench)
+@triton.autotune(configs=_fwd_configs(), key=["n", "m", "R", "HAS_DROPOUT"], do_bench=tuning_bench,
+                 cache_results=TUNE_CACHE)
 @triton.jit
 def _monarch_fwd_kernel(
     # pointers
@@ -268,7 +269,8 @@ def _monarch_fwd_kernel(
 
 
 # plain stores only (DY1P, P2: one writer per entry), so the benchmark runs need no restore
-@triton.autotune(configs=_bwd_dy1_configs(), key=["n", "m", "R", "HAS_DROPOUT"], do_bench=tuning_bench)
+@triton.autotune(configs=_bwd_dy1_configs(), key=["n", "m", "R", "HAS_DROPOUT"], do_bench=tuning_bench,
+                 cache_results=TUNE_CACHE)
 @triton.jit
 def _monarch_bwd_dy1_kernel(
     # pointers
@@ -324,7 +326,8 @@ def _monarch_bwd_dy1_kernel(
 
 
 # DX is read-modify-written (P1 is plain stores): a new key is tuned on a copy of it (launch_tuned)
-@triton.autotune(configs=_bwd_dx_configs(), key=["n", "m", "R", "NEED_DX"], do_bench=tuning_bench)
+@triton.autotune(configs=_bwd_dx_configs(), key=["n", "m", "R", "NEED_DX"], do_bench=tuning_bench,
+                 cache_results=TUNE_CACHE)
 @triton.jit
 def _monarch_bwd_dx_kernel(
     # pointers

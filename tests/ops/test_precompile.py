@@ -229,3 +229,51 @@ def test_host_launch_path_script_runs_without_a_gpu(tmp_path):
     data = json.loads(out.read_text())
     assert [r["variant"] for r in data["rows"]] == ["autotuner", "launch_tuned", "stubbed"]
     assert data["meta"]["launches_per_step"] == 5 and all(r["us_per_step"] > 0 for r in data["rows"])
+
+
+# One LoRA layer step through triton's real launch path on the fake sm_90 driver of
+# benchmarks/host_launch_path.py (compiled for sm_90 on the CPU, nothing launched), with the
+# autotuner's benchmark stubbed: prints how many config timings it asked for.
+_TUNE_TWICE = r'''
+import os, sys, torch
+sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+import host_launch_path
+host_launch_path._install_fake_sm90_driver()
+from triton.runtime import autotuner
+timed = []
+autotuner.Autotuner._bench = lambda self, *a, config, **k: timed.append(1) or [1.0, 1.0, 1.0]
+from peft_kernels.ops import lora as L
+L._num_sms = lambda device: 132
+g = torch.Generator().manual_seed(0)
+x, W = torch.randn(16, 64, generator=g).bfloat16().requires_grad_(), torch.randn(64, 64, generator=g).bfloat16()
+A = torch.randn(16, 64, generator=g).bfloat16().requires_grad_()
+B = torch.randn(64, 16, generator=g).bfloat16().requires_grad_()
+L.LoRAFunction.apply(x, W, A, B, None, 2.0, 0.0, L._ZERO_SEED, "triton", False).backward(torch.ones(16, 64).bfloat16())
+print(len(timed))
+'''
+
+
+def test_tuning_results_are_reused_by_a_later_process(tmp_path):
+    """``cache_results`` (``TUNE_CACHE``): the configs timed in one process are stored in triton's
+    cache dir, and a later process with the same kernels, configs and keys times none of them;
+    PEFT_KERNELS_TUNE_CACHE=0 times them again."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("runs on a fake sm_90 driver on machines without a GPU")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", T.TUNE_CACHE_ENV)}
+    env.update(PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""), TRITON_CACHE_DIR=str(tmp_path))
+
+    def timings(**extra):
+        proc = subprocess.run([sys.executable, "-c", _TUNE_TWICE], cwd=root, env={**env, **extra},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return int(proc.stdout.strip().splitlines()[-1])
+
+    first = timings()
+    assert first >= 6  # the fused GEMM (forward and dX), the rows and the dA kernels, several configs each
+    assert timings() == 0
+    assert timings(**{T.TUNE_CACHE_ENV: "0"}) == first
