@@ -134,7 +134,7 @@ step tests_native "$LIMIT_NATIVE" $PY -m pytest -q -m gpu -p no:cacheprovider $N
 step bench "$LIMIT_BENCH" $PY -m peft_kernels bench --out "$WORK/bench" --no-progress
 
 # End to end: llama-1b (TinyLlama shape), seq 2048, batch 4, LoRA r16 on every linear.
-step train "$LIMIT_TRAIN" $PY -m peft_kernels train-speed --out "$WORK/train" --steps 6 --warmup 2 --no-progress
+step train "$LIMIT_TRAIN" $PY -m peft_kernels train-speed --out "$WORK/train" --steps 10 --warmup 2 --no-progress
 
 # Host-bound step time of one tiny adapted layer (real launches): the CPU cost train-speed hides
 # behind short kernels (llama-1b's k/v projections); LoRA rows first, the other families after.

@@ -106,7 +106,8 @@ def cmd_train_speed(args) -> int:
         seq=args.seq or (2048 if gpu else 128), batch=args.batch or (4 if gpu else 2),
         steps=args.steps or 10, warmup=args.warmup if args.warmup is not None else 3,
         dtype=args.dtype or (torch.bfloat16 if gpu else torch.float32), device=str(device), r=args.r,
-        dropout=args.dropout, impl=args.impl, threads=args.threads)
+        dropout=args.dropout, impl=args.impl, threads=args.threads,
+        rounds=args.rounds or (2 if gpu else 1))
     try:
         result = run_train_speed(s, progress=not args.no_progress)
     except ValueError as e:  # a bad --model path: say so plainly
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=positive_int, default=None, help="batch size (default 4 GPU, 2 CPU)")
     t.add_argument("--steps", type=positive_int, default=None, help="timed steps (default 10)")
     t.add_argument("--warmup", type=nonneg_int, default=None, help="warm-up steps (default 3)")
+    t.add_argument("--rounds", type=positive_int, default=None,
+                   help="passes over the variants, order reversed every other pass; times are the mean "
+                        "(default 2 on GPU, 1 on CPU)")
     t.add_argument("--dtype", type=dtype_value, default=None, help="bf16 | fp16 | fp32")
     t.add_argument("--device", type=device_value, default=None, help="cpu or cuda")
     t.add_argument("--r", type=positive_int, default=16, help="adapter rank for lora / lily (default 16)")

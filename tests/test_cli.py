@@ -52,6 +52,8 @@ def test_bench_cpu_writes_table_csv_json_png(tmp_path, capsys):
             fam_rows = [r for r in rows if r["family"] == fam and r["shape"] == shape]
             base = [r for r in fam_rows if r["variant"] == "frozen base"]
             assert len(base) == 1 and base[0]["fwdbwd_ratio"] == 1.0 and base[0]["fwdbwd_ms"] > 0
+            # timed before and after the variants: the ratios divide by the mean, the spread is shown
+            assert base[0]["base_spread_pct"] is not None and base[0]["base_spread_pct"] >= 0
             ok = [r for r in fam_rows if r["variant"] != "frozen base" and r["status"] == "ok"]
             assert len(ok) >= 2, (fam, shape, [(r["variant"], r["status"]) for r in fam_rows])
             for r in ok:
@@ -141,7 +143,9 @@ def test_train_speed_gpu_busy_arithmetic_and_table(monkeypatch):
 
     ev = [SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=1500.0),
           SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=500.0),
-          SimpleNamespace(device_type=DeviceType.CPU, device_time_total=9999.0)]
+          SimpleNamespace(device_type=DeviceType.CPU, device_time_total=9999.0),
+          # a record_function range mirrored on the device spans kernels already counted
+          SimpleNamespace(device_type=DeviceType.CUDA, device_time_total=2000.0, is_user_annotation=True)]
     assert TS._device_busy_ms(ev) == 2.0
     assert TS._gpu_busy_ms(lambda: None, torch.device("cpu")) is None
     row = {"variant": "peft_kernels lora", "family": "lora", "trainable_params": 1, "step_ms": 4.0,
@@ -502,3 +506,28 @@ def test_host_overhead_script_writes_rows(tmp_path):
     assert "monarch N4 r4: fused" in names and "lora r16: HF PEFT" in names
     assert all(r["us_per_step"] > 0 for r in got["rows"])
     assert got["meta"]["launches"].startswith("stubbed")
+
+
+def test_train_speed_rounds_alternate_order_and_average(tmp_path, capsys, monkeypatch):
+    """``--rounds 2``: every variant is measured once per round, the second round in reverse order
+    (ABBA), and its row holds the mean step time and the spread between the rounds."""
+    from peft_kernels.bench import train_speed
+
+    seen = []
+    for fn, tag in (("_floor_step", "floor"), ("_kernels_model", "pk"), ("_peft_model", "peft")):
+        real = getattr(train_speed, fn)
+        monkeypatch.setattr(train_speed, fn, lambda *a, real=real, tag=tag: seen.append(tag) or real(*a))
+    rc = main(["train-speed", "--model", "tiny", "--family", "lora", "--seq", "16", "--batch", "1",
+               "--steps", "2", "--warmup", "0", "--rounds", "2", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "2 rounds" in out and "spread %" in out
+    data = json.loads((tmp_path / "train_speed.json").read_text())
+    rows = data["rows"]
+    names = [r["variant"] for r in rows]
+    assert names == ["frozen model (floor)", "peft_kernels lora", "HF PEFT lora"]
+    assert seen == ["floor", "pk", "peft", "peft", "pk", "floor"]  # a fresh model each time, ABBA
+    assert data["settings"]["rounds"] == 2 and "ABBA" in data["settings"]["order"]
+    for r in rows:
+        assert r["status"] == "ok" and r["step_spread_pct"] is not None and r["step_spread_pct"] >= 0
+        assert r["tokens_per_s"] == pytest.approx(16 / (r["step_ms"] / 1e3))

@@ -193,6 +193,12 @@ def lora_compiled(setup: Setup, cfg: dict):
     # never hits Dynamo's recompile limit and silently falls back to eager
     torch._dynamo.reset()
     fn = torch.compile(_torch_lora, dynamic=False)
+    # AOTAutograd's donated buffers off (for the rest of this process: the flag is read again at
+    # each backward; the compiled rows run last): with them a retained graph cannot run backward,
+    # and the row's bwd would be derived (f+b - fwd, with a warm L2) instead of timed like the others
+    from torch._functorch import config as aot_config
+
+    aot_config.donated_buffer = False
     return (lambda: fn(x, w, A, B, s, p)), [A, B]
 
 
@@ -324,6 +330,16 @@ def sparse_densified(setup: Setup, cfg: dict):
     return fwd, [val]
 
 
+def sparse_merged(setup: Setup, cfg: dict):
+    """The values added into a copy of W0 every step, then one dense matmul ``x (W0 + delta)^T``: the
+    strongest plain-torch form, as a user would write it (3 GEMMs a step: forward, dX, and the full
+    ``(d_out, d_in)`` weight gradient that autograd then gathers at the mask)."""
+    crow, col, val = _sparse_params(setup, cfg)
+    rows = torch.repeat_interleave(torch.arange(setup.d_out, device=setup.device), crow.diff())
+    x, w = setup.x, setup.weight
+    return (lambda: F.linear(x, w.index_put((rows, col), val, accumulate=True))), [val]
+
+
 def sparse_torch_csr(setup: Setup, cfg: dict):
     """``torch.sparse`` CSR matmul (autograd reaches the values)."""
     crow, col, val = _sparse_params(setup, cfg)
@@ -440,7 +456,8 @@ FAMILY_SPECS = {
          Variant(SPARSE_TRITON, sparse_kernel, fused=True, gpu_only=True, pin_impl="triton",
                  why="the Triton ops on a GPU, timed beside the native ones"),
          Variant(REFERENCE, sparse_reference),
-         Variant("torch densified", sparse_densified), Variant("torch.sparse CSR", sparse_torch_csr)],
+         Variant("torch densified", sparse_densified), Variant("torch merged (W0+delta)", sparse_merged),
+         Variant("torch.sparse CSR", sparse_torch_csr)],
         "peft_kernels.ops.sparse"),
     "lily": Family(
         "lily", _lily_configs, lambda c: f"{c['routing']} r={c['r']} E={c['E']}",

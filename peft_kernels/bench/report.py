@@ -35,7 +35,7 @@ BENCH_COLUMNS = (
     ("shape", "shape", None), ("config", "config", None), ("variant", "variant", None), ("base", "base", None),
     ("fwd ms", "fwd_ms", ".3f"), ("bwd ms", "bwd_ms", ".3f"), ("f+b ms", "fwdbwd_ms", ".3f"),
     ("fwd x", "fwd_ratio", ".2f"), ("bwd x", "bwd_ratio", ".2f"), ("f+b x", "fwdbwd_ratio", ".2f"),
-    ("peak MiB", "peak_mib", ".1f"), ("saved MiB", "saved_mib", ".2f"),
+    ("peak MiB", "peak_mib", ".1f"), ("saved MiB", "saved_mib", ".2f"), ("base spread %", "base_spread_pct", ".1f"),
     ("target", "target", ".2f"), ("met", "meets_target", None),
 )
 
@@ -90,7 +90,8 @@ def bench_text(result) -> str:
     meta, s = result.meta, result.settings
     out = [f"peft-kernels bench | {stamp_line(meta)}",
            f"tokens={s['tokens']} dtype={s['dtype']} device={s['device']} timer: {s['timer']}",
-           "ratios (x) = variant / frozen base linear measured in this run; f+b = forward+backward; "
+           "ratios (x) = variant / frozen base linear measured in this run (the mean of its timings before and "
+           "after the variants; base spread % = how far they lay apart); f+b = forward+backward; "
            "saved = activations kept for backward beyond input and weights"]
     if meta.get("note"):
         out.append(f"NOTE: {meta['note']}")

@@ -58,6 +58,7 @@ class TrainSpeedSettings:
     dropout: float = 0.0
     impl: Optional[str] = None
     threads: Optional[int] = None  # CPU: torch threads while timing (None -> 1, see layer.run_bench)
+    rounds: int = 1  # passes over the variants, the order reversed every other pass (ABBA)
 
 
 @dataclass
@@ -128,8 +129,9 @@ def _time_steps(step, n_warmup: int, n_steps: int, device: torch.device) -> tupl
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
-    return elapsed, peak
+    if device.type != "cuda":
+        return elapsed, None, None
+    return elapsed, torch.cuda.max_memory_allocated(device) / GiB, torch.cuda.max_memory_reserved(device) / GiB
 
 
 def _device_busy_ms(events) -> float:
@@ -137,7 +139,9 @@ def _device_busy_ms(events) -> float:
     (``prof.events()``: device-side events carry their own duration; one stream, no overlap)."""
     from torch.autograd import DeviceType
 
-    return sum(e.device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3
+    # user annotations (record_function ranges mirrored on the device) span kernels already counted
+    return sum(e.device_time_total for e in events
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e3
 
 
 def _gpu_busy_ms(step, device: torch.device) -> Optional[float]:
@@ -247,7 +251,12 @@ def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSp
                 "device": str(device), "torch_threads": torch.get_num_threads(), "r": s.r, "dropout": s.dropout, "impl": s.impl or "dispatch default",
                 "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
                 "step": "forward (LM loss) + backward + AdamW on adapter parameters; floor: no optimizer, "
-                        "gradient to the input embeddings only"}
+                        "gradient to the input embeddings only",
+                "adapters": "weights in the model dtype for every variant (HF PEFT built with "
+                            "autocast_adapter_dtype=False; its default keeps them in fp32)",
+                "rounds": s.rounds,
+                "order": "every variant once per round, the order reversed every other round (ABBA: a drift "
+                         "of the clocks over the run hits every variant alike); times are the rounds' mean"}
     result = TrainSpeedResult(meta=stamp(device), settings=settings)
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (s.batch, s.seq), generator=g).to(device)
@@ -256,24 +265,37 @@ def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSp
     except KeyboardInterrupt:  # a time limit's SIGINT: keep (and let the caller write) the finished rows
         result.interrupted = True
     floor_tps = next((r["tokens_per_s"] for r in result.rows if r["family"] == "-"), None)
-    peft_tps = {r["family"]: r["tokens_per_s"] for r in result.rows if r["variant"].startswith("HF PEFT")}
+    peft = {r["family"]: r for r in result.rows if r["variant"].startswith("HF PEFT") and r["tokens_per_s"]}
     for row in result.rows:
         if row["tokens_per_s"] and floor_tps:
             row["slowdown_vs_floor"] = floor_tps / row["tokens_per_s"]
-        fam = row["family"]
-        if row["variant"].startswith("peft_kernels") and row["tokens_per_s"] and peft_tps.get(fam):
-            row["speedup_vs_peft"] = row["tokens_per_s"] / peft_tps[fam]
+        ref = peft.get(row["family"])
+        if row["variant"].startswith("peft_kernels") and row["tokens_per_s"] and ref is not None:
+            row["speedup_vs_peft"] = row["tokens_per_s"] / ref["tokens_per_s"]
+            if row["peak_gib"] and ref["peak_gib"]:
+                row["peak_vs_peft"] = row["peak_gib"] / ref["peak_gib"]
     return result
 
 
 def _run_variants(s, device, progress, config, ids, tokens, result) -> None:
-    """Time every variant in turn, appending one row each to ``result.rows``."""
+    """Time every variant, ``s.rounds`` times (ABBA order), one row each in ``result.rows`` (updated
+    after every measurement, so an interrupt keeps what finished)."""
     from tqdm.auto import tqdm
 
-    for name, fam, maker in tqdm(list(_variants(s)), desc="peft-kernels train-speed", unit="model", disable=not progress):
-        row = {"variant": name, "family": fam or "-", "trainable_params": 0, "step_ms": None,
-               "tokens_per_s": None, "slowdown_vs_floor": None, "speedup_vs_peft": None, "peak_gib": None,
-               "gpu_busy_ms": None, "gpu_busy_pct": None, "status": "ok"}
+    variants = list(_variants(s))
+    rows, times = {}, {}
+    for name, fam, _ in variants:
+        rows[name] = {"variant": name, "family": fam or "-", "trainable_params": 0, "step_ms": None,
+                      "tokens_per_s": None, "step_spread_pct": None, "slowdown_vs_floor": None,
+                      "speedup_vs_peft": None, "peak_gib": None, "peak_reserved_gib": None, "peak_vs_peft": None,
+                      "gpu_busy_ms": None, "gpu_busy_pct": None, "status": "ok"}
+        times[name] = []
+    order = [v for rnd in range(s.rounds) for v in (variants if rnd % 2 == 0 else variants[::-1])]
+    listed = set()  # rows join the table once measured (or failed): an interrupted one does not
+    for name, fam, maker in tqdm(order, desc="peft-kernels train-speed", unit="model", disable=not progress):
+        row = rows[name]
+        if row["status"] != "ok":  # failed in an earlier round
+            continue
         model = params = step = None
         try:
             if maker is None:
@@ -285,12 +307,20 @@ def _run_variants(s, device, progress, config, ids, tokens, result) -> None:
                 _randomize_trainable(params)
                 row["trainable_params"] = sum(p.numel() for p in {id(p): p for p in params}.values())
                 step = _train_step(model, params, ids)
-            elapsed, peak = _time_steps(step, s.warmup, s.steps, device)
-            tps = tokens * s.steps / elapsed
-            row.update(step_ms=1e3 * elapsed / s.steps, tokens_per_s=tps, peak_gib=peak)
-            busy = _gpu_busy_ms(step, device)
-            if busy is not None:
-                row.update(gpu_busy_ms=busy, gpu_busy_pct=min(100.0, 100.0 * busy / row["step_ms"]))
+            elapsed, peak, reserved = _time_steps(step, s.warmup, s.steps, device)
+            times[name].append(elapsed / s.steps)
+            step_s = sum(times[name]) / len(times[name])
+            row.update(step_ms=1e3 * step_s, tokens_per_s=tokens / step_s)
+            if len(times[name]) > 1:
+                row["step_spread_pct"] = 100.0 * (max(times[name]) - min(times[name])) / step_s
+            if peak is not None:
+                row["peak_gib"] = max(peak, row["peak_gib"] or 0.0)
+                row["peak_reserved_gib"] = max(reserved, row["peak_reserved_gib"] or 0.0)
+            if row["gpu_busy_ms"] is None:  # profiled once, in the first round
+                row["gpu_busy_ms"] = _gpu_busy_ms(step, device)
+            if row["gpu_busy_ms"] is not None:
+                # not clamped: above 100 the profile counted overlapping work, and says so
+                row["gpu_busy_pct"] = 100.0 * row["gpu_busy_ms"] / row["step_ms"]
         except ImportError as e:
             row["status"] = f"n/a: {type(e).__name__}: {e}"[:200]
         except Exception as e:  # noqa: BLE001 - one failing variant must not sink the comparison
@@ -302,15 +332,19 @@ def _run_variants(s, device, progress, config, ids, tokens, result) -> None:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        result.rows.append(row)
+        if name not in listed:
+            listed.add(name)
+            result.rows.append(row)
 
 
 TRAIN_COLUMNS = (
     ("variant", "variant", None), ("trainable", "trainable_params", ","), ("step ms", "step_ms", ".1f"),
-    ("tokens/s", "tokens_per_s", ",.0f"), ("x floor", "slowdown_vs_floor", ".2f"),
-    ("vs HF PEFT", "speedup_vs_peft", ".2f"), ("peak GiB", "peak_gib", ".2f"),
-    ("GPU busy %", "gpu_busy_pct", ".0f"),
+    ("spread %", "step_spread_pct", ".1f"), ("tokens/s", "tokens_per_s", ",.0f"),
+    ("x floor", "slowdown_vs_floor", ".2f"), ("vs HF PEFT", "speedup_vs_peft", ".2f"),
+    ("peak GiB", "peak_gib", ".2f"), ("reserved GiB", "peak_reserved_gib", ".2f"),
+    ("peak vs PEFT", "peak_vs_peft", ".2f"), ("GPU busy %", "gpu_busy_pct", ".0f"),
 )
+_OPTIONAL_COLUMNS = ("step_spread_pct", "peak_gib", "peak_reserved_gib", "peak_vs_peft", "gpu_busy_pct")
 
 
 def train_speed_text(result: TrainSpeedResult) -> str:
@@ -321,18 +355,22 @@ def train_speed_text(result: TrainSpeedResult) -> str:
     out = [f"peft-kernels train-speed | {stamp_line(result.meta)}",
            f"model={s['model']} (hidden {s['hidden_size']}, {s['num_hidden_layers']} layers) "
            f"batch={s['batch']} seq={s['seq']} dtype={s['dtype']} steps={s['steps']} (+{s['warmup']} warm-up)",
-           f"step: {s['step']}",
-           "x floor = floor tokens/s / variant tokens/s; vs HF PEFT = tokens/s over HF PEFT's, same family"]
+           f"step: {s['step']}", f"adapters: {s.get('adapters', '?')}",
+           "x floor = floor tokens/s / variant tokens/s; vs HF PEFT = tokens/s over HF PEFT's, same family; "
+           "GiB = 2**30 bytes (max_memory_allocated / _reserved over the timed steps)"]
+    if s.get("rounds", 1) > 1:
+        out.append(f"{s['rounds']} rounds: {s['order']}; spread % = slowest - fastest round / mean")
     if result.meta.get("note"):
         out.append(f"NOTE: {result.meta['note']}")
     if result.interrupted:
         out.append("INTERRUPTED: only the variants below finished")
     ok = [r for r in result.rows if r["status"] == "ok"]
-    cols = [c for c in TRAIN_COLUMNS if c[1] not in ("peak_gib", "gpu_busy_pct") or any(r[c[1]] for r in ok)]
+    cols = [c for c in TRAIN_COLUMNS if c[1] not in _OPTIONAL_COLUMNS or any(r.get(c[1]) for r in ok)]
     out.append(format_table(ok, cols))
-    if any(r["gpu_busy_pct"] for r in ok):
+    if any(r.get("gpu_busy_pct") for r in ok):
         out.append("GPU busy % = GPU time of one profiled step (kernels, copies) / timed step time: "
-                   "well below 100 = the host (Python, launches) leaves the GPU idle")
+                   "well below 100 = the host (Python, launches) leaves the GPU idle; above 100 = the "
+                   "profile counted overlapping work: do not read it")
     for r in result.rows:
         if r["status"] != "ok":
             out.append(f"  [{r['variant']}] {r['status']}")
