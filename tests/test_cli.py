@@ -531,3 +531,25 @@ def test_train_speed_rounds_alternate_order_and_average(tmp_path, capsys, monkey
     for r in rows:
         assert r["status"] == "ok" and r["step_spread_pct"] is not None and r["step_spread_pct"] >= 0
         assert r["tokens_per_s"] == pytest.approx(16 / (r["step_ms"] / 1e3))
+
+
+def test_train_speed_peft_default_row_in_half_precision(tmp_path):
+    """In a bf16 model train-speed also times HF PEFT as most users run it (its default fp32
+    adapter weights); our rows are compared with both PEFT rows, the like-for-like one first."""
+    from peft_kernels.bench import train_speed as TS
+
+    pytest.importorskip("peft")
+    s = TS.TrainSpeedSettings(model="tiny", seq=8, batch=1, steps=1, warmup=0, dtype=torch.bfloat16)
+    names = [name for name, _, _ in TS._variants(s)]
+    assert names == ["frozen model (floor)", "peft_kernels lora", "HF PEFT lora", "HF PEFT default lora (fp32 adapters)"]
+    config = TS.load_config("tiny")
+    opts = TS.FAMILY_OPTIONS["lora"](s)
+    _, params = TS._peft_model_default(config, "lora", opts, s, torch.device("cpu"))
+    _, same = TS._peft_model(config, "lora", opts, s, torch.device("cpu"))
+    assert {p.dtype for p in params} == {torch.float32} and {p.dtype for p in same} == {torch.bfloat16}
+    res = TS.run_train_speed(s, progress=False)
+    rows = {r["variant"]: r for r in res.rows}
+    ours = rows["peft_kernels lora"]
+    assert ours["speedup_vs_peft"] == pytest.approx(ours["tokens_per_s"] / rows["HF PEFT lora"]["tokens_per_s"])
+    assert ours["speedup_vs_peft_default"] == pytest.approx(
+        ours["tokens_per_s"] / rows["HF PEFT default lora (fp32 adapters)"]["tokens_per_s"])

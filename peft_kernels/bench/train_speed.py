@@ -23,6 +23,7 @@ from .meta import stamp
 from .timing import keep_freed_memory
 
 GiB = 1024 ** 3
+PEFT_DEFAULT_PREFIX = "HF PEFT default"  # the row of HF PEFT with its default fp32 adapters
 
 # A ~1.1B Llama (TinyLlama's shape; GUIDE.md's end-to-end anchor) and a model small enough that a
 # CPU step takes milliseconds.
@@ -214,10 +215,16 @@ def _peft_model(config, fam: str, opts: dict, s: TrainSpeedSettings, device: tor
         cfg = peft.LilyConfig(r=opts["r"], num_B=opts["num_experts"], scaling=1.0, target_modules=targets)
     else:
         raise ImportError(f"HF PEFT has no {fam} tuner to compare with")
-    pm = peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
+    pm = peft.get_peft_model(model, cfg, autocast_adapter_dtype=opts.get("autocast_adapter_dtype", False))
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
     return pm, params
+
+
+def _peft_model_default(config, fam: str, opts: dict, s: TrainSpeedSettings, device: torch.device):
+    """HF PEFT as most users run it: ``autocast_adapter_dtype=True`` (its default) keeps the
+    adapter weights in fp32 in a bf16 model (the LoRA branch then runs in fp32)."""
+    return _peft_model(config, fam, {**opts, "autocast_adapter_dtype": True}, s, device)
 
 
 def _variants(s: TrainSpeedSettings):
@@ -228,6 +235,8 @@ def _variants(s: TrainSpeedSettings):
             yield f"peft_kernels {fam} (shared inputs)", fam, _kernels_model_shared  # fused path only
         if fam in ("lora", "lily"):
             yield f"HF PEFT {fam}", fam, _peft_model
+        if fam == "lora" and s.dtype in (torch.bfloat16, torch.float16):  # in fp32 it is the row above
+            yield f"{PEFT_DEFAULT_PREFIX} {fam} (fp32 adapters)", fam, _peft_model_default
 
 
 def run_train_speed(s: TrainSpeedSettings, progress: bool = True) -> TrainSpeedResult:
@@ -253,7 +262,8 @@ def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSp
                 "step": "forward (LM loss) + backward + AdamW on adapter parameters; floor: no optimizer, "
                         "gradient to the input embeddings only",
                 "adapters": "weights in the model dtype for every variant (HF PEFT built with "
-                            "autocast_adapter_dtype=False; its default keeps them in fp32)",
+                            "autocast_adapter_dtype=False), except the 'HF PEFT default' row: PEFT's default "
+                            "keeps them in fp32",
                 "rounds": s.rounds,
                 "order": "every variant once per round, the order reversed every other round (ABBA: a drift "
                          "of the clocks over the run hits every variant alike); times are the rounds' mean"}
@@ -265,15 +275,21 @@ def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSp
     except KeyboardInterrupt:  # a time limit's SIGINT: keep (and let the caller write) the finished rows
         result.interrupted = True
     floor_tps = next((r["tokens_per_s"] for r in result.rows if r["family"] == "-"), None)
-    peft = {r["family"]: r for r in result.rows if r["variant"].startswith("HF PEFT") and r["tokens_per_s"]}
+    by_name = {r["variant"]: r for r in result.rows if r["tokens_per_s"]}
     for row in result.rows:
         if row["tokens_per_s"] and floor_tps:
             row["slowdown_vs_floor"] = floor_tps / row["tokens_per_s"]
-        ref = peft.get(row["family"])
-        if row["variant"].startswith("peft_kernels") and row["tokens_per_s"] and ref is not None:
+        if not (row["variant"].startswith("peft_kernels") and row["tokens_per_s"]):
+            continue
+        ref = by_name.get(f"HF PEFT {row['family']}")  # same adapter dtype: the like-for-like reference
+        if ref is not None:
             row["speedup_vs_peft"] = row["tokens_per_s"] / ref["tokens_per_s"]
             if row["peak_gib"] and ref["peak_gib"]:
                 row["peak_vs_peft"] = row["peak_gib"] / ref["peak_gib"]
+        default = next((r for name, r in by_name.items() if name.startswith(f"{PEFT_DEFAULT_PREFIX} {row['family']} ")),
+                       None)
+        if default is not None:
+            row["speedup_vs_peft_default"] = row["tokens_per_s"] / default["tokens_per_s"]
     return result
 
 
@@ -287,7 +303,8 @@ def _run_variants(s, device, progress, config, ids, tokens, result) -> None:
     for name, fam, _ in variants:
         rows[name] = {"variant": name, "family": fam or "-", "trainable_params": 0, "step_ms": None,
                       "tokens_per_s": None, "step_spread_pct": None, "slowdown_vs_floor": None,
-                      "speedup_vs_peft": None, "peak_gib": None, "peak_reserved_gib": None, "peak_vs_peft": None,
+                      "speedup_vs_peft": None, "speedup_vs_peft_default": None, "peak_gib": None,
+                      "peak_reserved_gib": None, "peak_vs_peft": None,
                       "gpu_busy_ms": None, "gpu_busy_pct": None, "status": "ok"}
         times[name] = []
     order = [v for rnd in range(s.rounds) for v in (variants if rnd % 2 == 0 else variants[::-1])]
@@ -341,10 +358,12 @@ TRAIN_COLUMNS = (
     ("variant", "variant", None), ("trainable", "trainable_params", ","), ("step ms", "step_ms", ".1f"),
     ("spread %", "step_spread_pct", ".1f"), ("tokens/s", "tokens_per_s", ",.0f"),
     ("x floor", "slowdown_vs_floor", ".2f"), ("vs HF PEFT", "speedup_vs_peft", ".2f"),
+    ("vs PEFT default", "speedup_vs_peft_default", ".2f"),
     ("peak GiB", "peak_gib", ".2f"), ("reserved GiB", "peak_reserved_gib", ".2f"),
     ("peak vs PEFT", "peak_vs_peft", ".2f"), ("GPU busy %", "gpu_busy_pct", ".0f"),
 )
-_OPTIONAL_COLUMNS = ("step_spread_pct", "peak_gib", "peak_reserved_gib", "peak_vs_peft", "gpu_busy_pct")
+_OPTIONAL_COLUMNS = ("step_spread_pct", "speedup_vs_peft_default", "peak_gib", "peak_reserved_gib", "peak_vs_peft",
+                     "gpu_busy_pct")
 
 
 def train_speed_text(result: TrainSpeedResult) -> str:
@@ -356,7 +375,8 @@ def train_speed_text(result: TrainSpeedResult) -> str:
            f"model={s['model']} (hidden {s['hidden_size']}, {s['num_hidden_layers']} layers) "
            f"batch={s['batch']} seq={s['seq']} dtype={s['dtype']} steps={s['steps']} (+{s['warmup']} warm-up)",
            f"step: {s['step']}", f"adapters: {s.get('adapters', '?')}",
-           "x floor = floor tokens/s / variant tokens/s; vs HF PEFT = tokens/s over HF PEFT's, same family; "
+           "x floor = floor tokens/s / variant tokens/s; vs HF PEFT = tokens/s over HF PEFT's with the same "
+           "adapter dtype, same family (vs PEFT default: over PEFT's default, fp32 adapters); "
            "GiB = 2**30 bytes (max_memory_allocated / _reserved over the timed steps)"]
     if s.get("rounds", 1) > 1:
         out.append(f"{s['rounds']} rounds: {s['order']}; spread % = slowest - fastest round / mean")
