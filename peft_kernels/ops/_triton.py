@@ -235,6 +235,36 @@ def precompile_configs(kernel, args: tuple, kwargs: dict, key: Optional[tuple] =
         return False
 
 
+class _NotOnDisk(Exception):
+    pass
+
+
+def _not_on_disk():
+    raise _NotOnDisk
+
+
+def tuned_on_disk(kernel, args: tuple, kwargs: dict, key: tuple):
+    """The config an earlier process stored for ``key`` in triton's disk tune cache (``TUNE_CACHE``),
+    now also in ``kernel.cache``; None when there is none (or the kernel does not store its
+    results: the interpreter, PEFT_KERNELS_TUNE_CACHE=0, configs with a pre_hook). Triton's own
+    lookup (``Autotuner.check_disk_cache``), asked with a benchmark that aborts on a miss, so a
+    stored key needs neither a precompile nor a tuning run (nor a copy of an in-place output)."""
+    if not getattr(kernel, "cache_results", False):
+        return None
+    kernel.nargs = dict(zip(kernel.arg_names, args))  # what the config pruning reads
+    try:
+        configs = kernel.prune_configs(kwargs)
+        if kernel.check_disk_cache(key, configs, _not_on_disk):
+            return kernel.cache.get(key)
+    except _NotOnDisk:
+        pass
+    except Exception:  # noqa: BLE001 - a lookup only: the autotuner tunes (and stores) as usual
+        pass
+    finally:
+        kernel.nargs = None
+    return None
+
+
 def _refuse_capture(args: tuple) -> None:
     """A new autotune key benchmarks every config (synchronising the device), which a CUDA graph
     capture cannot contain: say so instead of failing inside triton's benchmark."""
@@ -256,6 +286,9 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict, inplace: tuple = ()) -
     configs with a ``pre_hook`` (the TMA descriptors) and single-config kernels go through the
     autotuner as before.
 
+    A key missing here but stored on disk by an earlier process (``tuned_on_disk``) is launched
+    directly too: no precompile, no tuning run, and so no refusal under CUDA graph capture.
+
     ``inplace``: positions of the arguments the kernel read-modify-writes (adds into). On a new key
     the autotuner's timed runs then go to copies of them, and the tuned config runs once on the
     real ones. (triton's ``restore_value`` would clone them and copy them back around every timed
@@ -264,6 +297,8 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict, inplace: tuple = ()) -
     if configs is not None and len(configs) > 1:  # one config: nothing to tune or precompile
         key = _autotune_key(kernel, args, kwargs)
         cfg = kernel.cache.get(key)
+        if cfg is None:
+            cfg = tuned_on_disk(kernel, args, kwargs, key)
         if cfg is None:
             _refuse_capture(args)
             precompile_configs(kernel, args, kwargs, key)

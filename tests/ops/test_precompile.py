@@ -242,21 +242,22 @@ host_launch_path._install_fake_sm90_driver()
 from triton.runtime import autotuner
 timed = []
 autotuner.Autotuner._bench = lambda self, *a, config, **k: timed.append(1) or [1.0, 1.0, 1.0]
-from peft_kernels.ops import lora as L
+from peft_kernels.ops import _triton as T, lora as L
 L._num_sms = lambda device: 132
 g = torch.Generator().manual_seed(0)
 x, W = torch.randn(16, 64, generator=g).bfloat16().requires_grad_(), torch.randn(64, 64, generator=g).bfloat16()
 A = torch.randn(16, 64, generator=g).bfloat16().requires_grad_()
 B = torch.randn(64, 16, generator=g).bfloat16().requires_grad_()
 L.LoRAFunction.apply(x, W, A, B, None, 2.0, 0.0, L._ZERO_SEED, "triton", False).backward(torch.ones(16, 64).bfloat16())
-print(len(timed))
+print(len(timed), len(T._PRECOMPILED))
 '''
 
 
 def test_tuning_results_are_reused_by_a_later_process(tmp_path):
     """``cache_results`` (``TUNE_CACHE``): the configs timed in one process are stored in triton's
-    cache dir, and a later process with the same kernels, configs and keys times none of them;
-    PEFT_KERNELS_TUNE_CACHE=0 times them again."""
+    cache dir, and a later process with the same kernels, configs and keys times none of them and,
+    with PEFT_KERNELS_PRECOMPILE=1, compiles none ahead either (``tuned_on_disk`` finds the stored
+    choice first); PEFT_KERNELS_TUNE_CACHE=0 times them again."""
     import os
     import subprocess
     import sys
@@ -271,9 +272,9 @@ def test_tuning_results_are_reused_by_a_later_process(tmp_path):
         proc = subprocess.run([sys.executable, "-c", _TUNE_TWICE], cwd=root, env={**env, **extra},
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return int(proc.stdout.strip().splitlines()[-1])
+        return tuple(int(v) for v in proc.stdout.strip().splitlines()[-1].split())
 
-    first = timings()
+    first, _ = timings()
     assert first >= 6  # the fused GEMM (forward and dX), the rows and the dA kernels, several configs each
-    assert timings() == 0
-    assert timings(**{T.TUNE_CACHE_ENV: "0"}) == first
+    assert timings(**{T.PRECOMPILE_ENV: "1"}) == (0, 0)
+    assert timings(**{T.TUNE_CACHE_ENV: "0"}) == (first, 0)
