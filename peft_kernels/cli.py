@@ -148,7 +148,8 @@ def info_text() -> str:
              f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  "
              f"PEFT_KERNELS_IMPL={os.environ.get('PEFT_KERNELS_IMPL', '') or '(unset)'}  "
              f"PEFT_KERNELS_BASE={os.environ.get('PEFT_KERNELS_BASE', '') or '(unset: auto)'}  "
-             f"PEFT_KERNELS_AUTO_BASES={os.environ.get('PEFT_KERNELS_AUTO_BASES', '') or '(unset: all)'}",
+             f"PEFT_KERNELS_AUTO_BASES={os.environ.get('PEFT_KERNELS_AUTO_BASES', '') or '(unset: all)'}  "
+             f"PEFT_KERNELS_TUNE_CACHE={os.environ.get('PEFT_KERNELS_TUNE_CACHE', '') or '(unset: on)'}",
              "", f"[cpu] {device_name(torch.device('cpu'))}", dispatch.explain("cpu", torch.float32)]
     if torch.cuda.is_available():
         lines += ["", f"[cuda] {device_name(torch.device('cuda'))}", dispatch.explain("cuda", torch.bfloat16)]
