@@ -553,3 +553,27 @@ def test_train_speed_peft_default_row_in_half_precision(tmp_path):
     assert ours["speedup_vs_peft"] == pytest.approx(ours["tokens_per_s"] / rows["HF PEFT lora"]["tokens_per_s"])
     assert ours["speedup_vs_peft_default"] == pytest.approx(
         ours["tokens_per_s"] / rows["HF PEFT default lora (fp32 adapters)"]["tokens_per_s"])
+
+
+def test_train_speed_failure_in_a_later_round_voids_the_row(tmp_path, monkeypatch):
+    """A variant that fails in round 2 after measuring in round 1 is an error row with no figures,
+    and no other row is compared with its round-1 numbers."""
+    from peft_kernels.bench import train_speed as TS
+
+    calls = []
+    real = TS._peft_model
+
+    def flaky(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of luck")
+        return real(*a)
+
+    monkeypatch.setattr(TS, "_peft_model", flaky)
+    s = TS.TrainSpeedSettings(model="tiny", seq=8, batch=1, steps=1, warmup=0, rounds=2)
+    rows = {r["variant"]: r for r in TS.run_train_speed(s, progress=False).rows}
+    peft, ours = rows["HF PEFT lora"], rows["peft_kernels lora"]
+    assert peft["status"].startswith("error: RuntimeError: out of luck") and "round 2" in peft["status"]
+    assert peft["tokens_per_s"] is None and peft["step_ms"] is None and peft["rounds_done"] == 1
+    assert ours["status"] == "ok" and ours["rounds_done"] == 2 and ours["speedup_vs_peft"] is None
+    assert ours["slowdown_vs_floor"] > 0

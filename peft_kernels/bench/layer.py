@@ -189,8 +189,8 @@ def _row(fam, shape, tokens, dtype, cfg_label, variant, impl=None, **extra) -> d
             "tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "config": cfg_label,
             "variant": variant, "impl": impl, "base": None, "fwd_ms": None, "bwd_ms": None, "fwdbwd_ms": None,
             "fwd_ratio": None, "bwd_ratio": None, "fwdbwd_ratio": None, "peak_mib": None,
-            "saved_mib": None, "target": None, "meets_target": None, "base_spread_pct": None, "status": "ok",
-            **extra}
+            "saved_mib": None, "target": None, "meets_target": None, "base_spread_pct": None,
+            "ratio_ref_fwdbwd_ms": None, "status": "ok", **extra}
 
 
 def _error_text(e: BaseException) -> str:
@@ -277,8 +277,9 @@ def _run(families, shapes, tokens, dtype, device, sweep, impl, reps, progress, s
                     fb = [m["fwdbwd_ms"] for m in samples]
                     visit["base_row"]["base_spread_pct"] = 100.0 * (max(fb) - min(fb)) / mean["fwdbwd_ms"]
             for row, tgt in pending:
+                # ratio_ref: the base mean this row was divided by (a deferred row's own visit's)
                 row.update(fwd_ratio=row["fwd_ms"] / mean["fwd_ms"], bwd_ratio=row["bwd_ms"] / mean["bwd_ms"],
-                           fwdbwd_ratio=row["fwdbwd_ms"] / mean["fwdbwd_ms"])
+                           fwdbwd_ratio=row["fwdbwd_ms"] / mean["fwdbwd_ms"], ratio_ref_fwdbwd_ms=mean["fwdbwd_ms"])
                 if tgt is not None:
                     row.update(target=tgt, meets_target=bool(row["fwdbwd_ratio"] <= tgt))
         visit.update(samples=[], base_row=None, pending=[])

@@ -274,8 +274,9 @@ def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSp
         _run_variants(s, device, progress, config, ids, tokens, result)
     except KeyboardInterrupt:  # a time limit's SIGINT: keep (and let the caller write) the finished rows
         result.interrupted = True
-    floor_tps = next((r["tokens_per_s"] for r in result.rows if r["family"] == "-"), None)
-    by_name = {r["variant"]: r for r in result.rows if r["tokens_per_s"]}
+    ok = [r for r in result.rows if r["status"] == "ok" and r["tokens_per_s"]]
+    floor_tps = next((r["tokens_per_s"] for r in ok if r["family"] == "-"), None)
+    by_name = {r["variant"]: r for r in ok}
     for row in result.rows:
         if row["tokens_per_s"] and floor_tps:
             row["slowdown_vs_floor"] = floor_tps / row["tokens_per_s"]
@@ -301,7 +302,7 @@ def _run_variants(s, device, progress, config, ids, tokens, result) -> None:
     variants = list(_variants(s))
     rows, times = {}, {}
     for name, fam, _ in variants:
-        rows[name] = {"variant": name, "family": fam or "-", "trainable_params": 0, "step_ms": None,
+        rows[name] = {"variant": name, "family": fam or "-", "trainable_params": 0, "rounds_done": 0, "step_ms": None,
                       "tokens_per_s": None, "step_spread_pct": None, "slowdown_vs_floor": None,
                       "speedup_vs_peft": None, "speedup_vs_peft_default": None, "peak_gib": None,
                       "peak_reserved_gib": None, "peak_vs_peft": None,
@@ -326,6 +327,7 @@ def _run_variants(s, device, progress, config, ids, tokens, result) -> None:
                 step = _train_step(model, params, ids)
             elapsed, peak, reserved = _time_steps(step, s.warmup, s.steps, device)
             times[name].append(elapsed / s.steps)
+            row["rounds_done"] = len(times[name])
             step_s = sum(times[name]) / len(times[name])
             row.update(step_ms=1e3 * step_s, tokens_per_s=tokens / step_s)
             if len(times[name]) > 1:
@@ -342,6 +344,10 @@ def _run_variants(s, device, progress, config, ids, tokens, result) -> None:
             row["status"] = f"n/a: {type(e).__name__}: {e}"[:200]
         except Exception as e:  # noqa: BLE001 - one failing variant must not sink the comparison
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            if times[name]:  # failed in a later round: no figure of it may stand (nor be compared with)
+                row["status"] += f" (in round {len(times[name]) + 1})"
+                row.update(step_ms=None, tokens_per_s=None, step_spread_pct=None, peak_gib=None,
+                           peak_reserved_gib=None, gpu_busy_ms=None, gpu_busy_pct=None)
         finally:
             # drop every reference (the step closure holds the model and optimizer) before the
             # next model is built, or its peak memory would include this one
@@ -383,7 +389,8 @@ def train_speed_text(result: TrainSpeedResult) -> str:
     if result.meta.get("note"):
         out.append(f"NOTE: {result.meta['note']}")
     if result.interrupted:
-        out.append("INTERRUPTED: only the variants below finished")
+        out.append("INTERRUPTED: the variants below finished at least one round (rounds_done in the files); "
+                   "the rest are missing")
     ok = [r for r in result.rows if r["status"] == "ok"]
     cols = [c for c in TRAIN_COLUMNS if c[1] not in _OPTIONAL_COLUMNS or any(r.get(c[1]) for r in ok)]
     out.append(format_table(ok, cols))

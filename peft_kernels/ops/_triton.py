@@ -265,14 +265,18 @@ def tuned_on_disk(kernel, args: tuple, kwargs: dict, key: tuple):
     return None
 
 
+CAPTURE_WARMUP_MSG = ("peft_kernels: a kernel met a new shape while a CUDA graph was being captured; it must be "
+                      "tuned (timed) and loaded first: run the same step once, uncaptured, before capturing "
+                      "(e.g. torch.compile mode='reduce-overhead' warm-up steps)")
+
+
 def _refuse_capture(args: tuple) -> None:
-    """A new autotune key benchmarks every config (synchronising the device), which a CUDA graph
-    capture cannot contain: say so instead of failing inside triton's benchmark."""
+    """A new autotune key benchmarks every config (synchronising the device), and even a choice
+    stored on disk would load its kernel module for the first time, both of which a CUDA graph
+    capture cannot contain: say so instead of failing inside triton."""
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
     if dev is not None and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("peft_kernels: a kernel met a new shape while a CUDA graph was being captured; its "
-                           "configurations must be autotuned (timed) first: run the same step once, uncaptured, "
-                           "before capturing (e.g. torch.compile mode='reduce-overhead' warm-up steps)")
+        raise RuntimeError(CAPTURE_WARMUP_MSG)
 
 
 def launch_tuned(kernel, grid, args: tuple, kwargs: dict, inplace: tuple = ()) -> None:
@@ -287,7 +291,8 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict, inplace: tuple = ()) -
     autotuner as before.
 
     A key missing here but stored on disk by an earlier process (``tuned_on_disk``) is launched
-    directly too: no precompile, no tuning run, and so no refusal under CUDA graph capture.
+    directly too: no precompile, no tuning run. Under CUDA graph capture a key new to this process
+    is refused either way (its kernel module would load inside the capture).
 
     ``inplace``: positions of the arguments the kernel read-modify-writes (adds into). On a new key
     the autotuner's timed runs then go to copies of them, and the tuned config runs once on the
@@ -298,9 +303,9 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict, inplace: tuple = ()) -
         key = _autotune_key(kernel, args, kwargs)
         cfg = kernel.cache.get(key)
         if cfg is None:
+            _refuse_capture(args)
             cfg = tuned_on_disk(kernel, args, kwargs, key)
         if cfg is None:
-            _refuse_capture(args)
             precompile_configs(kernel, args, kwargs, key)
             if inplace:
                 kernel[grid](*(a.clone() if i in inplace else a for i, a in enumerate(args)), **kwargs)
@@ -312,4 +317,4 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict, inplace: tuple = ()) -
 
 
 __all__ = ["triton", "tl", "HAS_TRITON", "launch_tuned", "precompile_configs", "PRECOMPILE_ENV", "tuning_bench",
-           "TUNE_CACHE", "cdiv", "next_pow2", "custom_op", "EagerOp"]
+           "TUNE_CACHE", "CAPTURE_WARMUP_MSG", "cdiv", "next_pow2", "custom_op", "EagerOp"]

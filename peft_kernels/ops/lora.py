@@ -94,7 +94,8 @@ from ..reference.lora import check_lora_args, lora as lora_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile
-from ._triton import HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, tl, triton, tuning_bench
+from ._triton import CAPTURE_WARMUP_MSG, HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, tl, triton, \
+    tuning_bench
 
 BASE_ENV = "PEFT_KERNELS_BASE"
 # who runs the frozen product; tma: the Triton GEMM with TMA tile loads (Hopper+, aligned operands,
@@ -843,8 +844,9 @@ def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, ti
     output either way, up to the base product's summation order and one more rounding of it on the
     cuBLAS path) and the fastest kept. ``timer`` maps ``{base: callable}`` to ``{base: ms}``.
     Off a CUDA device (the interpreter) nothing is measured: ``triton`` (the path the tests must
-    cover). While a CUDA graph is being captured nothing can be timed: ``cublas`` unless a
-    decision exists."""
+    cover). While a CUDA graph is being captured nothing can be timed: an error asks for an
+    uncaptured warm-up step unless a decision exists. ``PEFT_KERNELS_AUTO_BASES`` narrows the
+    candidates; a candidate that raises on its first call is left out (its error, no time)."""
     key = _auto_key(x, w, c, left, right, bias, dropout_p, out_dtype)
     hit = _AUTO_CHOICE.get(key)
     if hit is not None:
@@ -852,14 +854,16 @@ def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, ti
     if deterministic():
         # a timing decision can differ between processes, and the bases differ in the last bits:
         # bit-reproducibility across runs needs one fixed base (like cudnn.benchmark off)
-        return "triton"
+        return "triton" if "triton" in auto_bases() else "cublas"
     if timer is None:
         if x.device.type != "cuda":
             return "triton"
         with _DeviceGuard(x.device):  # the operands' GPU's stream, not the current device's
             capturing = torch.cuda.is_current_stream_capturing()
         if capturing:
-            return "cublas"
+            # nothing can be timed, and a base that never ran in this process would load its
+            # kernel inside the capture, which CUDA forbids
+            raise RuntimeError(CAPTURE_WARMUP_MSG)
         timer = _time_ms
     bases = [b for b in auto_bases() if b != "tma" or tma_eligible(x, w, out_dtype)]
     fns = {b: (lambda b=b: _gemm_with_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, b))
@@ -881,8 +885,7 @@ def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, ti
                 warnings.warn(f"peft_kernels: base={b!r} failed on its first call and is left out of base='auto' "
                               f"for this shape ({errors[b]})", RuntimeWarning, stacklevel=2)
         times = timer(fns)
-    times.update({b: float("inf") for b in errors})
-    choice = min(fns, key=lambda b: times[b])
+    choice = min(fns, key=lambda b: times[b])  # a failed base has no time, only its error
     _AUTO_CHOICE[key] = choice
     _AUTO_TIMES[key] = times
     if errors:
@@ -890,11 +893,17 @@ def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, ti
     return choice
 
 
+_AUTO_BASES_SEEN: dict = {}  # raw env value -> its checked tuple (base_mode asks on every call)
+
+
 def auto_bases() -> tuple:
     """The bases ``base="auto"`` may pick from: ``PEFT_KERNELS_AUTO_BASES`` (a comma list), else all."""
     raw = os.environ.get(AUTO_BASES_ENV, "").strip()
     if not raw:
         return BASES
+    seen = _AUTO_BASES_SEEN.get(raw)
+    if seen is not None:
+        return seen
     names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
     for n in names:
         check_choice(AUTO_BASES_ENV, n, BASES)
@@ -902,6 +911,7 @@ def auto_bases() -> tuple:
         # tma is not eligible everywhere (alignment, pre-Hopper): one of the others must remain
         raise ValueError(f"{AUTO_BASES_ENV} must include 'triton' or 'cublas' (tma cannot run every shape), "
                          f"got {raw!r}")
+    _AUTO_BASES_SEEN[raw] = names
     return names
 
 
@@ -1075,7 +1085,10 @@ def adapter_grads(grads: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
 def base_mode(base: Optional[str] = None) -> str:
     """The base-GEMM path: the argument, else ``PEFT_KERNELS_BASE``, else ``DEFAULT_BASE``."""
     chosen = base or os.environ.get(BASE_ENV, "").strip() or DEFAULT_BASE
-    return check_choice("base" if base else BASE_ENV, chosen, BASE_MODES)
+    chosen = check_choice("base" if base else BASE_ENV, chosen, BASE_MODES)
+    if chosen == "auto":
+        auto_bases()  # a bad PEFT_KERNELS_AUTO_BASES fails here, before any launch
+    return chosen
 
 
 class LoRAFunction(torch.autograd.Function):
