@@ -105,7 +105,11 @@ NO_TMA_FILE=/tmp/peft_kernels_no_tma
 TEST_SELECT=()
 step smoke "$LIMIT_SMOKE" $PY benchmarks/gpu_smoke.py
 case " $STEPS " in *" smoke "*)
-    if grep -Eq "^tma (ok|skipped)" "$WORK/logs/smoke.log"; then rm -f "$NO_TMA_FILE"; else touch "$NO_TMA_FILE"; fi ;;
+    if grep -Eq "^tma (ok|skipped)" "$WORK/logs/smoke.log"; then rm -f "$NO_TMA_FILE"; else touch "$NO_TMA_FILE"; fi
+    # (a device fault in an earlier base also ends the process before tma: then tma is dropped too)
+    for b in triton cublas; do
+        grep -Eq "^$b ok" "$WORK/logs/smoke.log" || note "smoke: the $b base did not pass: read logs/smoke.log first"
+    done ;;
 esac
 if [ -f "$NO_TMA_FILE" ]; then
     export PEFT_KERNELS_AUTO_BASES=triton,cublas
