@@ -70,6 +70,30 @@ def next_pow2(n: int) -> int:
     return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
 
 
+# --------------------------------------------------------------------------------- device facts
+# Asked by the launchers on every call (grid splits, the TMA eligibility check); the driver query
+# behind each costs microseconds, so each CUDA device's answer is kept.
+
+
+@functools.lru_cache(maxsize=None)
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device``."""
+    return _properties(_index(device)).multi_processor_count
+
+
+def sm_major(device: torch.device) -> int:
+    """Compute capability major of a CUDA ``device`` (9: Hopper)."""
+    return _properties(_index(device)).major
+
+
 # --------------------------------------------------------------------------------- custom ops
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -239,7 +263,7 @@ class _NotOnDisk(Exception):
     pass
 
 
-def _not_on_disk():
+def _not_on_disk():  # the "benchmark" handed to triton's lookup: a miss ends it before it stores anything
     raise _NotOnDisk
 
 
@@ -256,9 +280,7 @@ def tuned_on_disk(kernel, args: tuple, kwargs: dict, key: tuple):
         configs = kernel.prune_configs(kwargs)
         if kernel.check_disk_cache(key, configs, _not_on_disk):
             return kernel.cache.get(key)
-    except _NotOnDisk:
-        pass
-    except Exception:  # noqa: BLE001 - a lookup only: the autotuner tunes (and stores) as usual
+    except Exception:  # noqa: BLE001 - a miss (_NotOnDisk) or a failed lookup: the autotuner tunes as usual
         pass
     finally:
         kernel.nargs = None
@@ -317,4 +339,4 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict, inplace: tuple = ()) -
 
 
 __all__ = ["triton", "tl", "HAS_TRITON", "launch_tuned", "precompile_configs", "PRECOMPILE_ENV", "tuning_bench",
-           "TUNE_CACHE", "CAPTURE_WARMUP_MSG", "cdiv", "next_pow2", "custom_op", "EagerOp"]
+           "TUNE_CACHE", "CAPTURE_WARMUP_MSG", "cdiv", "next_pow2", "sm_count", "sm_major", "custom_op", "EagerOp"]

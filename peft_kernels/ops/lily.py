@@ -67,7 +67,6 @@ in the session that wrote this); which base ``auto`` picks per Lily shape is the
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -77,7 +76,7 @@ from .. import dispatch
 from .._checks import check_tensor
 from ..reference.lily import check_lily_args, lily as reference_lily
 from ._casts import to_rne
-from ._triton import cdiv, custom_op, next_pow2, triton, tl
+from ._triton import cdiv, custom_op, next_pow2, sm_count, triton, tl
 # the shared fused-GEMM primitives of the LoRA family (private to ops/, reused here on purpose)
 from .lora import _ZERO_SEED, MAX_RANK, _lora_bwd_gb, _lora_gemm, base_mode, deterministic
 
@@ -414,11 +413,6 @@ def _dot_mode(t: torch.Tensor) -> int:
     return _DOT_NATIVE
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _split(t: torch.Tensor, n_rows: int, block_t: int, grid_other: int) -> tuple[int, int]:
     """How many chunks of T the weight-gradient reductions use, and the chunk length.
 
@@ -429,7 +423,7 @@ def _split(t: torch.Tensor, n_rows: int, block_t: int, grid_other: int) -> tuple
     if _interpreting(t):
         split = min(_INTERPRET_SPLIT, n_blocks)
     else:
-        sms = _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+        sms = sm_count(t.device)
         split = max(1, min(n_blocks, (2 * sms) // max(1, grid_other)))
     chunk = cdiv(n_blocks, split) * block_t
     return cdiv(n_rows, chunk) if n_rows else 1, chunk

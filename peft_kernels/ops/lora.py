@@ -94,8 +94,8 @@ from ..reference.lora import check_lora_args, lora as lora_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile
-from ._triton import CAPTURE_WARMUP_MSG, HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, tl, triton, \
-    tuning_bench
+from ._triton import CAPTURE_WARMUP_MSG, HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, sm_count, \
+    sm_major, tl, triton, tuning_bench
 
 BASE_ENV = "PEFT_KERNELS_BASE"
 # who runs the frozen product; tma: the Triton GEMM with TMA tile loads (Hopper+, aligned operands,
@@ -546,17 +546,8 @@ def _seed_tensor(seed) -> torch.Tensor:
 _ZERO_SEED = torch.zeros(1, dtype=torch.int64)
 
 
-_NUM_SMS: dict = {}
-
-
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        n = _NUM_SMS.get(idx)
-        if n is None:
-            n = _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        return n
-    return 2
+    return sm_count(device) if device.type == "cuda" else 2
 
 
 class _DeviceGuard:
@@ -670,18 +661,6 @@ def _tma_layout(w: torch.Tensor) -> Optional[bool]:
     return None
 
 
-_SM_MAJOR: dict = {}
-
-
-def _sm_major(device: torch.device) -> int:
-    """The CUDA device's compute capability major (cached: asked twice per LoRA GEMM call)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    major = _SM_MAJOR.get(idx)
-    if major is None:
-        major = _SM_MAJOR[idx] = torch.cuda.get_device_capability(idx)[0]
-    return major
-
-
 def tma_eligible(x: Optional[torch.Tensor], w: Optional[torch.Tensor], out_dtype: torch.dtype) -> bool:
     """Whether ``base="tma"`` can run ``x @ w``: a Hopper-or-newer GPU (or the interpreter, which
     emulates descriptor loads); x and w of one dtype in fp16/bf16/fp32 (fp32 only with TF32 dots:
@@ -691,7 +670,7 @@ def tma_eligible(x: Optional[torch.Tensor], w: Optional[torch.Tensor], out_dtype
     if x is None or w is None or x.dtype != w.dtype or x.dtype not in TMA_DTYPES or out_dtype not in TMA_DTYPES:
         return False
     if x.device.type == "cuda":
-        if _sm_major(x.device) < 9:
+        if sm_major(x.device) < 9:
             return False
     elif not dispatch.interpreter_enabled():
         return False

@@ -72,7 +72,6 @@ starts at a multiple of BLOCK_M (a power of two >= 16), so it covers whole 8-col
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -84,7 +83,8 @@ from ..reference.monarch import monarch as monarch_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile
-from ._triton import HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, tl, triton, tuning_bench
+from ._triton import HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, sm_count, tl, triton, \
+    tuning_bench
 
 # ------------------------------------------------------------------------------------------------
 # constants
@@ -399,15 +399,10 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return _PROGRAMS_PER_SM * _INTERP_SMS
-    return _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _PROGRAMS_PER_SM * sm_count(device)
 
 
 def _num_splits(token_tiles: int, ncols: int, block: int, device: torch.device) -> int:
