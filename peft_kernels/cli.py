@@ -145,11 +145,9 @@ def info_text() -> str:
              f"python {platform.python_version()}  torch {torch.__version__} (cuda {torch.version.cuda or 'none'})  "
              f"triton {_version('triton')}  peft {_version('peft')}  transformers {_version('transformers')}",
              f"native extension: {'loaded' if native_error() is None else native_error()}",
-             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  "
-             f"PEFT_KERNELS_IMPL={os.environ.get('PEFT_KERNELS_IMPL', '') or '(unset)'}  "
-             f"PEFT_KERNELS_BASE={os.environ.get('PEFT_KERNELS_BASE', '') or '(unset: auto)'}  "
-             f"PEFT_KERNELS_AUTO_BASES={os.environ.get('PEFT_KERNELS_AUTO_BASES', '') or '(unset: all)'}  "
-             f"PEFT_KERNELS_TUNE_CACHE={os.environ.get('PEFT_KERNELS_TUNE_CACHE', '') or '(unset: on)'}",
+             "  ".join(f"{k}={os.environ.get(k, '') or unset}" for k, unset in (
+                 ("TRITON_INTERPRET", "0"), ("PEFT_KERNELS_IMPL", "(unset)"), ("PEFT_KERNELS_BASE", "(unset: auto)"),
+                 ("PEFT_KERNELS_AUTO_BASES", "(unset: all)"), ("PEFT_KERNELS_TUNE_CACHE", "(unset: on)"))),
              "", f"[cpu] {device_name(torch.device('cpu'))}", dispatch.explain("cpu", torch.float32)]
     if torch.cuda.is_available():
         lines += ["", f"[cuda] {device_name(torch.device('cuda'))}", dispatch.explain("cuda", torch.bfloat16)]

@@ -176,7 +176,7 @@ def _all_cases(families, shapes, sweep: bool):
 def _jobs(families, shapes, sweep: bool, device: torch.device):
     """What to run, in order: ``_all_cases`` with the deferred variants (torch.compile: a compile
     per shape, ~10-40 s each) moved after all the others, so a run cut short by a time limit keeps
-    every kernel row; their rows reuse the base timed for their (family, shape). Each job is
+    every kernel row; the base of their (family, shape) is timed again around them. Each job is
     ``(position in _all_cases, family, shape, config, variant)``: the rows are put back in that
     order afterwards."""
     cases = list(enumerate(_all_cases(families, shapes, sweep)))

@@ -23,7 +23,9 @@ from .meta import stamp
 from .timing import keep_freed_memory
 
 GiB = 1024 ** 3
-PEFT_DEFAULT_PREFIX = "HF PEFT default"  # the row of HF PEFT with its default fp32 adapters
+def _peft_default_name(fam: str) -> str:
+    """The row of HF PEFT with its default fp32 adapters (half-precision models only)."""
+    return f"HF PEFT default {fam} (fp32 adapters)"
 
 # A ~1.1B Llama (TinyLlama's shape; GUIDE.md's end-to-end anchor) and a model small enough that a
 # CPU step takes milliseconds.
@@ -236,7 +238,7 @@ def _variants(s: TrainSpeedSettings):
         if fam in ("lora", "lily"):
             yield f"HF PEFT {fam}", fam, _peft_model
         if fam == "lora" and s.dtype in (torch.bfloat16, torch.float16):  # in fp32 it is the row above
-            yield f"{PEFT_DEFAULT_PREFIX} {fam} (fp32 adapters)", fam, _peft_model_default
+            yield _peft_default_name(fam), fam, _peft_model_default
 
 
 def run_train_speed(s: TrainSpeedSettings, progress: bool = True) -> TrainSpeedResult:
@@ -287,8 +289,7 @@ def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSp
             row["speedup_vs_peft"] = row["tokens_per_s"] / ref["tokens_per_s"]
             if row["peak_gib"] and ref["peak_gib"]:
                 row["peak_vs_peft"] = row["peak_gib"] / ref["peak_gib"]
-        default = next((r for name, r in by_name.items() if name.startswith(f"{PEFT_DEFAULT_PREFIX} {row['family']} ")),
-                       None)
+        default = by_name.get(_peft_default_name(row["family"]))
         if default is not None:
             row["speedup_vs_peft_default"] = row["tokens_per_s"] / default["tokens_per_s"]
     return result

@@ -150,7 +150,6 @@ class LoRALinear(_AdapterLinear):
                 f"use_rslora={self.use_rslora}, merged={self._merged}, impl={self.impl}")
 
 
-
 # Sibling names that read one input in common architectures: Llama/Mistral/Qwen attention and MLP,
 # BERT-style attention, Mixtral/Llama-original expert and attention naming.
 DEFAULT_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"),
