@@ -203,7 +203,7 @@ def _keep_scale(x, rows, col0, ncols, seed, threshold, scale, BLOCK_COLS: tl.con
 
 # Y is added into in place: a new key is tuned on a copy of it (launch_tuned's ``inplace``), so the
 # autotuner's benchmark runs leave no sums behind (only the final launch's add remains)
-@triton.autotune(configs=_fwd_configs(), key=["n", "m", "R", "HAS_DROPOUT"], do_bench=tuning_bench,
+@triton.autotune(configs=_fwd_configs(), key=["T_BUCKET", "n", "m", "R", "HAS_DROPOUT"], do_bench=tuning_bench,
                  cache_results=TUNE_CACHE)
 @triton.jit
 def _monarch_fwd_kernel(
@@ -213,8 +213,8 @@ def _monarch_fwd_kernel(
     W2,  # (N, s, r) second factor
     Y,  # (T, m) holds x @ W0^T + b; the adapter output is added in place
     Y1,  # (T, R) fp32: Y1flat saved for backward
-    # sizes
-    T, n, m, N, r, p, s, R,
+    # sizes (T_BUCKET: the autotune key for T)
+    T, n, m, N, r, p, s, R, T_BUCKET,
     # this launch's chunk of the intermediate: f in [F0, F0 + RB), reading x columns [col_lo, col_hi)
     F0, col_lo, col_hi,
     # dropout
@@ -269,7 +269,7 @@ def _monarch_fwd_kernel(
 
 
 # plain stores only (DY1P, P2: one writer per entry), so the benchmark runs need no restore
-@triton.autotune(configs=_bwd_dy1_configs(), key=["n", "m", "R", "HAS_DROPOUT"], do_bench=tuning_bench,
+@triton.autotune(configs=_bwd_dy1_configs(), key=["T_BUCKET", "n", "m", "R", "HAS_DROPOUT"], do_bench=tuning_bench,
                  cache_results=TUNE_CACHE)
 @triton.jit
 def _monarch_bwd_dy1_kernel(
@@ -279,8 +279,8 @@ def _monarch_bwd_dy1_kernel(
     Y1,  # (T, R) fp32 saved Y1flat
     DY1P,  # (splits, T, R) fp32: this column split's partial dY1flat
     P2,  # (token tiles, N*s*r) fp32: per-tile partial dW2
-    # sizes
-    T, m, n, N, r, s, R,
+    # sizes (T_BUCKET: the autotune key for T)
+    T, m, n, N, r, s, R, T_BUCKET,
     # this launch's chunk of the intermediate
     F0,
     # dropout
@@ -326,7 +326,7 @@ def _monarch_bwd_dy1_kernel(
 
 
 # DX is read-modify-written (P1 is plain stores): a new key is tuned on a copy of it (launch_tuned)
-@triton.autotune(configs=_bwd_dx_configs(), key=["n", "m", "R", "NEED_DX"], do_bench=tuning_bench,
+@triton.autotune(configs=_bwd_dx_configs(), key=["T_BUCKET", "n", "m", "R", "NEED_DX"], do_bench=tuning_bench,
                  cache_results=TUNE_CACHE)
 @triton.jit
 def _monarch_bwd_dx_kernel(
@@ -336,8 +336,8 @@ def _monarch_bwd_dx_kernel(
     DY1,  # (T, R) fp32 dY1flat
     DX,  # (T, n) holds dY @ W0; the adapter's dX is added in place (unused unless NEED_DX)
     P1,  # (token tiles, N*r*p) fp32: per-tile partial dW1
-    # sizes
-    T, m, n, N, r, p, R,
+    # sizes (T_BUCKET: the autotune key for T)
+    T, m, n, N, r, p, R, T_BUCKET,
     # this launch's chunk of the intermediate and the x columns its blocks cover
     F0, col_lo, col_hi,
     # meta-parameters
@@ -417,6 +417,13 @@ def _dropout_args(dropout_p: float):
     return 0, 1.0
 
 
+def _t_bucket(T: int) -> int:
+    """Autotune key for the token count: the next power of two. Without it, a tuning at a small T
+    (a test, a warm-up) would hold for every later T, and with the disk tune cache for later
+    processes too."""
+    return next_pow2(max(T, 1))
+
+
 def _dot_args(dtype: torch.dtype) -> dict:
     """``DOT_PREC``: fp32 inputs get full-precision products, as torch's fp32 matmul (TF32 off by
     default) does. ``INTERP_BF16``: see ``_dot``/``_to`` (interpreter + bf16 only)."""
@@ -456,7 +463,8 @@ def _monarch_fwd(x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: t
     with _device_guard(x2.device):
         for F0, col_lo, col_hi in chunks:
             launch_tuned(_monarch_fwd_kernel, grid,
-                         (x2, W1, W2, y, y1, T, n, m, N, r, p, s, R, F0, col_lo, col_hi, seed, threshold, scale),
+                         (x2, W1, W2, y, y1, T, n, m, N, r, p, s, R, _t_bucket(T), F0, col_lo, col_hi,
+                          seed, threshold, scale),
                          dict(RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt)), inplace=(3,))
     return y, y1
 
@@ -505,14 +513,14 @@ def _monarch_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, W1: 
         with _device_guard(x2.device):
             for F0, _, _ in chunks:
                 launch_tuned(_monarch_bwd_dy1_kernel, (tiles, m_splits),
-                             (dy2, W2c, y1, dy1p, p2, T, m, n, N, r, s, R, F0, seed, threshold, scale),
+                             (dy2, W2c, y1, dy1p, p2, T, m, n, N, r, s, R, _t_bucket(T), F0, seed, threshold, scale),
                              dict(BLOCK_T=block_t, RB=RB, HAS_DROPOUT=dropout_p > 0.0, **_dot_args(dt)))
             dy1 = dy1p[0] if m_splits == 1 else dy1p.sum(0)  # deterministic sum of the column splits
             for F0, col_lo, col_hi in chunks:
                 # without dX, DX is the empty placeholder: never the caller's x (a tuning copy-back
                 # into a saved input would bump its version under another node's saved tensors)
                 launch_tuned(_monarch_bwd_dx_kernel, (tiles, n_splits),
-                             (x2, W1c, dy1, dx, p1, T, m, n, N, r, p, R, F0, col_lo, col_hi),
+                             (x2, W1c, dy1, dx, p1, T, m, n, N, r, p, R, _t_bucket(T), F0, col_lo, col_hi),
                              dict(BLOCK_T=block_t, RB=RB, NEED_DX=need_dx, **_dot_args(dt)),
                              inplace=(3,) if need_dx else ())
     # deterministic second stage of the reduction over token tiles

@@ -372,6 +372,39 @@ def test_monarch_autotuning_leaves_outputs_and_inputs_alone(interpret, monkeypat
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+def test_monarch_tuning_keys_on_token_bucket(interpret, monkeypatch, dedicated):
+    """The dedicated kernels' autotune key holds the token count's power-of-two bucket: a tuning at
+    a small T (a test, a warm-up; with the disk cache, an earlier process) must not decide the
+    config for a much larger T, while T values in one bucket share one tuning."""
+    tuned = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        tuned.append(1)
+        return [1.0, 1.0, 1.0]
+
+    for name in ("_monarch_fwd_kernel", "_monarch_bwd_dy1_kernel", "_monarch_bwd_dx_kernel"):
+        kernel = getattr(monarch_ops, name)
+        cfg = kernel.configs[0]
+        twin = type(cfg)(dict(cfg.kwargs), num_warps=cfg.num_warps * 2, num_stages=cfg.num_stages)
+        monkeypatch.setattr(kernel, "configs", [cfg, twin])
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setitem(kernel.__dict__, "do_bench", bench)
+
+    def step(T):
+        x, weight, W1, W2, b, dy = (t.to(interpret) for t in _make((T,), 40, 24, 4, 8, True))
+        xs, W1s, W2s = leaf(x, F32), leaf(W1, F32), leaf(W2, F32)
+        y = monarch_linear(xs, leaf(weight, F32, requires_grad=False), W1s, W2s, None, impl="triton")
+        grads(y, [xs, W1s, W2s], dy.float())
+        count = len(tuned)
+        tuned.clear()
+        return count
+
+    assert step(21) == 6  # bucket 32: each of the three kernels times both configs
+    assert step(29) == 0  # same bucket: no new tuning
+    assert step(40) == 6  # bucket 64: tuned again
+
+
 def test_monarch_fake_gradients_contiguous_for_strided_factors(interpret):
     """The real backward returns contiguous dW1/dW2 whatever the factors' strides; the fake must
     report the same strides or torch.compile (inductor) miscompiles code that relies on them."""
