@@ -20,7 +20,30 @@ H100 before tuning further.
 """
 from __future__ import annotations
 
+import torch
+
 from ._triton import tl, triton
+
+DROPOUT_CAPTURE_MSG = ("peft_kernels: adapter dropout cannot run inside a CUDA graph capture: its seed is read on the "
+                       "host when the kernels are launched, so every replay of the graph would apply the captured "
+                       "mask again (torch's own dropout draws a new one). Use dropout=0 (or eval mode) for captured "
+                       "steps (torch.compile mode='reduce-overhead', torch.cuda.graph), or train uncaptured.")
+
+
+def host_seed(seed: torch.Tensor, device: torch.device) -> int:
+    """The dropout seed as the int the kernels take, for launches on ``device``. Refuses a CUDA
+    graph capture on that device's stream first (``DROPOUT_CAPTURE_MSG``: a baked seed would
+    silently repeat one mask at every replay) instead of capturing something wrong. A seed tensor
+    on a GPU is read with a sync; the modules draw theirs on the CPU."""
+    if device.type == "cuda":
+        if device.index is None or device.index == torch.cuda.current_device():
+            capturing = torch.cuda.is_current_stream_capturing()
+        else:
+            with torch.cuda.device(device):
+                capturing = torch.cuda.is_current_stream_capturing()
+        if capturing:
+            raise RuntimeError(DROPOUT_CAPTURE_MSG)
+    return int(seed.item())
 
 
 @triton.jit

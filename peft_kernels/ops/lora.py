@@ -93,7 +93,7 @@ from .._checks import check_choice, check_same_device, check_tensor
 from ..reference.lora import check_lora_args, lora as lora_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
-from ._dropout import dropout_keep_tile
+from ._dropout import dropout_keep_tile, host_seed
 from ._triton import CAPTURE_WARMUP_MSG, HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, sm_count, \
     sm_major, tl, triton, tuning_bench
 
@@ -522,13 +522,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _dropout_args(p: float, seed: torch.Tensor) -> tuple[bool, int, int, float]:
+def _dropout_args(p: float, seed: torch.Tensor, device: torch.device) -> tuple[bool, int, int, float]:
     """(HAS_DROPOUT, seed, integer threshold, keep scale ~ 1 / (1 - p)) of the shared mask spec
-    (``reference._philox``). Runs inside the custom ops only: the seed arrives as a one-element
-    CPU tensor and is read here, where Dynamo does not trace."""
+    (``reference._philox``) for launches on ``device``. Runs inside the custom ops only: the seed
+    arrives as a one-element CPU tensor and is read here, where Dynamo does not trace."""
     if p == 0.0:
         return False, 0, 0, 1.0
-    return True, int(seed.item()), drop_threshold(p), keep_scale(p)
+    return True, host_seed(seed, device), drop_threshold(p), keep_scale(p)
 
 
 def _seed_tensor(seed) -> torch.Tensor:
@@ -579,7 +579,7 @@ def _launch_rows(inp, w, xa, out, dw, dropout_p, seed, out_scale, dw_scale=1.0):
     r = w.shape[1]
     if M == 0:
         return
-    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
+    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed, inp.device)
     has_dw = dw is not None
     r_pad = _r_pad(r)
     xa_args = (xa, xa.stride(0), xa.stride(1)) if has_dw else (out, 0, 0)  # never read without dw
@@ -622,7 +622,7 @@ def _launch_gemm(x, w, c, left, right, bias, scale, dropout_p, seed, out):
     R = left.shape[1]
     if M == 0 or N == 0:
         return out
-    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
+    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed, out.device)
     if bias is not None:
         bias = bias.contiguous()  # read as bias_ptr + col (no stride argument); a no-op normally
     has_gemm = x is not None
@@ -698,7 +698,7 @@ def _launch_gemm_tma(x, w, c, left, right, bias, scale, dropout_p, seed, out):
     R = left.shape[1]
     if M == 0 or N == 0:
         return out
-    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
+    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed, out.device)
     if bias is not None:
         bias = bias.contiguous()
     w_nk = _tma_layout(w)
@@ -740,7 +740,7 @@ def _launch_add_only(c, left, right, scale, dropout_p, seed):
     R = left.shape[1]
     if M == 0 or N == 0:
         return c
-    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
+    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed, c.device)
     cfg = _add_only_config()
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     with _DeviceGuard(left.device):
@@ -943,7 +943,7 @@ def _launch_da(g, x, total_scale, dropout_p, seed, deterministic_sum, out=None):
         out = torch.zeros((r, K), device=x.device, dtype=torch.float32)
     if M == 0 or K == 0 or r == 0:
         return out
-    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed)
+    has_drop, seed, thr, _ = _dropout_args(dropout_p, seed, x.device)
     r_pad = _r_pad(r)
     block_k = 32 if dispatch.interpreter_enabled() else _DA_BLOCK_K
     # splits are fixed here, before the autotuner picks BLOCK_M: whole multiples of the largest

@@ -82,7 +82,7 @@ from ..reference.monarch import check_monarch_args
 from ..reference.monarch import monarch as monarch_reference
 from ..reference._philox import drop_threshold, keep_scale
 from ._casts import to_rne
-from ._dropout import dropout_keep_tile
+from ._dropout import dropout_keep_tile, host_seed
 from ._triton import HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, sm_count, tl, triton, \
     tuning_bench
 
@@ -453,7 +453,7 @@ def _monarch_fwd(x2: torch.Tensor, weight: torch.Tensor, W1: torch.Tensor, W2: t
     if T == 0:
         return y, y1
     threshold, scale = _dropout_args(dropout_p)
-    seed = int(seed.item()) if dropout_p > 0.0 else 0
+    seed = host_seed(seed, x2.device) if dropout_p > 0.0 else 0
     RB, chunks = _chunks(N, r, p, n)
 
     def grid(meta):
@@ -503,7 +503,7 @@ def _monarch_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, W1: 
     p2 = torch.zeros((tiles, N * s * r), device=x2.device, dtype=torch.float32)
     if T > 0:
         threshold, scale = _dropout_args(dropout_p)
-        seed = int(seed.item()) if dropout_p > 0.0 else 0
+        seed = host_seed(seed, x2.device) if dropout_p > 0.0 else 0
         RB, chunks = _chunks(N, r, p, n)
         # split the output columns only when the whole intermediate is one chunk, so the (splits,
         # T, R) partial-dY1 buffer stays small

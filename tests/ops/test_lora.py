@@ -688,3 +688,59 @@ def test_new_shape_under_cuda_graph_capture_asks_for_a_warm_up():
             L.lora_linear(x, W, A, B, impl="triton", base="triton")
     chain = [info.value, info.value.__context__, info.value.__cause__]
     assert any(e is not None and "before capturing" in str(e) for e in chain), chain
+
+
+def test_dropout_seed_refuses_a_cuda_graph_capture(monkeypatch):
+    """The kernels take the dropout seed as a host int: a captured graph would replay one mask at
+    every replay, silently (torch's dropout draws anew). ``host_seed`` refuses a capture on the
+    launch device's stream (the operands' GPU, not merely the current one) and reads the seed
+    otherwise. CUDA's state is faked here; the GPU test below captures for real."""
+    from peft_kernels.ops import _dropout as D
+
+    capturing = {"now": False}
+    entered = []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["now"])
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    seed = torch.tensor([123456789012], dtype=torch.int64)
+    assert D.host_seed(seed, torch.device("cuda:0")) == 123456789012
+    assert D.host_seed(seed, torch.device("cpu")) == 123456789012
+    capturing["now"] = True
+    assert D.host_seed(seed, torch.device("cpu")) == 123456789012  # the interpreter never captures
+    for dev in ("cuda", "cuda:0", "cuda:1"):
+        with pytest.raises(RuntimeError, match="every replay"):
+            D.host_seed(seed, torch.device(dev))
+    assert entered == [torch.device("cuda:1")]  # another GPU's stream is asked under its own device
+    # dropout 0 reads no seed, so it is never refused
+    assert L._dropout_args(0.0, seed, torch.device("cuda:0")) == (False, 0, 0, 1.0)
+
+
+@pytest.mark.gpu
+def test_dropout_under_cuda_graph_capture_is_refused():
+    """Warmed-up shapes capture fine without dropout; with dropout the launcher refuses the capture
+    (a baked seed) instead of recording a graph that repeats one mask."""
+    dev = torch.device("cuda")
+    x = torch.randn(129, 72, device=dev, dtype=torch.bfloat16)
+    W = torch.randn(40, 72, device=dev, dtype=torch.bfloat16)
+    A = torch.randn(3, 72, device=dev, dtype=torch.bfloat16)
+    B = torch.randn(40, 3, device=dev, dtype=torch.bfloat16)
+    for p in (0.0, 0.1):  # tune and load every kernel of both variants uncaptured
+        L.lora_linear(x, W, A, B, dropout_p=p, seed=7, impl="triton", base="triton")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError) as info:
+        with torch.cuda.graph(graph):
+            L.lora_linear(x, W, A, B, dropout_p=0.1, seed=7, impl="triton", base="triton")
+    chain = [info.value, info.value.__context__, info.value.__cause__]
+    assert any(e is not None and "every replay" in str(e) for e in chain), chain
