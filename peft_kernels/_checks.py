@@ -5,6 +5,8 @@ raises a ``ValueError``/``TypeError`` that names the argument and what was expec
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -65,6 +67,16 @@ def check_positive_int(name: str, v) -> int:
     if v <= 0:
         raise ValueError(f"{name} must be a positive int, got {v}")
     return v
+
+
+def check_scaling(name: str, v) -> float:
+    """A finite real number. Not a tensor: the fused kernels take the scale as a host float, so a
+    tensor (a learnable scale in particular) would be read once and cut off from autograd."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return float(v)
 
 
 def check_dropout(name: str, p) -> float:

@@ -124,6 +124,13 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def in_dtype(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``y`` in the call's ``compute_dtype``: a torch fallback's output (the references return x's
+    dtype) then has the dtype the fused path and F.linear give under autocast, whichever
+    implementation a layer got; a no-op otherwise."""
+    return y if y.dtype == dtype else y.to(dtype)
+
+
 def choose(family: str, device: torch.device, dtype: torch.dtype, impl: Optional[str] = None) -> str:
     """Pick the implementation for one call. ``impl`` (or the env override) forces one."""
     if family not in _REGISTRY:

@@ -70,11 +70,11 @@ import contextlib
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import dispatch
 from .._checks import check_tensor
 from ..reference.lily import check_lily_args, lily as reference_lily
+from ._autograd import first_order_only
 from ._casts import to_rne
 from ._triton import cdiv, custom_op, next_pow2, sm_count, triton, tl
 # the shared fused-GEMM primitives of the LoRA family (private to ops/, reused here on purpose)
@@ -724,7 +724,7 @@ class LilyFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x2, weight, lp, router, hp, h, p, w = ctx.saved_tensors
         scaling, token, router_h, bias_dtype, base = ctx.cfg
@@ -780,8 +780,9 @@ def lily_linear(
     if chosen == "triton" and not forced and any(t is not None and t.dtype == torch.float64 for t in params.values()):
         chosen = "torch"  # fp64 parameters: only the reference computes in fp64
     if chosen == "torch":
-        return reference_lily(x, weight, lp, router, hp, bias, scaling=scaling, routing=routing,
-                              router_input=router_input)
+        y = reference_lily(x, weight, lp, router, hp, bias, scaling=scaling, routing=routing,
+                           router_input=router_input)
+        return dispatch.in_dtype(y, dtype)
     for name, t in params.items():
         if t is not None:
             check_tensor(name, t, dtypes=(torch.float32, torch.float16, torch.bfloat16))

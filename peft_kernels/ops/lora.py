@@ -86,12 +86,12 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import dispatch
 from .._checks import check_choice, check_same_device, check_tensor
 from ..reference.lora import check_lora_args, lora as lora_reference
 from ..reference._philox import drop_threshold, keep_scale
+from ._autograd import first_order_only
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile, host_seed
 from ._triton import CAPTURE_WARMUP_MSG, HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, sm_count, \
@@ -542,8 +542,10 @@ def _seed_tensor(seed) -> torch.Tensor:
 
 
 # the seed tensor of every call with seed 0 (Lily's primitives too): read only where there is dropout
-# (as 0), never written
-_ZERO_SEED = torch.zeros(1, dtype=torch.int64)
+# (as 0), never written. Made outside inference mode: a first import under torch.inference_mode()
+# would otherwise make it an inference tensor, which no later training step could save for backward.
+with torch.inference_mode(False):
+    _ZERO_SEED = torch.zeros(1, dtype=torch.int64)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -1106,7 +1108,7 @@ class LoRAFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
         s, p_in, p_out = ctx.scaling, ctx.p_in, ctx.p_out
@@ -1157,7 +1159,7 @@ class LoRAGroupDownFunction(torch.autograd.Function):
         return tuple(xa.split(ranks, dim=1))
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, *dxas):
         (x2,) = ctx.saved_tensors
         need = [d is not None and ctx.needs_input_grad[1 + i] for i, d in enumerate(dxas)]
@@ -1210,7 +1212,7 @@ def lora_linear(
     casts are differentiable, so fp32 adapter weights get fp32 gradients). ``seed`` is an int or a
     one-element integer tensor; a tensor is never read here (only inside the custom ops, or by
     tensor ops on the torch path), so ``torch.compile`` traces dropout without a graph break."""
-    check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed)
+    check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed, scaling)
     dropout_p = float(dropout_p)
     scaling = float(scaling)
     d_out, d_in = weight.shape
@@ -1222,7 +1224,9 @@ def lora_linear(
         chosen = "torch"  # picked by default only: fall back rather than fail
     mode = base_mode(base)  # a bad choice fails whichever path runs
     if chosen == "torch":
-        return lora_reference(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+        # the autocast dtype under autocast, as the fused path and F.linear give (the reference
+        # returns x's dtype); otherwise a no-op
+        return dispatch.in_dtype(lora_reference(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed), dtype)
     seed = _seed_tensor(seed)
     if xa is not None:
         if dropout_p != 0.0:

@@ -75,12 +75,12 @@ import contextlib
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import dispatch
 from ..reference.monarch import check_monarch_args
 from ..reference.monarch import monarch as monarch_reference
 from ..reference._philox import drop_threshold, keep_scale
+from ._autograd import first_order_only
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile, host_seed
 from ._triton import HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, sm_count, tl, triton, \
@@ -560,7 +560,7 @@ class MonarchFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], m)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x2, weight, W1, W2, y1, seed = ctx.saved_tensors
         m = weight.shape[0]
@@ -717,7 +717,7 @@ class _ExpandFunction(torch.autograd.Function):
         return _monarch_expand(W1, W2, n, m, out_dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dB1, dB2):
         W1, W2 = ctx.saved_tensors
         n, m, dtype = ctx.n, ctx.m, ctx.out_dtype
@@ -790,7 +790,7 @@ def monarch_linear(
     dtype = dispatch.compute_dtype(x)
     which = dispatch.choose("monarch", x.device, dtype, impl)
     if which == "torch":
-        return monarch_reference(x, weight, W1, W2, bias, dropout_p, seed)
+        return dispatch.in_dtype(monarch_reference(x, weight, W1, W2, bias, dropout_p, seed), dtype)
     if isinstance(seed, torch.Tensor):
         seed = seed.reshape(1).to(torch.int64)
     else:

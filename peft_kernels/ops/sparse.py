@@ -48,7 +48,6 @@ import contextlib
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _ext, dispatch
 from .._checks import check_bias, check_input, check_same_device, check_tensor
@@ -56,6 +55,7 @@ from ..reference._common import flatten_tokens
 from ..reference.sparse import check_csr
 from ..reference.sparse import sparse as _reference_sparse
 from ..reference.sparse import sparse_adapter as _reference_sparse_adapter
+from ._autograd import first_order_only
 from ._casts import to_rne
 from ._triton import HAS_TRITON, cdiv, custom_op, tl, triton
 
@@ -438,7 +438,7 @@ class SparseAdapterFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         xt, val, crow, col, crow_t, row_t, perm = ctx.saved_tensors
         spmm, sddmm = _kernels(ctx.impl)
@@ -475,7 +475,7 @@ class SparseLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         xt, w, val, crow, col, crow_t, row_t, perm = ctx.saved_tensors
         need_x, need_w, need_b, need_val = ctx.needs_input_grad[:4]
@@ -525,7 +525,7 @@ class RoSAFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         from ..reference._philox import keep_scale
         from .lora import _lora_bwd, _lora_gemm, adapter_grads, deterministic
@@ -617,7 +617,7 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col
     dtype = dispatch.compute_dtype(x)
     which = dispatch.choose("sparse", x.device, dtype, impl)
     if which == "torch":
-        return _reference_sparse(x, weight, crow, col, val, bias, check_values=False)
+        return dispatch.in_dtype(_reference_sparse(x, weight, crow, col, val, bias, check_values=False), dtype)
     crow, col, crow_t, row_t, perm = _kernel_csr(crow, col, d_in, csr_t)
     # Under autocast: the base GEMM and the adapter run in the autocast dtype (as F.linear would),
     # autocast off inside so the in-place add sees one dtype; differentiable casts keep fp32 grads.
@@ -644,7 +644,7 @@ def rosa_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col: 
     from .lora import MAX_RANK, _seed_tensor, base_mode, lora_linear
     from ..reference.lora import check_lora_args
 
-    check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed)
+    check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed, scaling)
     d_out, d_in = weight.shape
     check_csr(crow, col, val, (d_out, d_in), check_values=False)
     check_same_device(x=x, crow=crow, col=col, val=val)
@@ -656,7 +656,7 @@ def rosa_linear(x: torch.Tensor, weight: torch.Tensor, crow: torch.Tensor, col: 
     fused = which != "torch" and lora_which == "triton" and lora_A.shape[0] <= MAX_RANK
     if not fused:
         y = lora_linear(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, impl=lora_which, base=base)
-        return y + sparse_adapter(x, crow, col, val, d_out, impl=which, csr_t=csr_t)
+        return dispatch.in_dtype(y + sparse_adapter(x, crow, col, val, d_out, impl=which, csr_t=csr_t), dtype)
     crow, col, crow_t, row_t, perm = _kernel_csr(crow, col, d_in, csr_t)
     # In one dtype, the autocast one under autocast (as F.linear would), else x's (as lora_linear
     # does): differentiable casts, so fp32 adapter weights get fp32 gradients; autocast is off inside

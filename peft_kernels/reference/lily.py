@@ -58,7 +58,8 @@ def lily_adapter(x2, lp, router, hp, scaling: float, routing: str, router_input:
     p = router_probs(x2, h, router, router_input)
     E, d_out, r = hp.shape
     if routing == "batch":
-        w = p.mean(dim=0).to(x2.dtype)
+        # token-mean as sum / max(T, 1): no tokens mix nothing (a 0/0 mean would put NaN into hp's gradient)
+        w = (p.sum(dim=0) / max(p.shape[0], 1)).to(x2.dtype)
         hp_bar = torch.einsum("e,eor->or", w, hp)
         return scaling * (h @ hp_bar.t())
     z = (p.to(x2.dtype)[:, :, None] * h[:, None, :]).reshape(-1, E * r)
@@ -96,5 +97,6 @@ def lily_delta_weight(x, lp, router, hp, scaling: float, router_input: str = "h"
     """
     x2 = flatten_tokens(x)
     h = x2 @ lp.t()
-    w = router_probs(x2, h, router, router_input).mean(dim=0).to(hp.dtype)
+    p = router_probs(x2, h, router, router_input)
+    w = (p.sum(dim=0) / max(p.shape[0], 1)).to(hp.dtype)  # no tokens: no change (not 0/0)
     return scaling * (torch.einsum("e,eor->or", w, hp) @ lp)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .._checks import (check_bias, check_dropout, check_input, check_positive_int, check_same_device,
+from .._checks import (check_bias, check_dropout, check_input, check_positive_int, check_same_device, check_scaling,
                        check_seed, check_tensor)
 from ._common import base_linear, compute_dtype, flatten_tokens
 from ._philox import apply_dropout
@@ -24,9 +24,11 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed):
+def check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed, scaling=1.0):
     check_tensor("weight", weight, ndim=2)
     d_out, d_in = weight.shape
+    if d_in == 0:  # (d_out == 0 is a valid, empty layer; no input features leave x's token count undefined)
+        raise ValueError(f"weight must have at least one input feature, got shape {(d_out, d_in)}")
     check_input(x, d_in)
     check_tensor("lora_A", lora_A, ndim=2)
     r = lora_A.shape[0]
@@ -38,6 +40,7 @@ def check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed):
     check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
     check_dropout("dropout_p", dropout_p)
     check_seed(seed)
+    check_scaling("scaling", scaling)
 
 
 def lora(
@@ -52,7 +55,7 @@ def lora(
     upcast: bool = False,
 ) -> torch.Tensor:
     """Reference LoRA linear; returns ``(..., d_out)`` in ``x.dtype``."""
-    check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed)
+    check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed, scaling)
     dt = compute_dtype(x, upcast)
     x2 = flatten_tokens(x)
     y = base_linear(x2, weight, bias, dt)
