@@ -40,7 +40,7 @@ def adalora(
     upcast: bool = False,
 ) -> torch.Tensor:
     """Reference AdaLoRA linear. It is LoRA with ``A' = diag(E * mask) A``."""
-    check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed)
+    check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed, scaling)
     a_eff = _effective_A(lora_A, lora_E, rank_mask)
     return lora(x, weight, a_eff, lora_B, bias, scaling, dropout_p, seed, upcast)
 
