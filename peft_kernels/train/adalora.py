@@ -133,11 +133,15 @@ def orthogonal_regularization(model: Union[nn.Module, Mapping[str, nn.Module]], 
     for m in mods.values():
         a = m.lora_A.float()
         b = m.lora_B.float()
-        cov_a = a @ a.T
-        cov_b = b.T @ b
-        eye = torch.eye(cov_a.shape[0], device=a.device, dtype=torch.float32)
-        terms.append(torch.linalg.matrix_norm(cov_a - eye, ord="fro"))
-        terms.append(torch.linalg.matrix_norm(cov_b - eye, ord="fro"))
+        # The trainer calls this inside its (bf16/fp16) autocast region, which would run the two
+        # Gram matmuls in half precision: ||A A^T - I|| is a small difference of O(1) entries,
+        # exactly what bf16's 8-bit mantissa loses. Autocast is switched off here, not by the caller.
+        with torch.autocast(a.device.type, enabled=False):
+            cov_a = a @ a.T
+            cov_b = b.T @ b
+            eye = torch.eye(cov_a.shape[0], device=a.device, dtype=torch.float32)
+            terms.append(torch.linalg.matrix_norm(cov_a - eye, ord="fro"))
+            terms.append(torch.linalg.matrix_norm(cov_b - eye, ord="fro"))
     if not terms:
         return torch.zeros(())
     return weight * torch.stack(terms).mean()
@@ -184,8 +188,29 @@ class RankAllocator:
         self.exp_avg_unc: Dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def update_ipt(self) -> None:
-        """Fold ``I = |p * grad|`` of every factor into the smoothed sensitivity and uncertainty."""
+    def grads_finite(self) -> bool:
+        """Whether every factor's gradient is finite (missing gradients count as finite).
+
+        An fp16 step whose gradients overflowed is skipped by ``GradScaler``; its ``inf``/``nan``
+        gradients must not reach the EMAs: ``E`` starts at zero, ``|0 * inf|`` is ``nan``, and a
+        ``nan`` EMA stays ``nan`` for the rest of the run, leaving pruning to the tie order.
+        """
+        grads = [getattr(m, f).grad for m in self.modules.values() for f in _FACTORS]
+        checks = [torch.isfinite(g).all() for g in grads if g is not None]
+        if not checks:
+            return True
+        # one host sync for all factors (modules may sit on different devices: gather on one)
+        return bool(torch.stack([c.to(checks[0].device) for c in checks]).all())
+
+    @torch.no_grad()
+    def update_ipt(self) -> bool:
+        """Fold ``I = |p * grad|`` of every factor into the smoothed sensitivity and uncertainty.
+
+        Returns False, changing nothing, when any gradient is non-finite (see :meth:`grads_finite`):
+        the step is left out as a whole so that every module's EMAs have seen the same steps.
+        """
+        if not self.grads_finite():
+            return False
         b1, b2 = self.config.beta1, self.config.beta2
         for name, m in self.modules.items():
             for f in _FACTORS:
@@ -198,6 +223,7 @@ class RankAllocator:
                     self.exp_avg_unc[key] = torch.zeros_like(ipt)
                 ibar = self.exp_avg_ipt[key].mul_(b1).add_((1 - b1) * ipt)
                 self.exp_avg_unc[key].mul_(b2).add_((1 - b2) * (ipt - ibar).abs())
+        return True
 
     def triplet_scores(self) -> Dict[str, torch.Tensor]:
         """Module name -> ``(r,)`` triplet scores ``s(E_i) + mean_j s(A_ij) + mean_j s(B_ji)``."""
@@ -239,12 +265,21 @@ class RankAllocator:
         for n, mask in masks.items():
             _set_mask(self.modules[n], mask)
 
-    def step(self, global_step: int) -> Tuple[int, Optional[Dict[str, torch.Tensor]]]:
-        """One allocation step (PEFT's ``update_and_allocate``); returns ``(budget, masks or None)``."""
+    def step(self, global_step: int, grads_valid: bool = True) -> Tuple[int, Optional[Dict[str, torch.Tensor]]]:
+        """One allocation step (PEFT's ``update_and_allocate``); returns ``(budget, masks or None)``.
+
+        ``grads_valid=False`` says the optimizer skipped this step (a ``GradScaler`` overflow); a
+        step whose gradients are not finite is treated the same. Before ``total_step - tfinal`` such
+        a step changes nothing (returns the last budget and None); from there on no gradient is
+        read, so the final allocation and its re-application still happen on it.
+        """
         c = self.config
         t_end = c.total_step - c.tfinal
         if global_step < t_end:
-            self.update_ipt()
+            if not (grads_valid and self.update_ipt()):
+                # no new information, so no new masks either; the next good step catches up with
+                # the schedule (the budget is a function of the step number)
+                return self.last_budget, None
             budget, mask_now = self.budget_schedule(global_step)
             masks = self.mask_to_budget(budget) if mask_now else None
         elif self.final_mask is None:

@@ -19,9 +19,28 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .._argtypes import csv_list, fraction, nonneg_int, positive_float, positive_int, positive_int_list
+from .._argtypes import (csv_list, dropout_value, fraction, nonneg_int, positive_float, positive_int,
+                         positive_int_list)
 
 FAMILIES = ("lora", "adalora", "moelora", "monarch", "sparse", "lily")
+
+# The adapter options of ``finetune``: per family, CLI dest -> the family's ``from_linear`` keyword
+# (``build_lily``'s for lily). Every one of these flags defaults to None: a flag the user did not
+# give is not forwarded, so the family's own default applies, and a flag the user gave to a family
+# that has no use for it is an error instead of being silently dropped.
+FAMILY_FLAGS = {
+    "lora": {"r": "r", "alpha": "alpha", "dropout": "dropout"},
+    "adalora": {"init_r": "r", "target_r": None, "alpha": "alpha", "dropout": "dropout"},  # target_r: allocator
+    "moelora": {"r": "r", "alpha": "alpha", "num_experts": "num_experts"},
+    "monarch": {"r": "blk_r", "nblocks": "nblocks", "dropout": "dropout"},
+    "sparse": {"density": "density", "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"},
+    "lily": {"r": "r", "num_experts": "num_experts", "stride": "stride", "scaling": "scaling", "routing": "routing"},
+}
+ADAPTER_FLAGS = sorted({dest for flags in FAMILY_FLAGS.values() for dest in flags})
+# AdaLoRA's rank schedule needs numbers even when the flags are not given: PEFT's defaults, those of
+# AdaLoRAConfig (not imported here: registering the commands stays light)
+ADALORA_INIT_R, ADALORA_TARGET_R = 12, 8
+RANK_SEARCH_FAMILIES = ("lora", "moelora")  # a single rank keyword ``r`` per module, built module by module
 
 
 # ---- shared pieces -----------------------------------------------------------------------------
@@ -55,14 +74,15 @@ def _load(args):
     if args.data:
         rows, names = D.load_jsonl(args.data)
         if args.eval_data:
-            train, evald = rows, D.load_jsonl(args.eval_data)[0]
+            # the eval file's labels get the training file's ids, not ids of its own sorted order
+            train, evald = rows, D.load_jsonl(args.eval_data, label_names=names)[0]
         else:
             train, evald = D.split(rows, 0.2, seed=args.seed)
         source = f"{args.data} ({len(train)} train / {len(evald)} eval rows, {len(names)} labels)"
     else:
         train, evald, names = D.embedded_dataset()
         if args.eval_data:
-            evald = D.load_jsonl(args.eval_data)[0]
+            evald = D.load_jsonl(args.eval_data, label_names=names)[0]
         source = (f"embedded review-sentiment task ({len(train)} train / {len(evald)} eval rows, labels "
                   f"{', '.join(names)}; chance = {1 / len(names):.0%})")
     if args.limit_train:
@@ -122,14 +142,52 @@ def cmd_select(args) -> int:
 
 
 # ---- finetune ----------------------------------------------------------------------------------
-def _adapter_options(args, method: str) -> dict:
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def finetune_arg_error(args) -> Optional[str]:
+    """What is wrong with a ``finetune`` command line (flags that do not fit together), or None.
+
+    Checked before any model is loaded: a flag the chosen ``--method`` does not take, AdaLoRA's
+    ``--target-r`` above ``--init-r``, ``--rank-search`` with a family it cannot search.
+    """
+    method = args.method
+    takes = FAMILY_FLAGS[method]
+    unused = [d for d in ADAPTER_FLAGS if getattr(args, d, None) is not None and d not in takes]
+    if unused:
+        return (f"{', '.join(_flag(d) for d in unused)} not used by --method {method}, which takes "
+                f"{', '.join(_flag(d) for d in takes)}")
     if method == "adalora":
-        return {"r": args.init_r}
-    if method == "moelora":
-        return {"r": args.r, "num_experts": args.num_experts}
-    if method == "lora":
-        return {"r": args.r, "alpha": float(args.alpha), "dropout": args.dropout}
-    return {}
+        init_r, target_r = _adalora_ranks(args)
+        if target_r > init_r:
+            return f"--target-r ({target_r}) must be <= --init-r ({init_r}): AdaLoRA only prunes ranks"
+    if method == "sparse" and args.r is None and (args.alpha is not None or args.dropout is not None):
+        return ("--alpha/--dropout configure the LoRA trained together with the sparse delta (RoSA); "
+                "give its rank with --r as well")
+    if args.rank_search:
+        if method not in RANK_SEARCH_FAMILIES:
+            return f"--rank-search supports --method {'/'.join(RANK_SEARCH_FAMILIES)}, got {method}"
+        if args.r is not None:
+            return "--r is what --rank-search chooses (from --rank-choices); drop one of them"
+    return None
+
+
+def _adapter_options(args, method: str) -> dict:
+    """The family's ``from_linear`` options from the command line: only the flags given."""
+    opts = {kw: getattr(args, dest) for dest, kw in FAMILY_FLAGS[method].items()
+            if kw is not None and getattr(args, dest) is not None}
+    if method == "sparse":
+        opts["seed"] = args.seed  # the random mask follows --seed like everything else
+    if method == "adalora":
+        opts["r"] = _adalora_ranks(args)[0]  # the modules' rank is the allocator's init_r
+    return opts
+
+
+def _adalora_ranks(args) -> tuple:
+    """``(init_r, target_r)`` of an AdaLoRA run: the flags, or PEFT's defaults."""
+    return (args.init_r if args.init_r is not None else ADALORA_INIT_R,
+            args.target_r if args.target_r is not None else ADALORA_TARGET_R)
 
 
 def _unfreeze_head(model) -> list:
@@ -150,7 +208,7 @@ def cmd_finetune(args) -> int:
     from ..adapters import adapt, select_modules
     from .adalora import adalora_config_for
     from .data import TextCollator, default_targets
-    from .fisher import layer_of
+    from .fisher import exact_names, modules_in_layers
     from .trainer import TrainConfig, Trainer, evaluate
 
     t0 = time.perf_counter()
@@ -171,11 +229,7 @@ def cmd_finetune(args) -> int:
         why = (f"FLoE: adapters only on the {len(chosen)}/{len(report)} {args.granularity}s with the highest "
                f"empirical Fisher of {args.calib_method} calibration adapters "
                f"({'top ' + str(args.k) if args.k is not None else f'top {fraction:.0%}'})")
-        all_mods = select_modules(model, targets)
-        if args.granularity == "layer":
-            selected_modules = [n for n in all_mods if layer_of(n) in set(chosen)]
-        else:
-            selected_modules = [n for n in all_mods if n in set(chosen)]
+        selected_modules = modules_in_layers(model, chosen, targets)
     else:
         selected_modules = select_modules(model, targets)
         why = (f"every target module ({', '.join(targets)}) in every layer: "
@@ -189,11 +243,7 @@ def cmd_finetune(args) -> int:
     if args.rank_search:
         from .rank_search import search_ranks
 
-        if method not in ("lora", "moelora"):
-            print(f"error: --rank-search supports --method lora/moelora, got {method}", file=sys.stderr)
-            return 2
-        opts = _adapter_options(args, method)
-        opts.pop("r")
+        opts = _adapter_options(args, method)  # no "r": finetune_arg_error rejects --r with --rank-search
         n_probe = max(1, len(train) // 5)
         res = search_ranks(lambda: copy.deepcopy(base_for_search), selected_modules, train[n_probe:],
                            train[:n_probe], collate, method=method, budget=args.budget, choices=args.rank_choices,
@@ -211,11 +261,10 @@ def cmd_finetune(args) -> int:
     torch.manual_seed(args.seed)
     if ranks is not None:
         from .rank_search import adapt_with_ranks
-        opts = _adapter_options(args, method)
-        opts.pop("r")
-        adapted = adapt_with_ranks(model, method, ranks, **opts)
+        adapted = adapt_with_ranks(model, method, ranks, **_adapter_options(args, method))
     else:
-        adapted = adapt(model, method=method, target_modules=selected_modules, **_adapter_options(args, method))
+        adapted = adapt(model, method=method, target_modules=exact_names(selected_modules),
+                        **_adapter_options(args, method))
     heads = _unfreeze_head(adapted.model)
     mods = adapted.adapted_modules()
     print(f"\nadapters ({method}) on {len(mods)} modules:")
@@ -234,7 +283,8 @@ def cmd_finetune(args) -> int:
                       output_dir=os.path.join(args.output, "run"), seed=args.seed, progress=not args.no_progress)
     ada = None
     if method == "adalora":
-        ada = adalora_config_for(args.steps, init_r=args.init_r, target_r=args.target_r)
+        init_r, target_r = _adalora_ranks(args)
+        ada = adalora_config_for(args.steps, init_r=init_r, target_r=target_r)
         print(f"AdaLoRA: init_r {ada.init_r} -> target_r {ada.target_r} per module on average; budget "
               f"{ada.init_r * len(mods)} -> {ada.target_r * len(mods)} triplets, cubic from step {ada.tinit} "
               f"to {ada.total_step - ada.tfinal}")
@@ -303,12 +353,25 @@ def register(subparsers) -> None:
     sel.add_argument("--fraction", type=fraction, default=None,
                      help="fraction of layers to adapt (default 0.25; 1.0 for adalora)")
     sel.add_argument("--k", type=positive_int, default=None, help="number of layers to adapt")
-    f.add_argument("--r", type=positive_int, default=8, help="rank (lora, moelora)")
-    f.add_argument("--alpha", type=positive_float, default=16.0)
-    f.add_argument("--dropout", type=float, default=0.0)
-    f.add_argument("--num-experts", type=positive_int, default=4, help="experts per layer (moelora)")
-    f.add_argument("--init-r", type=positive_int, default=12, help="AdaLoRA initial rank")
-    f.add_argument("--target-r", type=nonneg_int, default=8, help="AdaLoRA average final rank")
+    a = f.add_argument_group("adapter options (each family takes some; unset: the family's default; a flag "
+                             "the chosen --method does not take is an error)")
+    a.add_argument("--r", type=positive_int, default=None,
+                   help="rank: lora/moelora (default 8), lily (16); monarch's per-block rank blk_r (4); sparse: "
+                        "rank of the LoRA trained with the sparse delta (RoSA; default 0, none)")
+    a.add_argument("--alpha", type=positive_float, default=None,
+                   help="LoRA scale numerator: lora/moelora (16), adalora (8), sparse's LoRA (its rank)")
+    a.add_argument("--dropout", type=dropout_value, default=None,
+                   help="adapter input dropout in [0, 1): lora, adalora, monarch, sparse's LoRA (default 0)")
+    a.add_argument("--num-experts", type=positive_int, default=None, help="experts: moelora (per layer), "
+                                                                          "lily (per group) (default 4)")
+    a.add_argument("--init-r", type=positive_int, default=None, help=f"adalora initial rank ({ADALORA_INIT_R})")
+    a.add_argument("--target-r", type=nonneg_int, default=None,
+                   help=f"adalora average final rank, <= --init-r ({ADALORA_TARGET_R})")
+    a.add_argument("--nblocks", type=positive_int, default=None, help="monarch block count (4)")
+    a.add_argument("--density", type=fraction, default=None, help="sparse: fraction of weights trained (0.01)")
+    a.add_argument("--stride", type=positive_int, default=None, help="lily: layers sharing one LP (1)")
+    a.add_argument("--scaling", type=positive_float, default=None, help="lily: output scale (1.0)")
+    a.add_argument("--routing", choices=("batch", "token"), default=None, help="lily: router mixing (batch)")
     r = f.add_argument_group("rank search (Bayesian optimisation, optuna TPE)")
     r.add_argument("--rank-search", action="store_true", help="search per-layer ranks before training")
     r.add_argument("--trials", type=positive_int, default=6)
@@ -328,7 +391,14 @@ def register(subparsers) -> None:
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/run/checkpoint.pt")
     t.add_argument("--output", default="peft_kernels_out", help="where adapters, head and summary go")
     t.add_argument("--no-progress", action="store_true")
-    f.set_defaults(func=_friendly(cmd_finetune, "finetune"))
+    def finetune(args):
+        # combinations argparse cannot express, refused before anything is loaded (usage error, exit 2)
+        problem = finetune_arg_error(args)
+        if problem:
+            f.error(problem)
+        return cmd_finetune(args)
+
+    f.set_defaults(func=_friendly(finetune, "finetune"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

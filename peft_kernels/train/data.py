@@ -11,7 +11,8 @@
   reaches ~59% after 60 steps; LoRA on the two Fisher-selected layers 94-100% and AdaLoRA 97-100%
   (80-100 steps).
 - Elsewhere: any local HF model folder (``--model PATH``) and a JSONL file of ``{"text": ..., "label": ...}``
-  rows (``--data FILE``; string labels are mapped to ids in sorted order).
+  rows (``--data FILE``; string labels are mapped to ids in sorted order; an ``--eval-data`` file is
+  mapped with the training file's names).
 """
 from __future__ import annotations
 
@@ -78,8 +79,16 @@ def load_model(path: Optional[str] = None, num_labels: int = len(EMBEDDED_LABELS
     return model, tok
 
 
-def load_jsonl(path: str, text_key: str = "text", label_key: str = "label") -> Tuple[List[dict], List[str]]:
-    """Rows ``{"text", "label": int}`` and the label names (ints kept; strings mapped in sorted order)."""
+def load_jsonl(path: str, text_key: str = "text", label_key: str = "label",
+               label_names: Optional[Sequence[str]] = None) -> Tuple[List[dict], List[str]]:
+    """Rows ``{"text", "label": int}`` and the label names.
+
+    Without ``label_names`` the file defines them: int labels are kept (names ``"0".."max"``),
+    string labels are mapped to ids in sorted order. An evaluation file must use the *training*
+    file's ids, which its own sorted order need not give (it may lack a label): pass the training
+    names as ``label_names`` and each label is mapped by name (an int label is taken as an id in
+    ``range(len(label_names))``); a label outside them raises ``ValueError``.
+    """
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -93,7 +102,19 @@ def load_jsonl(path: str, text_key: str = "text", label_key: str = "label") -> T
     if not rows:
         raise ValueError(f"{path} holds no rows")
     labels = [r["label"] for r in rows]
-    if all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+    is_id = [isinstance(x, int) and not isinstance(x, bool) for x in labels]
+    if label_names is not None:
+        names = [str(n) for n in label_names]
+        ids = {n: i for i, n in enumerate(names)}
+        unknown = sorted({str(x) for x, as_id in zip(labels, is_id)
+                          if not (0 <= x < len(names) if as_id else str(x) in ids)})
+        if unknown:
+            raise ValueError(f"{path}: label(s) {unknown} are not among the training labels {names} "
+                             f"(ids 0..{len(names) - 1})")
+        for r, as_id in zip(rows, is_id):
+            r["label"] = r["label"] if as_id else ids[str(r["label"])]
+        return rows, names
+    if all(is_id):
         names = [str(i) for i in range(max(labels) + 1)]
     else:
         names = sorted({str(x) for x in labels})

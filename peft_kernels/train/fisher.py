@@ -3,8 +3,12 @@
 1. **Calibrate**: put an adapter on every target module (FLoE's low-rank experts, ``MoELoRALinear``,
    by default; any family works since only the adapter's parameters are read), run ``num_batches``
    forward/backward passes and record each adapter parameter's gradient after each batch.
-2. **Score**: the empirical Fisher of parameter ``theta`` is ``F(theta) = (1/N) sum_b g_b(theta)^2`` with
-   ``g_b`` the gradient of batch ``b``'s mean loss. A layer's score is the *mean over its adapter
+2. **Score**: the diagonal empirical Fisher of parameter ``theta`` is ``F(theta) = (1/N) sum_i g_i(theta)^2``
+   over the ``N`` calibration *samples*, ``g_i`` the gradient of sample ``i``'s own loss (one
+   forward/backward per sample). Squaring batch-mean gradients instead would compute
+   ``mean_b (mean_i g_i)^2``, which shrinks with the batch size (noise averages out before the
+   square) and ranks layers differently at different batch sizes; per-sample gradients make the
+   score independent of how the samples were batched. A layer's score is the *mean over its adapter
    parameters* of ``F``: ``score_l = (1/|theta_l|) sum_{theta in layer l} F(theta)``.
    *This normalisation is this package's choice* (the paper leaves it open): dividing by the
    parameter count keeps wide layers (MLP projections) from outranking narrow ones (attention)
@@ -58,11 +62,12 @@ class FisherReport:
     """Per-layer empirical Fisher scores, ranked; :meth:`select` picks the layers to adapt."""
 
     def __init__(self, scores: Mapping[str, float], num_params: Mapping[str, int], members: Mapping[str, List[str]],
-                 num_batches: int, method: str = "", granularity: str = "layer"):
+                 num_batches: int, method: str = "", granularity: str = "layer", num_samples: Optional[int] = None):
         self.scores = dict(scores)
         self.num_params = dict(num_params)
         self.members = {k: list(v) for k, v in members.items()}
         self.num_batches = num_batches
+        self.num_samples = num_samples
         self.method = method
         self.granularity = granularity
         self.order = list(self.scores)  # model order: the tie-breaker
@@ -111,8 +116,9 @@ class FisherReport:
         rows = self.ranked()
         top = rows[0][1] if rows and rows[0][1] > 0 else 1.0
         width = max([len("layer")] + [len(n) for n in self.scores])
+        samples = f", {self.num_samples} samples" if self.num_samples is not None else ""
         lines = [f"Empirical Fisher per {self.granularity} ({self.method or 'adapter'} calibration, "
-                 f"{self.num_batches} batches; mean squared gradient per adapter parameter)",
+                 f"{self.num_batches} batches{samples}; mean squared per-sample gradient per adapter parameter)",
                  f"{'rank':>4}  {'layer':<{width}}  {'fisher':>11}  {'rel':>6}  {'params':>9}  sel"]
         for i, (n, s) in enumerate(rows, 1):
             lines.append(f"{i:>4}  {n:<{width}}  {s:>11.4e}  {s / top:>6.3f}  {self.num_params[n]:>9,d}  "
@@ -121,7 +127,30 @@ class FisherReport:
 
     def to_dict(self) -> dict:
         return {"scores": self.scores, "num_params": self.num_params, "members": self.members,
-                "num_batches": self.num_batches, "method": self.method, "granularity": self.granularity}
+                "num_batches": self.num_batches, "num_samples": self.num_samples, "method": self.method,
+                "granularity": self.granularity}
+
+
+def _batch_size(batch) -> int:
+    """Samples in a batch: the leading size of its tensors (which must agree)."""
+    tensors = list(batch.values()) if isinstance(batch, dict) else list(batch) if isinstance(batch, (list, tuple)) \
+        else [batch]
+    sizes = {int(t.shape[0]) for t in tensors if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"empirical_fisher: cannot split a batch into samples: its tensors' leading sizes are "
+                         f"{sorted(sizes) or 'missing'} (expected one batch size shared by every tensor)")
+    return sizes.pop()
+
+
+def _sample(batch, i: int):
+    """Sample ``i`` of a batch as a batch of one (dict or tuple of tensors; other values kept)."""
+    def take(v):
+        return v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+    if isinstance(batch, dict):
+        return {k: take(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(take(v) for v in batch)
+    return take(batch)
 
 
 def empirical_fisher(model: nn.Module, adapters: Mapping[str, nn.Module], batches: Iterable,
@@ -129,9 +158,13 @@ def empirical_fisher(model: nn.Module, adapters: Mapping[str, nn.Module], batche
                      granularity: str = "layer", method: str = "") -> FisherReport:
     """Score already-adapted modules (``adapters``: name -> module) over ``batches``.
 
-    ``loss_fn(model, batch) -> loss`` defaults to :func:`peft_kernels.train.trainer.compute_loss`
-    (``model(**batch).loss`` or cross-entropy of an ``(x, y)`` pair). Only the adapters' gradients
-    are read; every other parameter's ``requires_grad`` is left as is.
+    Each batch is split into samples (every tensor along dim 0) and each sample's gradient is
+    taken on its own: the score is the diagonal empirical Fisher, the same whatever the batch
+    size (see the module docstring). ``loss_fn(model, batch) -> loss`` defaults to
+    :func:`peft_kernels.train.trainer.compute_loss` (``model(**batch).loss`` or cross-entropy of an
+    ``(x, y)`` pair) and is called on batches of one. Only the adapters' gradients are read (with
+    ``torch.autograd.grad``, so no ``.grad`` is touched); every parameter's ``requires_grad`` is
+    as before when this returns.
     """
     from .trainer import compute_loss, to_device, _model_device
 
@@ -146,30 +179,36 @@ def empirical_fisher(model: nn.Module, adapters: Mapping[str, nn.Module], batche
     for name, ps in params.items():
         if not ps:
             raise ValueError(f"module {name!r} has no adapter parameters (everything is under base_layer)")
-        for p in ps.values():
-            p.requires_grad_(True)
     flat = [p for ps in params.values() for p in ps.values()]
+    requires_grad = [p.requires_grad for p in flat]
     sq = {name: torch.zeros((), dtype=torch.float64) for name in params}
     device = _model_device(model)
     was_training = model.training
-    model.train()
-    seen = 0
-    for batch in batches:
-        if num_batches is not None and seen >= num_batches:
-            break
+    seen = samples = 0
+    try:
         for p in flat:
-            p.grad = None
-        loss = loss_fn(model, to_device(batch, device))
-        grads = torch.autograd.grad(loss, flat, allow_unused=True)
-        it = iter(grads)
-        for name, ps in params.items():
-            for p in ps.values():
-                g = next(it)
-                if g is not None:
-                    sq[name] += g.detach().double().pow(2).sum().cpu()
-        seen += 1
-    model.train(was_training)
-    if seen == 0:
+            p.requires_grad_(True)
+        model.train()
+        for batch in batches:
+            if num_batches is not None and seen >= num_batches:
+                break
+            batch = to_device(batch, device)
+            for i in range(_batch_size(batch)):
+                loss = loss_fn(model, _sample(batch, i))
+                grads = torch.autograd.grad(loss, flat, allow_unused=True)
+                it = iter(grads)
+                for name, ps in params.items():
+                    for _ in ps:
+                        g = next(it)
+                        if g is not None:
+                            sq[name] += g.detach().double().pow(2).sum().cpu()
+                samples += 1
+            seen += 1
+    finally:
+        model.train(was_training)
+        for p, flag in zip(flat, requires_grad):
+            p.requires_grad_(flag)
+    if samples == 0:
         raise ValueError("empirical_fisher: the batch iterable was empty")
 
     groups: Dict[str, List[str]] = {}
@@ -179,9 +218,9 @@ def empirical_fisher(model: nn.Module, adapters: Mapping[str, nn.Module], batche
     for g, names in groups.items():
         n_par = sum(p.numel() for name in names for p in params[name].values())
         total = sum(float(sq[name]) for name in names)
-        scores[g] = total / (seen * n_par)
+        scores[g] = total / (samples * n_par)
         counts[g] = n_par
-    return FisherReport(scores, counts, groups, seen, method=method, granularity=granularity)
+    return FisherReport(scores, counts, groups, seen, method=method, granularity=granularity, num_samples=samples)
 
 
 def calibrate(model: nn.Module, batches: Iterable, target_modules: Sequence[str], method: str = "moelora",
@@ -223,29 +262,60 @@ def calibrate(model: nn.Module, batches: Iterable, target_modules: Sequence[str]
                             method=method)
 
 
+def modules_in_layers(model: nn.Module, layers: Sequence[str], target_modules) -> List[str]:
+    """Full names of the target modules of ``model`` that lie in ``layers`` (model order).
+
+    ``layers`` are :class:`FisherReport` names: blocks (``layer_of`` of a module name, e.g.
+    ``encoder.layers.1``, or a module without a numeric component such as ``head``) or single
+    modules (``"module"`` granularity). Matching is by name, never by block index: ``encoder.layers.1``
+    and ``decoder.layers.1`` are different layers. Raises ``ValueError`` for names that are not
+    modules of ``model`` or that hold none of the target modules.
+    """
+    from ..adapters import select_modules
+
+    layers = list(layers)
+    if not layers:
+        raise ValueError("no layers given (expected names from FisherReport.select)")
+    mods = dict(model.named_modules())
+    unknown = [n for n in layers if n not in mods]
+    if unknown:
+        raise ValueError(f"unknown layer name(s) {unknown} (not modules of the model)")
+    wanted = set(layers)
+    chosen = [n for n in select_modules(model, target_modules) if n in wanted or layer_of(n) in wanted]
+    hit = set(chosen) | {layer_of(n) for n in chosen}
+    empty = [n for n in layers if n not in hit]
+    if empty:
+        raise ValueError(f"layer(s) {empty} hold none of the target modules {target_modules!r}")
+    return chosen
+
+
+def exact_names(names: Sequence[str]) -> str:
+    """A ``target_modules`` value for :func:`~peft_kernels.adapters.adapt` that matches exactly ``names``.
+
+    A list of names would also match by dotted suffix (``"0"`` matches ``"2.0"``); one string is a
+    regular expression over the full name, so an alternation of the escaped names is exact.
+    """
+    return "|".join(re.escape(n) for n in names)
+
+
 def floe_adapt(model: nn.Module, layers: Sequence[str], target_modules: Sequence[str], method: str = "moelora",
                **adapter_options):
     """FLoE proper: put ``method`` adapters (MoE-LoRA experts by default) only on the given layers.
 
     ``layers`` are names from a :class:`FisherReport` (``report.select(...)``): blocks (``"layer"``
-    granularity; every target module inside them is adapted) or linear modules (``"module"``
-    granularity). Names that do not exist in ``model`` raise ``ValueError``. Returns the :class:`~peft_kernels.adapters.AdaptedModel`.
+    granularity; every target module inside them is adapted) or modules (``"module"`` granularity),
+    see :func:`modules_in_layers`. Names that do not exist in ``model`` raise ``ValueError``. Works
+    for every module :func:`~peft_kernels.adapters.adapt` takes (``nn.Linear``, GPT-2's ``Conv1D``).
+    Returns the :class:`~peft_kernels.adapters.AdaptedModel`.
     """
     from ..adapters import adapt
 
-    layers = list(layers)
-    if not layers:
-        raise ValueError("floe_adapt: no layers given")
-    mods = dict(model.named_modules())
-    unknown = [n for n in layers if n not in mods]
-    if unknown:
-        raise ValueError(f"floe_adapt: unknown layer name(s) {unknown} (not modules of the model)")
-    if all(isinstance(mods[n], nn.Linear) for n in layers):
-        # module granularity: the selected names are the linear layers themselves
-        return adapt(model, method=method, target_modules=layers, **adapter_options)
-    indices = sorted({layer_index(n) for n in layers})
-    return adapt(model, method=method, target_modules=list(target_modules), layers=indices, **adapter_options)
+    try:
+        names = modules_in_layers(model, layers, target_modules)
+    except ValueError as e:
+        raise ValueError(f"floe_adapt: {e}") from None
+    return adapt(model, method=method, target_modules=exact_names(names), **adapter_options)
 
 
-__all__ = ["FisherReport", "empirical_fisher", "calibrate", "floe_adapt", "layer_of", "layer_index",
-           "adapter_parameters"]
+__all__ = ["FisherReport", "empirical_fisher", "calibrate", "floe_adapt", "modules_in_layers", "exact_names",
+           "layer_of", "layer_index", "adapter_parameters"]

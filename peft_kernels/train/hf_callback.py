@@ -12,6 +12,7 @@ a fixed-rank LoRA. Add :class:`AdaLoRACallback` and it cannot happen::
   (what PEFT's ``AdaLoraModel.forward`` does);
 - ``on_optimizer_step`` (after ``optimizer.step()``, before ``zero_grad``: the gradients are still
   there) calls ``allocator.step(global_step + 1)``, the same 1-based step count as our trainer;
+  a step with non-finite gradients (an fp16 step the grad scaler skipped) updates no scores;
 - ``on_train_end`` removes the hook and logs the final ranks (also in ``callback.final_ranks``).
 
 The rank masks are model buffers, so HF checkpoints carry them; the allocator's score EMAs are not
@@ -71,7 +72,14 @@ class AdaLoRACallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.allocator is None:
             raise RuntimeError("AdaLoRACallback: on_optimizer_step before on_train_begin")
-        self.allocator.step(int(state.global_step) + 1)
+        # Under fp16 an overflowed step reaches here too (the scaler skipped optimizer.step, HF
+        # calls the callback anyway): its inf/nan gradients would turn the importance EMAs into nan
+        # for the rest of the run, so such a step only does what needs no gradient.
+        finite = self.allocator.grads_finite()
+        if not finite:
+            logger.debug("AdaLoRACallback: non-finite gradients at step %d, importance update skipped",
+                         int(state.global_step) + 1)
+        self.allocator.step(int(state.global_step) + 1, grads_valid=finite)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:

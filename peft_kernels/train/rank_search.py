@@ -18,19 +18,22 @@ the optimiser and the search space open; *this package's choices*:
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .fisher import layer_of
+from .fisher import exact_names, layer_of
 
 DEFAULT_CHOICES = (2, 4, 8, 16)
 
 
 def adapter_param_count(linear_shape: tuple, method: str, r: int, **options) -> int:
-    """Adapter parameters of one module of ``method`` at rank ``r`` (built on the meta device)."""
+    """Adapter parameters of one module of ``method`` at rank ``r`` (built on the meta device).
+
+    ``linear_shape`` is ``(d_out, d_in)`` (see :func:`linear_shape`; a Conv1D's weight is transposed)."""
     from ..adapters import family_class
 
     d_out, d_in = linear_shape
@@ -57,7 +60,7 @@ def adapt_with_ranks(model: nn.Module, method: str, ranks: Mapping[str, int], **
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1
     r0 = max(sorted(counts), key=lambda r: counts[r])
-    adapted = adapt(model, method=method, target_modules=list(ranks), r=r0, **options)
+    adapted = adapt(model, method=method, target_modules=exact_names(list(ranks)), r=r0, **options)
     for name, r in ranks.items():
         if r == r0:
             continue
@@ -70,6 +73,17 @@ def adapt_with_ranks(model: nn.Module, method: str, ranks: Mapping[str, int], **
         parent = adapted.model.get_submodule(parent_name) if parent_name else adapted.model
         setattr(parent, leaf, new)
     return adapted
+
+
+def linear_shape(module: nn.Module, name: str = "module") -> tuple:
+    """``(d_out, d_in)`` of an ``nn.Linear`` or a ``transformers`` ``Conv1D`` (GPT-2's, weight ``(in, out)``)."""
+    if isinstance(module, nn.Linear):
+        return tuple(module.weight.shape)
+    # checked without importing transformers: a Conv1D exists only if transformers is loaded
+    hf = sys.modules.get("transformers.pytorch_utils")
+    if hf is not None and isinstance(module, getattr(hf, "Conv1D", ())):
+        return (module.nf, module.nx)
+    raise ValueError(f"{name!r} is a {type(module).__name__}, not an nn.Linear or transformers Conv1D")
 
 
 @dataclasses.dataclass
@@ -144,9 +158,10 @@ def search_ranks(build_model: Callable[[], nn.Module], modules: Sequence[str], t
             lin = probe_model.get_submodule(n)
         except AttributeError:
             raise ValueError(f"search_ranks: unknown module name {n!r}") from None
-        if not isinstance(lin, nn.Linear):
-            raise ValueError(f"search_ranks: {n!r} is a {type(lin).__name__}, not an nn.Linear")
-        shapes[n] = tuple(lin.weight.shape)
+        try:
+            shapes[n] = linear_shape(lin, n)
+        except ValueError as e:
+            raise ValueError(f"search_ranks: {e}") from None
     del probe_model
     cost = {(n, r): adapter_param_count(shapes[n], method, r, **adapter_options) for n in modules for r in choices}
     min_cost = sum(cost[(n, choices[0])] for n in modules)
@@ -207,4 +222,5 @@ def search_ranks(build_model: Callable[[], nn.Module], modules: Sequence[str], t
                             params=int(best.user_attrs["params"]), budget=budget, trials=trials)
 
 
-__all__ = ["search_ranks", "adapt_with_ranks", "adapter_param_count", "RankSearchResult", "DEFAULT_CHOICES"]
+__all__ = ["search_ranks", "adapt_with_ranks", "adapter_param_count", "linear_shape", "RankSearchResult",
+           "DEFAULT_CHOICES"]

@@ -4,7 +4,10 @@ What it adds over a hand-written loop is what PEFT users get wrong:
 
 - AdaLoRA is never silently trained as LoRA: when the model holds AdaLoRA modules, the loop adds
   the orthogonal regulariser to the loss and calls :class:`~peft_kernels.train.adalora.RankAllocator`
-  after every optimizer step (before ``zero_grad``, with the gradients still there).
+  after every optimizer step (before ``zero_grad``, with the gradients still there). An fp16 step that
+  ``GradScaler`` skips (overflowed gradients) advances neither the LR schedule nor the importance scores.
+- A fresh run seeds torch/python/numpy from ``TrainConfig.seed`` (dropout included), so two runs
+  with one seed give the same losses whatever the global RNG state was before.
 - Checkpoints are atomic (``torch.save`` to a temp file in the same folder, then ``os.replace``), so
   an interruption mid-write leaves the previous checkpoint intact. A checkpoint holds the trainable
   parameters and all buffers (AdaLoRA rank masks included), optimizer, LR scheduler, grad scaler,
@@ -198,6 +201,13 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def set_seed(seed: int) -> None:
+    """Seed every generator a run draws from: torch (CPU and all CUDA devices), python, numpy."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
 def trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Trainable parameters and every persistent buffer (rank masks etc.): what a run changes."""
     sd = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -359,9 +369,18 @@ class Trainer:
         return evaluate(self.model, self.eval_data, self.collate_fn, self.cfg.eval_batch_size, self.autocast_dtype)
 
     def train(self, resume: bool = False) -> List[dict]:
-        """Run to ``max_steps``; with ``resume`` first load the checkpoint in ``output_dir`` if any."""
+        """Run to ``max_steps``; with ``resume`` first load the checkpoint in ``output_dir`` if any.
+
+        A fresh run (no checkpoint loaded) first seeds torch, python and numpy from ``config.seed``
+        (like HF's ``set_seed``): the data order alone is not the run's randomness, dropout (the
+        adapters' included) draws from the global generators. A resumed run restores them from the
+        checkpoint instead. A step skipped by the fp16 ``GradScaler`` (overflow) is recorded with
+        ``skipped: True``; it advances neither the LR schedule nor the AdaLoRA importance scores.
+        """
         if resume and self.load_checkpoint():
             self.resumed_from = self.step
+        else:
+            set_seed(self.cfg.seed)
         cfg = self.cfg
         net = self.ddp or self.model
         self.model.train()
@@ -392,15 +411,24 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            skipped = False
             if self.scaler is not None:
+                scale_before = self.scaler.get_scale()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                # GradScaler skips optimizer.step when the gradients overflowed and then lowers
+                # the scale (it never lowers it otherwise): HF Trainer's test for a skipped step
+                skipped = self.scaler.get_scale() < scale_before
             else:
                 self.optimizer.step()
-            self.scheduler.step()
+            if not skipped:
+                self.scheduler.step()  # a skipped step does not advance the LR schedule (as in HF Trainer)
             self.step += 1
             if self.allocator is not None:
-                self.allocator.step(self.step)  # after optimizer.step, before zero_grad (PEFT's order)
+                # after optimizer.step, before zero_grad (PEFT's order). A skipped step's inf/nan
+                # gradients must not reach the importance EMAs (they would stay nan for good): the
+                # allocator leaves the step out, but still fixes the final masks if it is due
+                self.allocator.step(self.step, grads_valid=not skipped)
             self.optimizer.zero_grad(set_to_none=True)
 
             step_loss = loss_sum / cfg.grad_accum
@@ -409,7 +437,7 @@ class Trainer:
                 t = torch.tensor([step_loss], dtype=torch.float64, device=self.device)
                 dist.all_reduce(t)
                 step_loss = float(t.item()) / self.world
-            rec = {"step": self.step, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0]}
+            rec = {"step": self.step, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0], "skipped": skipped}
             self.history.append(rec)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 ev = {"step": self.step, **self.evaluate()}
@@ -443,4 +471,4 @@ class _nullcontext:
 
 
 __all__ = ["TrainConfig", "Trainer", "evaluate", "compute_loss", "forward_loss", "iterate_batches",
-           "atomic_save", "to_device", "epoch_order"]
+           "atomic_save", "to_device", "epoch_order", "set_seed"]

@@ -196,6 +196,64 @@ def test_orthogonal_regularization_formula():
     assert all(m.lora_A.grad is not None and m.lora_B.grad is not None for m in model.values())
 
 
+def test_orthogonal_regularization_is_fp32_under_autocast():
+    """The trainer adds the regulariser inside its bf16 autocast region; the Gram matmuls must not
+    follow it into bf16 (||A A^T - I|| is a small difference of O(1) entries)."""
+    model = _ours()
+    g = torch.Generator().manual_seed(6)
+    for m in model.values():
+        with torch.no_grad():
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g))
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g))
+    plain = orthogonal_regularization(model, 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = orthogonal_regularization(model, 0.5)
+    assert under.dtype == torch.float32
+    assert torch.equal(under, plain)
+
+
+def _random_grads(model, g):
+    for m in model.values():
+        for f in ("lora_A", "lora_E", "lora_B"):
+            p = getattr(m, f)
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g))
+            p.grad = torch.randn(p.shape, generator=g)
+
+
+def test_non_finite_gradients_change_nothing():
+    """An overflowed fp16 step (inf/nan gradients) must not reach the EMAs: E starts at zero and
+    |0 * inf| = nan, which would stay in the EMAs for good and leave pruning to the tie order."""
+    model = _ours()
+    alloc = RankAllocator(model, AdaLoRAConfig(init_r=7, target_r=2, tinit=0, tfinal=2, total_step=10))
+    g = torch.Generator().manual_seed(4)
+    for step in (1, 2):
+        _random_grads(model, g)
+        alloc.step(step)
+    ema = {k: v.clone() for k, v in alloc.exp_avg_ipt.items()}
+    unc = {k: v.clone() for k, v in alloc.exp_avg_unc.items()}
+    masks = {n: m.rank_mask.clone() for n, m in model.items()}
+    budget = alloc.last_budget
+
+    _random_grads(model, g)
+    assert alloc.step(3, grads_valid=False) == (budget, None)  # the trainer saw GradScaler skip the step
+    _random_grads(model, g)
+    with torch.no_grad():
+        model["m1"].lora_E.zero_()
+    model["m1"].lora_E.grad[0] = float("inf")
+    assert not alloc.grads_finite()
+    assert alloc.step(3) == (budget, None)  # step 3 would mask: it is skipped as a whole
+    assert all(torch.equal(alloc.exp_avg_ipt[k], v) for k, v in ema.items())
+    assert all(torch.equal(alloc.exp_avg_unc[k], v) for k, v in unc.items())
+    assert all(torch.equal(m.rank_mask, masks[n]) for n, m in model.items())
+
+    _random_grads(model, g)  # the next good step carries on with the schedule
+    assert alloc.grads_finite()
+    b4, m4 = alloc.step(4)
+    assert m4 is not None and b4 == alloc.budget_schedule(4)[0] < budget
+    assert all(torch.isfinite(v).all() for v in alloc.exp_avg_ipt.values())
+
+
 def test_state_dict_roundtrip_and_zero_rank_save_load(tmp_path):
     from peft_kernels.adapters import adapt
 

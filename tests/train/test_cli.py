@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -73,3 +74,84 @@ def test_config_errors_are_one_line(capsys, tmp_path):
     assert "k must be an int in [1, 6]" in capsys.readouterr().err
     assert main(["finetune", "--data", str(tmp_path / "missing.jsonl"), "--no-progress"]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+# ---- adapter options: every family gets what it takes; flags it does not take are refused --------------
+def _finetune_args(argv):
+    import argparse
+
+    from peft_kernels.train.cli import register
+
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers(dest="command"))
+    return p.parse_args(["finetune", *argv])
+
+
+@pytest.mark.parametrize("method,argv,want", [
+    ("lora", ["--r", "3", "--alpha", "6", "--dropout", "0.1"], dict(r=3, alpha=6.0, dropout=0.1)),
+    ("adalora", ["--init-r", "5", "--target-r", "2", "--alpha", "4", "--dropout", "0.2"],
+     dict(r=5, alpha=4.0, dropout=0.2)),
+    ("moelora", ["--r", "3", "--alpha", "6", "--num-experts", "2"], dict(r=3, alpha=6.0, num_experts=2)),
+    ("monarch", ["--r", "2", "--nblocks", "2", "--dropout", "0.1"], dict(blk_r=2, nblocks=2, dropout=0.1)),
+    ("sparse", ["--density", "0.25", "--r", "2", "--alpha", "4", "--dropout", "0.1", "--seed", "3"],
+     dict(density=0.25, lora_r=2, lora_alpha=4.0, lora_dropout=0.1, seed=3)),
+    ("lily", ["--r", "4", "--num-experts", "2", "--stride", "2", "--scaling", "0.5", "--routing", "token"],
+     dict(r=4, num_experts=2, scaling=0.5, routing="token")),
+])
+def test_finetune_forwards_every_family_option(method, argv, want):
+    from torch import nn
+
+    from peft_kernels.adapters import adapt
+    from peft_kernels.train.cli import _adapter_options, finetune_arg_error
+
+    args = _finetune_args(["--method", method, *argv])
+    assert finetune_arg_error(args) is None
+    opts = _adapter_options(args, method)
+    model = nn.ModuleList(nn.ModuleDict({"fc": nn.Linear(16, 16)}) for _ in range(2))
+    mods = adapt(model, method=method, target_modules=["fc"], **opts).adapted_modules()
+    for m in mods.values():  # what the built modules hold, not only what was passed
+        cfg = m.adapter_config()
+        assert {k: cfg[k] for k in want} == want
+    if method == "lily":
+        assert mods["0.fc"].lp is mods["1.fc"].lp  # --stride 2: the two layers share one LP
+
+
+def test_finetune_unset_options_keep_family_defaults():
+    from peft_kernels.train.cli import _adapter_options
+
+    from peft_kernels.train import cli
+    from peft_kernels.train.adalora import AdaLoRAConfig
+
+    assert _adapter_options(_finetune_args(["--method", "monarch"]), "monarch") == {}
+    assert _adapter_options(_finetune_args(["--method", "sparse"]), "sparse") == {"seed": 0}
+    # AdaLoRA's modules are built at the allocator's init_r, PEFT's default when not given
+    assert (cli.ADALORA_INIT_R, cli.ADALORA_TARGET_R) == (AdaLoRAConfig.init_r, AdaLoRAConfig.target_r)
+    assert _adapter_options(_finetune_args(["--method", "adalora"]), "adalora") == {"r": cli.ADALORA_INIT_R}
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--method", "moelora", "--dropout", "0.1"], "--dropout not used by --method moelora"),
+    (["--method", "adalora", "--r", "4"], "--r not used by --method adalora, which takes --init-r"),
+    (["--method", "lora", "--init-r", "4", "--num-experts", "2"], "--init-r, --num-experts not used by --method lora"),
+    (["--method", "monarch", "--alpha", "2"], "--alpha not used by --method monarch"),
+    (["--method", "adalora", "--init-r", "4", "--target-r", "6"], r"--target-r \(6\) must be <= --init-r \(4\)"),
+    (["--method", "adalora", "--target-r", "13"], r"--target-r \(13\) must be <= --init-r \(12\)"),
+    (["--method", "adalora", "--rank-search"], "--rank-search supports --method lora/moelora"),
+    (["--rank-search", "--r", "4"], "--r is what --rank-search chooses"),
+    (["--method", "sparse", "--dropout", "0.1"], "give its rank with --r"),
+    (["--dropout", "1.5"], r"a probability in \[0, 1\)"),
+    (["--method", "sparse", "--density", "0"], r"a fraction in \(0, 1\]"),
+])
+def test_finetune_bad_flag_combinations_fail_before_loading(argv, match, capsys, monkeypatch):
+    from peft_kernels.train import cli
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    assert re.search(match, err), err

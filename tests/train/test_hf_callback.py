@@ -80,3 +80,25 @@ def test_callback_rejects_models_without_adalora():
     state.max_steps = 10
     with pytest.raises(ValueError, match="no AdaLoRA modules"):
         cb.on_train_begin(None, state, None, model=Net())
+
+
+def test_callback_skips_steps_with_non_finite_gradients():
+    """Under fp16 HF's grad scaler skips an overflowed optimizer step but still calls
+    on_optimizer_step with the inf/nan gradients: they must not reach the importance EMAs."""
+    torch.manual_seed(0)
+    adapted = adapt(Net(), method="adalora", target_modules=["layers.0", "layers.1"], r=4)
+    cb = AdaLoRACallback()
+    state = transformers.TrainerState()
+    state.max_steps = 10
+    cb.on_train_begin(None, state, None, model=adapted.model)
+    batch = {"x": torch.randn(3, 7), "labels": torch.tensor([0, 1, 0])}
+    adapted.model(**batch)["loss"].backward()
+    state.global_step = 0
+    cb.on_optimizer_step(None, state, None)
+    before = {k: v.clone() for k, v in cb.allocator.exp_avg_ipt.items()}
+    assert before  # the good step was folded in
+    adapted.model.layers[1].lora_A.grad[0, 0] = float("inf")  # E is still zero: |0 * inf| = nan
+    state.global_step = 1
+    cb.on_optimizer_step(None, state, None)
+    assert all(torch.equal(cb.allocator.exp_avg_ipt[k], v) for k, v in before.items())
+    cb.on_train_end(None, state, None)

@@ -115,3 +115,42 @@ def test_adapt_with_ranks_heterogeneous_save_load(tmp_path):
     loaded = load_adapted(fresh, tmp_path / "ad")
     assert {n: m.r for n, m in loaded.adapted_modules().items()} == ranks
     assert torch.allclose(loaded(x), y)
+
+
+def test_search_on_gpt2_conv1d():
+    """GPT-2's Conv1D (weight (in, out), x @ W + b): shapes read transposed, adapted like a Linear."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class ConvTiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h = nn.ModuleList(nn.ModuleDict({"c_fc": Conv1D(14, 9), "c_proj": Conv1D(9, 14)})
+                                   for _ in range(2))
+            self.head = nn.Linear(9, 2)
+
+        def forward(self, x):
+            for b in self.h:
+                x = x + b["c_proj"](torch.tanh(b["c_fc"](x)))
+            return self.head(x)
+
+    modules = ["h.0.c_fc", "h.0.c_proj", "h.1.c_fc", "h.1.c_proj"]
+    res = _search(build_model=ConvTiny, modules=modules, n_trials=2,
+                  probe_config=TrainConfig(max_steps=1, batch_size=8, lr=1e-2))
+    assert set(res.ranks) == set(modules)
+    # LoRA on (d_in, d_out) = (9, 14) or (14, 9): r * (9 + 14) parameters either way
+    assert res.params == sum(r * (9 + 14) for r in res.ranks.values())
+    torch.manual_seed(0)
+    model = ConvTiny()
+    x = torch.randn(3, 9)
+    before = model(x)
+    adapted = adapt_with_ranks(model, "lora", {"h.0.c_fc": 2, "h.1.c_proj": 3})
+    assert {n: m.r for n, m in adapted.adapted_modules().items()} == {"h.0.c_fc": 2, "h.1.c_proj": 3}
+    assert torch.allclose(adapted(x), before)  # B = 0 at init: the same function
+
+
+def test_adapt_with_ranks_adapts_exactly_the_named_modules():
+    """Names are matched exactly: "0" must not also pick up "2.0" (a dotted-suffix match)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Sequential(nn.Linear(4, 4)))
+    adapted = adapt_with_ranks(model, "lora", {"0": 2})
+    assert list(adapted.adapted_modules()) == ["0"]

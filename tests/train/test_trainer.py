@@ -127,3 +127,76 @@ def test_too_little_data_and_adalora_config_without_modules():
     from peft_kernels.train.adalora import AdaLoRAConfig
     with pytest.raises(ValueError, match="no AdaLoRA modules"):
         Trainer(_build("lora"), _data(), collate, TrainConfig(progress=False), adalora=AdaLoRAConfig())
+
+
+class _ScaledTrainer(Trainer):
+    """A GradScaler-driven run on the CPU: what ``precision="fp16"`` gives on CUDA, minus the
+    autocast (whose overflows are not reproducible across machines); the overflow is forced by a
+    poisoned batch instead."""
+
+    def _precision(self):
+        return None, True
+
+
+def test_overflowed_steps_skip_allocator_and_schedule():
+    from peft_kernels.train.adalora import AdaLoRAConfig
+
+    poisoned = {2, 3, 7}  # micro-batches (= optimizer steps 3, 4 and 8) whose gradients are nan
+    calls = []
+
+    def poisoning_collate(rows):
+        x, y = collate(rows)
+        if len(calls) in poisoned:
+            x = x * float("nan")
+        calls.append(len(rows))
+        return x, y
+
+    ema_at = {}
+
+    def on_step(step, rec):
+        ipt = trainer.allocator.exp_avg_ipt
+        assert all(torch.isfinite(v).all() for v in ipt.values()), f"non-finite importance EMA at step {step}"
+        ema_at[step] = {k: v.clone() for k, v in ipt.items()}
+
+    # masks are due at steps 4 and 8 (deltaT 4); 8 = total_step is the final allocation, and it
+    # is one of the skipped steps: it reads no gradient, so it must still happen
+    ada = AdaLoRAConfig(init_r=4, target_r=1, tinit=1, tfinal=0, deltaT=4, total_step=8)
+    trainer = _ScaledTrainer(_build("adalora"), _data(), poisoning_collate,
+                             TrainConfig(max_steps=8, batch_size=8, lr=1e-2, warmup_steps=2, progress=False),
+                             adalora=ada, on_step=on_step)
+    assert trainer.scaler is not None and trainer.scaler.is_enabled()
+    scale0 = trainer.scaler.get_scale()
+    hist = trainer.train()
+    assert [r["skipped"] for r in hist] == [s in (3, 4, 8) for s in range(1, 9)]
+    assert trainer.scaler.get_scale() == scale0 / 8  # GradScaler saw the three overflows
+    assert trainer.scheduler.last_epoch == 5  # the LR schedule advanced on the 5 real steps only
+    assert hist[2]["lr"] == hist[3]["lr"] == hist[1]["lr"]
+    for step in (3, 4):  # the allocator did not see the skipped steps
+        assert all(torch.equal(ema_at[step][k], v) for k, v in ema_at[2].items())
+    assert trainer.allocator.final_mask is not None
+    assert sum(trainer.allocator.current_ranks().values()) == trainer.allocator.target_bgt
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+
+
+def test_seed_makes_runs_identical_whatever_the_global_rng():
+    import random
+
+    import numpy as np
+
+    def run(global_seed, seed=7):
+        adapted = _build("lora")  # adapter dropout 0.1 and the model's dropout 0.2 draw from torch's RNG
+        torch.manual_seed(global_seed)  # whatever the caller did before training
+        random.seed(global_seed)
+        np.random.seed(global_seed)
+        drawn = {}
+
+        def on_step(step, rec):
+            if step == 1:
+                drawn["python"], drawn["numpy"] = random.random(), float(np.random.rand())
+
+        t = Trainer(adapted.model, _data(), collate, TrainConfig(max_steps=4, batch_size=8, progress=False, seed=seed),
+                    on_step=on_step)
+        return [r["loss"] for r in t.train()], drawn
+
+    assert run(1) == run(2)
+    assert run(1)[0] != run(1, seed=8)[0]
