@@ -6,7 +6,10 @@ layout: a directory with ``adapter_config.json`` and ``adapter_model.safetensors
 ``base_model.model.<module path>.<adapter param>``. For LoRA the files ARE a PEFT LoRA checkpoint
 (``lora_A.weight`` / ``lora_B.weight``, a plain ``LoraConfig`` json), so PEFT loads what we write
 and we load what PEFT writes. This package's own metadata (family, per-module options, version)
-goes into the safetensors header, and for the other families also into the json.
+goes into the safetensors header, and for the other families also into the json. When a
+checkpoint's json is a PEFT ``LoraConfig``, loading reads that json alone (as PEFT does), so the two
+libraries never load different adapters from one directory; any option PEFT would act on and a plain
+LoRA layer would not is refused (see ``_peft_config_problems``).
 
 Loading is all-or-nothing: every problem (missing, unexpected and mis-shaped keys, wrong family,
 changed options) is collected into one :class:`CheckpointError`, and nothing in the model is touched
@@ -18,11 +21,16 @@ turn them back into ``Conv1D`` so the model's own state dict layout is preserved
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import importlib
+import itertools
 import json
 import math
 import os
 import re
+import secrets
 import sys
 import tempfile
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -393,12 +401,50 @@ class AdaptedModel(nn.Module):
             raise ValueError(f"{self.method} adapters route per batch/token and have no input-independent "
                              "dense change: they cannot be merged (keep the adapter modules for inference)")
 
-    def merge(self) -> None:
-        """Add every adapter's dense change into its base weight (forward == base layer alone)."""
+    def _check_untied(self, action: str) -> None:
+        """Refuse to merge into a base weight the model also uses elsewhere (GPT-2 / tied-embedding
+        models share lm_head's weight with the input embeddings): the merged change would land in
+        the embeddings too (``merge``), or the tie would silently come apart (``merge_and_unload``:
+        ``transformers`` re-ties such weights when it saves or loads, dropping the merged change)."""
+        owners: dict = {}  # storage -> [(first byte, end byte, name)]
+        for n, t in itertools.chain(self.model.named_parameters(remove_duplicate=False),
+                                    self.model.named_buffers(remove_duplicate=False)):
+            span = _memory_span(t)
+            if span is not None:
+                owners.setdefault(span[0], []).append((span[1], span[2], n))
+        problems = []
+        for name, m in self.adapted_modules().items():
+            own = f"{name}.base_layer."
+            span = _memory_span(m.base_layer.weight)
+            if span is None:
+                continue
+            # overlapping bytes, not just one storage: parameters packed into one flat buffer
+            # (FSDP1's use_orig_params, fused optimisers' views) share a storage but no elements
+            others = [n for lo, hi, n in owners.get(span[0], ())
+                      if lo < span[2] and span[1] < hi and not n.startswith(own)]
+            if others:
+                problems.append(f"the base weight of {name!r} shares its memory with {', '.join(others)}")
+        if problems:
+            raise ValueError(f"cannot {action}: tied weights would be changed together:\n  - " + "\n  - ".join(problems)
+                             + "\nKeep these adapters unmerged, or untie the weight before adapt() (give the layer a "
+                               "copy: layer.weight = nn.Parameter(layer.weight.detach().clone()), and set "
+                               "config.tie_word_embeddings = False so transformers does not tie it again).")
+
+    def merge(self, keep_original: bool = False) -> None:
+        """Add every adapter's dense change into its base weight (forward == base layer alone).
+
+        ``keep_original=True`` keeps a copy of each unmerged weight so that ``unmerge()`` and
+        ``unload()`` restore it bit for bit, for one extra copy of every adapted weight; without
+        it they subtract the change again, which in bf16/fp16 is off by up to one unit in the last
+        place per merge/unmerge cycle (see ``LoRALinear.unmerge``). Raises ValueError, merging
+        nothing, when an adapted base weight is tied to another tensor of the model."""
         self._check_mergeable()
+        if not isinstance(keep_original, bool):
+            raise TypeError(f"keep_original must be a bool, got {type(keep_original).__name__}")
+        self._check_untied("merge")
         for m in self.adapted_modules().values():
             if not m.merged:
-                m.merge()
+                m.merge(keep_original=keep_original)
 
     def unmerge(self) -> None:
         for m in self.adapted_modules().values():
@@ -409,16 +455,32 @@ class AdaptedModel(nn.Module):
         new = _linear_to_conv1d(linear, self._conv1d[name]) if name in self._conv1d else linear
         _set_submodule(self.model, name, new)
 
+    def _flag_before_adapt(self, p: nn.Parameter) -> bool:
+        """``p.requires_grad`` as it was before the adapters froze it."""
+        entry = self._snapshot.get(id(p))
+        return entry[1] if entry is not None and entry[0] is p else p.requires_grad
+
     def merge_and_unload(self) -> nn.Module:
-        """Replace every adapter by a plain layer holding the merged weight; returns the model."""
+        """Replace every adapter by a plain layer holding the merged weight; returns the model.
+
+        Trainability goes back to what it was before ``adapt`` (as ``unload`` does): each merged
+        layer's weight and bias take the flags of the ones they replace. Raises ValueError, changing
+        nothing, when an adapted base weight is tied to another tensor of the model."""
         self._check_mergeable()
+        self._check_untied("merge_and_unload")
         for name, m in self.adapted_modules().items():
-            self._restore_layer(name, m.to_linear())
+            lin = m.to_linear()
+            lin.weight.requires_grad_(self._flag_before_adapt(m.base_layer.weight))
+            if lin.bias is not None:
+                lin.bias.requires_grad_(self._flag_before_adapt(m.base_layer.bias))
+            self._restore_layer(name, lin)
         self._names = []
+        _restore_requires_grad(self._snapshot)
         return self.model
 
     def unload(self) -> nn.Module:
-        """Remove the adapters without merging, restoring the original layers and trainability."""
+        """Remove the adapters without merging, restoring the original layers and trainability
+        (merged adapters are unmerged first: exactly, if merged with ``keep_original=True``)."""
         for name, m in self.adapted_modules().items():
             if getattr(m, "merged", False):
                 m.unmerge()
@@ -449,7 +511,9 @@ class AdaptedModel(nn.Module):
 
     def save(self, directory: Union[str, os.PathLike], peft_format: Optional[bool] = None,
              is_main_process: bool = True) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (temp file, then rename).
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors``: both to temp files first,
+        then renamed into place back to back, so a failed save (disk full, an error, an interrupt
+        while writing) leaves the previous checkpoint in the directory untouched.
 
         For LoRA the default (``peft_format=None``) writes a plain PEFT LoRA checkpoint that
         ``peft.PeftModel.from_pretrained`` loads; ``peft_format=False`` writes this package's
@@ -479,8 +543,13 @@ class AdaptedModel(nn.Module):
         os.makedirs(directory, exist_ok=True)
         from safetensors.torch import save as st_save
 
-        _atomic_write(os.path.join(directory, WEIGHTS_NAME), st_save(tensors, metadata={META_KEY: meta_json}))
-        _atomic_write(os.path.join(directory, CONFIG_NAME), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        # The config goes last, as the commit record: it is the file PEFT, transformers and we look
+        # for to decide a directory holds an adapter, so it never names weights not yet in place
+        # (after a crash between the renames a new directory is simply not a checkpoint).
+        _atomic_write_files(directory, [
+            (WEIGHTS_NAME, st_save(tensors, metadata={META_KEY: meta_json})),
+            (CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()),
+        ])
 
     def load(self, directory: Union[str, os.PathLike]) -> "AdaptedModel":
         """Load adapter weights saved from a model adapted the same way (our format or PEFT LoRA)."""
@@ -513,6 +582,21 @@ def _adapter_state(modules: dict[str, nn.Module]) -> tuple[dict[str, torch.Tenso
     return state, shared
 
 
+def _memory_span(t: torch.Tensor):
+    """``(storage, first byte, end byte)`` of the memory ``t`` covers, to find tied weights; None
+    when there is nothing to compare (empty or meta tensors all report address 0). A tensor
+    subclass without a storage of its own is identified by the object alone."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        storage = (t.device, t.untyped_storage().data_ptr())
+        start = t.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return ("id", id(t)), 0, 1
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return storage, start, start + extent * t.element_size()
+
+
 def _to_saveable(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if hasattr(t, "full_tensor"):  # an FSDP2-sharded DTensor: gather the whole tensor
@@ -520,20 +604,70 @@ def _to_saveable(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu").contiguous().clone()
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write to a temp file in the same directory, then rename over ``path`` (never half a file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+def _write_temp(directory: str, name: str, data: bytes) -> str:
+    """``data`` in a new, fsynced temp file beside ``name`` in ``directory``; returns its path.
+
+    Created with mode 0o666 so the kernel applies the umask (and any default ACL) exactly as for
+    ``open(path, "w")``: the checkpoint gets the permissions any other file written there would
+    (``tempfile.mkstemp`` would leave 0600, and reading the umask with ``os.umask`` means changing
+    it for a moment, for every thread of the process)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(tempfile.TMP_MAX):
+        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}-{name}")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"{directory}: could not create a unique temp file for {name}")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the renames durable (POSIX); a platform that cannot open a directory skips it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the renames themselves are done
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_files(directory: str, files: Sequence[tuple[str, bytes]]) -> None:
+    """Write every ``(name, data)`` into ``directory`` so no file is ever half written, and the set
+    is replaced as a unit as far as a file system allows: all temp files are written and fsynced
+    first (any failure there removes them and leaves the old files as they were), then renamed in
+    the given order, back to back. Only a crash between two renames can mix old and new files."""
+    directory = os.path.abspath(directory)
+    pending = []
+    try:
+        for name, data in files:
+            pending.append((_write_temp(directory, name, data), name))
+        while pending:
+            tmp, name = pending[0]
+            os.replace(tmp, os.path.join(directory, name))
+            pending.pop(0)
+    except BaseException:
+        for tmp, _ in pending:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+    _fsync_directory(directory)
 
 
 # ----------------------------------------------------------------------------- PEFT LoRA configs
@@ -592,18 +726,89 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
+# LoraConfig fields the loaders read (r, alpha, dropout, rsLoRA, patterns) or check below.
+_PEFT_CHECKED = frozenset({"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern",
+                           "alpha_pattern", "bias", "lora_bias", "use_dora", "modules_to_save", "init_lora_weights"})
+# LoraConfig fields that may hold anything: which modules carry LoRA (the tensor keys / the live
+# layers say that, not these), what the checkpoint was made from, and options that are only read
+# together with a field that is itself checked.
+_PEFT_IGNORED = frozenset({
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "fan_in_fan_out",  # PEFT derives it from the layer type (True for Conv1D, False for Linear), as we do
+    "task_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+    "runtime_config",  # runtime-only (ephemeral GPU offload); PEFT does not save it
+    "megatron_core",  # read only with megatron_config, which must be unset
+    "qalora_group_size",  # read only with use_qalora, which must be unset
+})
+# init_lora_weights values that only draw the initial A/B, which the loaded weights replace. Every
+# other value makes PEFT do more when it builds the layer, which these loaders do not reproduce:
+# rewrite the base weight from an SVD or quantisation (pissa*, olora, corda, loftq, lora_ga),
+# freeze lora_B (mica), or run a data-driven init with its own config (eva).
+_PEFT_PLAIN_INITS = ("gaussian", "orthogonal")
+
+
+def _is_unset(value) -> bool:
+    """None, False or empty: what an option PEFT does not know here must hold to be ignorable."""
+    return value is None or value is False or (isinstance(value, (str, list, tuple, dict, set)) and not value)
+
+
+@functools.lru_cache(maxsize=1)
+def _peft_lora_defaults() -> dict:
+    """``peft.LoraConfig``'s field defaults, or {} without peft (``_is_unset`` then decides)."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return {}
+    out = {}
+    for f in dataclasses.fields(LoraConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _peft_config_problems(cfg: dict) -> list[str]:
+    """Every reason the PEFT ``LoraConfig`` ``cfg`` (a json dict, or a live config's ``to_dict()``)
+    describes an adapter that a plain ``LoRALinear`` would compute differently from PEFT.
+
+    An allowlist: fields read or checked here, fields that cannot change the result, and any other
+    field only at its PEFT default (or None/False/empty: also what a field of a newer PEFT must
+    hold). So a variant PEFT adds later (aLoRA's ``alora_invocation_tokens``, ``layer_replication``,
+    ``use_bdlora``, ``arrow_config``, ``kasa_config``, ...) is refused instead of loaded as plain LoRA."""
+    problems = []
+    if cfg.get("use_dora"):
+        problems.append("use_dora=true (DoRA) is not supported")
+    bias, lora_bias = cfg.get("bias", "none"), cfg.get("lora_bias", False)
+    if bias != "none" or lora_bias:
+        problems.append(f"bias={bias!r}/lora_bias={lora_bias!r}: only bias='none' without lora_bias is supported "
+                        "(trained biases are not carried over)")
+    if cfg.get("modules_to_save"):
+        problems.append(f"modules_to_save={cfg['modules_to_save']!r} is not supported")
+    init = cfg.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init in _PEFT_PLAIN_INITS):
+        problems.append(f"init_lora_weights={init!r} is not supported: PEFT re-runs that initialisation when it "
+                        "loads the adapter (e.g. rewriting the base weight); only True, False, "
+                        f"{', '.join(repr(v) for v in _PEFT_PLAIN_INITS)} load as plain LoRA")
+    defaults = _peft_lora_defaults()
+    for key in sorted(cfg):
+        if key in _PEFT_CHECKED or key in _PEFT_IGNORED:
+            continue
+        value = cfg[key]
+        if _is_unset(value) or (key in defaults and value == defaults[key]):
+            continue
+        expected = repr(defaults[key]) if key in defaults else "None/false/empty"
+        problems.append(f"{key}={value!r} is not supported (a plain LoRA adapter has {key}={expected}); "
+                        "PEFT computes such an adapter differently")
+    return problems
+
+
 def _meta_from_peft_config(cfg: dict, keys: Iterable[str], where: str) -> dict:
     """Our metadata for a checkpoint written by HF PEFT (a LoraConfig json + its tensor keys)."""
-    problems = []
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{where}: adapter_config.json has peft_type {cfg.get('peft_type')!r} and no "
                               f"'{META_KEY}' section; only PEFT LoRA checkpoints (peft_type 'LORA') can be read")
-    if cfg.get("use_dora"):
-        problems.append("use_dora=true (DoRA) is not supported")
-    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
-        problems.append(f"bias={cfg.get('bias')!r}/lora_bias={cfg.get('lora_bias')!r}: only bias='none' is supported")
-    if cfg.get("modules_to_save"):
-        problems.append(f"modules_to_save={cfg['modules_to_save']!r} is not supported")
+    problems = _peft_config_problems(cfg)
     names, odd = [], []
     for k in keys:
         if not k.startswith(PREFIX):
@@ -644,7 +849,11 @@ def _peft_module_options(cfg: dict, name: str, r: int) -> dict:
 
 
 def read_checkpoint(directory) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and parse a checkpoint directory: ``(metadata, tensors)``; one clear error if unreadable."""
+    """Read and parse a checkpoint directory: ``(metadata, tensors)``; one clear error if unreadable.
+
+    The metadata comes from the json's ``peft_kernels`` section (our own format) or, for a PEFT
+    ``LoraConfig`` json, from that json alone: its r / lora_alpha / use_rslora / lora_dropout and
+    rank/alpha patterns win over what our ``save`` also wrote into the safetensors header."""
     directory = str(directory)
     cfg_path = os.path.join(directory, CONFIG_NAME)
     w_path = os.path.join(directory, WEIGHTS_NAME)
@@ -667,8 +876,15 @@ def read_checkpoint(directory) -> tuple[dict, dict[str, torch.Tensor]]:
             header = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{w_path}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from e
-    meta = cfg.get(META_KEY) if isinstance(cfg, dict) else None
-    if meta is None and META_KEY in header:
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: adapter config must be a JSON object, got {type(cfg).__name__}")
+    meta = cfg.get(META_KEY)
+    if meta is None and "peft_type" in cfg:
+        # A PEFT LoraConfig json (PEFT's, or ours saved with peft_format) is read as PEFT reads it,
+        # and our copy of the options in the safetensors header is ignored: the json is the file
+        # people edit (an edited lora_alpha must not load as one adapter in PEFT and another here).
+        meta = _meta_from_peft_config(cfg, tensors.keys(), directory)
+    elif meta is None and META_KEY in header:
         try:
             meta = json.loads(header[META_KEY])
         except ValueError as e:
@@ -792,6 +1008,10 @@ def load_adapted(model: nn.Module, directory) -> AdaptedModel:
     names = list(meta.get("target_modules") or [])
     if not names:
         raise CheckpointError(f"{where}: the checkpoint names no adapted modules")
+    if "peft" in meta:
+        # a PEFT json names no order (the names come from sorted tensor keys): use the model's, as adapt() does
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        names.sort(key=lambda n: order.get(n, len(order)))
     snapshot = _snapshot_requires_grad(model)
     try:
         linears, conv1d = _base_linears(model, names, snapshot, error_cls=CheckpointError)
@@ -858,7 +1078,7 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     cls = family_class("lora")
     configs = getattr(peft_model, "peft_config", None) or getattr(base, "peft_config", None) or {}
-    problems, plan = [], []
+    problems, plan, checked = [], [], set()
     for name, m in base.named_modules():
         if type(m).__name__ == "ModulesToSaveWrapper":
             problems.append(f"{name}: modules_to_save is not supported")
@@ -869,6 +1089,22 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
             problems.append(f"{name}: exactly one LoRA adapter is supported, found {adapters}")
             continue
         a = adapters[0]
+        if a not in checked:
+            # the same rules as for a saved checkpoint: a live aLoRA, bias="lora_only", PiSSA, ...
+            # model converted to plain LoRA would compute (or, saved, reload) something else. For
+            # an init that rewrote the base weight the live conversion would even match, but
+            # anything saved from it loads onto the unmodified base model wrongly.
+            checked.add(a)
+            cfg = configs.get(a)
+            if cfg is None or not hasattr(cfg, "to_dict"):
+                problems.append(f"adapter {a!r} has no LoraConfig in peft_config: cannot check its options")
+            else:
+                # enums as their json values (PeftType.LORA -> 'LORA'), as in a saved config
+                cfg_dict = {k: v.value if isinstance(v, enum.Enum) else v for k, v in cfg.to_dict().items()}
+                if cfg_dict.get("peft_type") != "LORA":
+                    problems.append(f"adapter {a!r}: peft_type {cfg_dict.get('peft_type')!r} is not supported "
+                                    "(only plain LoRA, 'LORA')")
+                problems += [f"adapter {a!r}: {msg}" for msg in _peft_config_problems(cfg_dict)]
         if getattr(m, "merged", False):
             problems.append(f"{name}: the adapter is merged; call unmerge_adapter() first")
         if getattr(m, "use_dora", {}).get(a, False):

@@ -468,6 +468,119 @@ def test_sparse_mask_with_other_nnz_than_density_gives_is_rebuilt(tmp_path):
     torch.testing.assert_close(fresh(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=0)
 
 
+# ----------------------------------------------------------------------------- merging: exactness, ties, flags
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_merge_keep_original_then_unload_restores_bf16_exactly(method):
+    need_family(method)
+    model = tiny_llama().to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapted = adapt(model, method, target_modules=["q_proj", "down_proj"], **FAMILY_OPTIONS[method])
+    randomize_adapters(adapted)
+    adapted.merge(keep_original=True)
+    adapted.unmerge()
+    adapted.merge(keep_original=True)
+    plain = adapted.unload()
+    after = dict(plain.named_parameters())
+    assert after.keys() == before.keys()
+    for n, w in before.items():
+        assert torch.equal(after[n], w), n
+
+
+def test_merge_refuses_tied_weights_and_changes_nothing():
+    """GPT-2's lm_head weight IS the token embedding: merging into it would change the embeddings."""
+    model = tiny_gpt2()
+    adapted = adapt(model, "lora", target_modules=["lm_head", "c_attn"], r=4)
+    randomize_adapters(adapted)
+    before = model_snapshot(model)
+    match = r"the base weight of 'lm_head' shares its memory with transformer\.wte\.weight"
+    with pytest.raises(ValueError, match=r"cannot merge: (.|\n)*" + match):
+        adapted.merge()
+    with pytest.raises(ValueError, match=r"cannot merge_and_unload: (.|\n)*" + match):
+        adapted.merge_and_unload()
+    assert not any(m.merged for m in adapted.adapted_modules().values())
+    assert_same_snapshot(before, model_snapshot(model))
+    # untied first (as the message says), the same adapters merge
+    untied = tiny_gpt2()
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
+    ok = adapt(untied, "lora", target_modules=["lm_head"], r=4)
+    randomize_adapters(ok)
+    wte = untied.transformer.wte.weight.detach().clone()
+    ok.merge()
+    assert torch.equal(untied.transformer.wte.weight, wte)
+    # weights packed side by side into one buffer share a storage but no memory: not tied
+    packed = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    flat = torch.randn(32)
+    packed[0].weight = nn.Parameter(flat[:16].view(4, 4))
+    packed[1].weight = nn.Parameter(flat[16:].view(4, 4))
+    second = packed[1].weight.detach().clone()
+    lora0 = adapt(packed, "lora", target_modules=["0"], r=2)
+    randomize_adapters(lora0)
+    lora0.merge()
+    assert torch.equal(packed[1].weight, second)
+
+
+def test_merge_and_unload_restores_trainability():
+    """Like unload: every parameter, merged layers included, is as trainable as before adapt()."""
+    model = tiny_llama()
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    adapted = adapt(model, "lora", target_modules=["q_proj"], r=4)
+    plain = adapted.merge_and_unload()
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
+    # GPT-2: the Conv1D rebuilt from the merged layer, bias included
+    gpt2 = tiny_gpt2()
+    gpt2.transformer.h[0].attn.c_attn.bias.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in gpt2.named_parameters()}
+    plain = adapt(gpt2, "lora", target_modules=["c_attn"], r=4).merge_and_unload()
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """Both files are written before either replaces the old one: a failure while writing the
+    second (here the config's fsync, as on a full disk) must not leave new weights beside the old
+    config, and no temp file behind."""
+    _saved_lora(tmp_path)
+    old = {f: open(os.path.join(tmp_path, f), "rb").read() for f in (CONFIG_NAME, WEIGHTS_NAME)}
+    other = adapt(tiny_llama(), "lora", target_modules=["q_proj", "v_proj"], r=4, alpha=32.0)
+    randomize_adapters(other, seed=11)
+    real_fsync, calls = os.fsync, []
+
+    def failing_second_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_second_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        other.save(tmp_path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    for f, data in old.items():
+        assert open(os.path.join(tmp_path, f), "rb").read() == data, f
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_saved_files_follow_the_umask(tmp_path):
+    adapted = adapt(tiny_llama(), "lora", target_modules=["q_proj"], r=4)
+    for umask in (0o022, 0o027):
+        old = os.umask(umask)
+        try:
+            adapted.save(tmp_path / oct(umask))
+        finally:
+            os.umask(old)
+        for f in (CONFIG_NAME, WEIGHTS_NAME):
+            mode = os.stat(tmp_path / oct(umask) / f).st_mode & 0o777
+            assert mode == 0o666 & ~umask, (f, oct(mode))
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 

@@ -147,3 +147,78 @@ def test_unsupported_peft_features_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"use_dora=true \(DoRA\) is not supported"):
         load_peft_checkpoint(fresh, tmp_path)
     assert not any(hasattr(m, "base_layer") for m in fresh.modules())
+
+
+# PEFT options that make PEFT compute (or, on load, rebuild) something a plain LoRA layer does not:
+# refused by name, by the checkpoint loader and by the live conversion alike
+REFUSED = {
+    "pissa": (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' is not supported"),  # rewrites W on load
+    "olora": (dict(init_lora_weights="olora"), r"init_lora_weights='olora' is not supported"),
+    "alora": (dict(task_type="CAUSAL_LM", alora_invocation_tokens=[5, 6]),
+              r"alora_invocation_tokens=\[5, 6\] is not supported"),
+    "layer_replication": (dict(layer_replication=[[0, 2], [1, 2]]), r"layer_replication=\[\[0, 2\], \[1, 2\]\] is not"),
+}
+
+
+@pytest.mark.parametrize("variant", list(REFUSED))
+def test_peft_variants_are_refused_not_loaded_as_plain_lora(variant, tmp_path):
+    extra, match = REFUSED[variant]
+    pm = peft_lora(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj"], **extra)
+    pm.save_pretrained(tmp_path)
+    fresh = tiny_llama()
+    with pytest.raises(CheckpointError, match=match):
+        load_peft_checkpoint(fresh, tmp_path)
+    assert not any(hasattr(m, "base_layer") for m in fresh.modules())
+    with pytest.raises(ValueError, match=r"adapter 'default': " + match):
+        from_peft_model(pm)
+
+
+def _plain_peft_checkpoint(tmp_path):
+    pm = peft_lora(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj"])
+    pm.save_pretrained(tmp_path)
+    return pm(input_ids=IDS).logits.detach()
+
+
+def _edit_config(tmp_path, **fields) -> None:
+    path = os.path.join(tmp_path, CONFIG_NAME)
+    cfg = json.load(open(path))
+    cfg.update(fields)
+    json.dump(cfg, open(path, "w"))
+
+
+def test_unknown_peft_fields_must_be_unset(tmp_path, monkeypatch):
+    """An option this PEFT version does not know (a newer PEFT's variant) passes only while unset;
+    without peft installed, a plain PEFT json must still load (every field then only unset)."""
+    expected = _plain_peft_checkpoint(tmp_path)
+    import peft_kernels.adapters as adapters
+
+    monkeypatch.setattr(adapters, "_peft_lora_defaults", lambda: {})
+    torch.testing.assert_close(load_peft_checkpoint(tiny_llama(), tmp_path)(input_ids=IDS).logits, expected, **TOL)
+    monkeypatch.undo()
+    _edit_config(tmp_path, future_variant_config=None, use_future_variant=False)
+    torch.testing.assert_close(load_peft_checkpoint(tiny_llama(), tmp_path)(input_ids=IDS).logits, expected, **TOL)
+    _edit_config(tmp_path, future_variant_config={"k": 2})
+    with pytest.raises(CheckpointError, match=r"future_variant_config=\{'k': 2\} is not supported .*None/false/empty"):
+        load_peft_checkpoint(tiny_llama(), tmp_path)
+
+
+def test_from_peft_model_refuses_trained_biases():
+    pm = peft_lora(tiny_gpt2(), r=4, lora_alpha=8, target_modules=["c_attn"], bias="lora_only", fan_in_fan_out=True)
+    with pytest.raises(ValueError, match=r"bias='lora_only'.*only bias='none'"):
+        from_peft_model(pm)
+    assert any(isinstance(m, peft.tuners.lora.LoraLayer) for m in pm.modules())  # nothing converted
+
+
+def test_edited_peft_json_wins_over_our_header(tmp_path):
+    """Our PEFT-format save also keeps our options in the safetensors header; the json is what
+    PEFT reads and what people edit, so an edited lora_alpha must load the same adapter in both."""
+    adapted = adapt(tiny_llama(), "lora", target_modules=["q_proj"], r=4, alpha=8.0)
+    randomize(adapted.trainable_parameters())
+    adapted.save(tmp_path)
+    _edit_config(tmp_path, lora_alpha=32)
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    ours = load_adapted(tiny_llama(), tmp_path).eval()
+    assert {m.alpha for m in ours.adapted_modules().values()} == {32.0}
+    torch.testing.assert_close(ours(input_ids=IDS).logits, pm(input_ids=IDS).logits, **TOL)
+    with pytest.raises(CheckpointError, match=r"alpha: checkpoint 32\.0 vs model 8\.0"):
+        adapted.load(tmp_path)

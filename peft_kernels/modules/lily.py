@@ -81,8 +81,9 @@ class _RouterMixBase(nn.Module):
     def merged(self) -> bool:
         return False
 
-    def merge(self) -> None:
-        """Always raises ``MergeNotSupportedError``: no input-independent dense change exists."""
+    def merge(self, keep_original: bool = False) -> None:
+        """Always raises ``MergeNotSupportedError``: no input-independent dense change exists
+        (``keep_original`` is accepted only so every family has the same ``merge`` signature)."""
         raise MergeNotSupportedError(_why_no_merge(self.family, self.routing))
 
     def unmerge(self) -> None:

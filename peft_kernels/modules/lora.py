@@ -5,8 +5,9 @@ State-dict keys are ``base_layer.weight`` / ``base_layer.bias`` (frozen) and ``l
 ``lora_A.<adapter>.weight`` / ``lora_B.<adapter>.weight``. Initialisation is PEFT's: A
 Kaiming-uniform (a = sqrt(5)), B zeros, so a fresh adapter changes nothing.
 
-``_AdapterLinear`` holds the module protocol shared with ``AdaLoRALinear`` (merge / unmerge /
-to_linear / seed drawing); a subclass provides ``delta_weight()`` and ``forward``.
+``_AdapterLinear`` holds the module protocol shared with ``AdaLoRALinear``, ``SparseLinear`` and
+``MonarchLinear`` (merge / unmerge / to_linear / seed drawing); a subclass provides
+``delta_weight()`` and ``forward``.
 
 ``share_inputs(model)`` links LoRA layers that read the same input tensor (q/k/v, gate/up) so that
 on the fused path they share one down-projection pass over it, forward and backward
@@ -46,6 +47,8 @@ class _AdapterLinear(nn.Module):
         self.dropout = check_dropout("dropout", dropout)
         self.impl = impl
         self._merged = False
+        # the unmerged weight while merged with keep_original=True (see merge); never saved
+        self.register_buffer("_original_weight", None, persistent=False)
 
     # -- forward helpers
     def _dropout_and_seed(self) -> tuple[float, Union[int, torch.Tensor]]:
@@ -69,32 +72,70 @@ class _AdapterLinear(nn.Module):
         return (w.float() + sign * self.delta_weight().float()).to(w.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Add the adapter's dense delta into ``base_layer.weight`` (fp32 math, cast back)."""
+    def merge(self, keep_original: bool = False) -> None:
+        """Add the adapter's dense delta into ``base_layer.weight`` (fp32 math, cast back).
+
+        ``keep_original=True`` keeps a copy of the unmerged weight (a non-persistent buffer, so it
+        follows ``.to()`` but is never saved) until ``unmerge()``, which then restores it bit for
+        bit. It costs one more weight-sized tensor per merged layer, which is why it is off by
+        default: merging is mostly done to serve a model, where a second copy of every adapted
+        weight is what merging tries to avoid. Without it ``unmerge()`` subtracts the delta again;
+        see there for the error that leaves in bf16/fp16 weights.
+        """
+        if not isinstance(keep_original, bool):
+            raise TypeError(f"keep_original must be a bool, got {type(keep_original).__name__}")
         if self._merged:
             warnings.warn(f"{type(self).__name__} is already merged; merge() does nothing", stacklevel=2)
             return
+        original = self.base_layer.weight.detach().clone() if keep_original else None
         self.base_layer.weight.copy_(self._merged_weight(+1.0))
+        self.register_buffer("_original_weight", original, persistent=False)
         self._merged = True
+
+    @property
+    def keeps_original(self) -> bool:
+        """Whether a merged module holds its unmerged weight (``merge(keep_original=True)``)."""
+        return self._merged and self._buffers.get("_original_weight") is not None
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the dense delta again (exact up to one rounding of the weight's dtype)."""
+        """Undo ``merge()``: restore the weight kept by ``merge(keep_original=True)`` exactly, or else
+        subtract the dense delta again.
+
+        Subtracting is not exact: ``merge`` rounds ``W + dW`` to the weight's dtype and ``unmerge``
+        rounds ``(W + dW) - dW`` again, so each element can end up one unit in the last place of
+        the merged value (in the weight's dtype) away from where it was, up to ``|W + dW| * 2**-7``
+        for bf16, ``2**-10`` for fp16 and ``2**-23`` for fp32 (the fp32 arithmetic in between adds
+        a negligible ``2**-24`` relative). The error accumulates over repeated merge/unmerge
+        cycles: keep the original for half-precision weights merged and unmerged more than once.
+        """
         if not self._merged:
             warnings.warn(f"{type(self).__name__} is not merged; unmerge() does nothing", stacklevel=2)
             return
-        self.base_layer.weight.copy_(self._merged_weight(-1.0))
+        original = self._buffers.get("_original_weight")
+        if original is not None:
+            self.base_layer.weight.copy_(original)
+        else:
+            self.base_layer.weight.copy_(self._merged_weight(-1.0))
+        self.register_buffer("_original_weight", None, persistent=False)
         self._merged = False
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A new plain ``nn.Linear`` holding the merged weight (this module is left unchanged)."""
-        w = self.base_layer.weight
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
+        """A new plain ``nn.Linear`` holding the merged weight (this module is left unchanged).
+
+        Its parameters take the base layer's ``requires_grad`` flags (frozen, as the adapter left
+        them): merging must not hand back a trainable weight the base layer did not have. Callers
+        that froze the layer themselves restore their own flags (``AdaptedModel.merge_and_unload``)."""
+        base = self.base_layer
+        w = base.weight
+        lin = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
                         device=w.device, dtype=w.dtype)
         lin.weight.copy_(w if self._merged else self._merged_weight(+1.0))
-        if self.base_layer.bias is not None:
-            lin.bias.copy_(self.base_layer.bias)
+        lin.weight.requires_grad_(w.requires_grad)
+        if base.bias is not None:
+            lin.bias.copy_(base.bias)
+            lin.bias.requires_grad_(base.bias.requires_grad)
         return lin
 
 

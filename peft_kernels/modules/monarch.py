@@ -9,7 +9,6 @@ layer starts equal to the frozen one. The kernels live in ``peft_kernels.ops.mon
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional
 
 import torch
@@ -18,9 +17,10 @@ from torch import nn
 from .._checks import check_dropout, check_positive_int, check_tensor
 from ..ops.monarch import monarch_linear
 from ..reference.monarch import monarch_delta_weight, monarch_dims
+from .lora import _AdapterLinear
 
 
-class MonarchLinear(nn.Module):
+class MonarchLinear(_AdapterLinear):
     """``y = base_layer(x) + dropout(monarch(x; W1, W2))``.
 
     Build it with ``MonarchLinear.from_linear(linear, nblocks=4, blk_r=4, dropout=0.0)``; the
@@ -31,28 +31,21 @@ class MonarchLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Linear, nblocks: int = 4, blk_r: int = 4, dropout: float = 0.0,
                  impl: Optional[str] = None):
-        super().__init__()
+        # validate everything before touching the caller's linear (the base class freezes it)
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
         check_tensor("base_layer.weight", base_layer.weight, ndim=2)
         check_positive_int("nblocks", nblocks)
         check_positive_int("blk_r", blk_r)
-        self.dropout = check_dropout("dropout", dropout)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        check_dropout("dropout", dropout)
         # raises ValueError when nblocks > in_features
-        p, s = monarch_dims(self.in_features, self.out_features, nblocks)
+        p, s = monarch_dims(base_layer.in_features, base_layer.out_features, nblocks)
+        super().__init__(base_layer, dropout, impl)
         self.nblocks = nblocks
         self.blk_r = blk_r
-        self.impl = impl
-        self.base_layer = base_layer
-        base_layer.weight.requires_grad_(False)
-        if base_layer.bias is not None:
-            base_layer.bias.requires_grad_(False)
         w = base_layer.weight
         self.W1 = nn.Parameter(torch.empty(nblocks, blk_r, p, device=w.device, dtype=w.dtype))
         self.W2 = nn.Parameter(torch.empty(nblocks, s, blk_r, device=w.device, dtype=w.dtype))
-        self._merged = False
         self.reset_adapter_parameters()
 
     @classmethod
@@ -87,41 +80,7 @@ class MonarchLinear(nn.Module):
         return monarch_delta_weight(self.W1.detach().float(), self.W2.detach().float(),
                                     self.in_features, self.out_features)
 
-    @property
-    def merged(self) -> bool:
-        return self._merged
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self._merged:
-            warnings.warn("MonarchLinear.merge(): already merged; nothing done", stacklevel=2)
-            return
-        w = self.base_layer.weight
-        w.copy_((w.float() + self.delta_weight().to(w.device)).to(w.dtype))
-        self._merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self._merged:
-            warnings.warn("MonarchLinear.unmerge(): not merged; nothing done", stacklevel=2)
-            return
-        w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
-        self._merged = False
-
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A new plain ``nn.Linear`` holding the merged weight (this module is left unchanged)."""
-        base = self.base_layer
-        out = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
-                        device=base.weight.device, dtype=base.weight.dtype)
-        w = base.weight.float()
-        if not self._merged:
-            w = w + self.delta_weight().to(w.device)
-        out.weight.copy_(w.to(base.weight.dtype))
-        if base.bias is not None:
-            out.bias.copy_(base.bias)
-        return out
+    # merged / merge(keep_original=...) / unmerge / to_linear: _AdapterLinear's, on delta_weight()
 
     # --- bookkeeping ---------------------------------------------------------------------------
 

@@ -133,3 +133,17 @@ def test_merge_round_trip_and_mask_change_while_merged(interpret):
         m.unmerge()
         torch.testing.assert_close(m.base_layer.weight, w0, rtol=0, atol=1e-6)
         torch.testing.assert_close(m(x), y_pruned_merged, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_change_while_merged_keeps_the_original():
+    """A kept original survives the internal unmerge/merge of a rank-mask change (bf16: the
+    weight would otherwise not round-trip exactly)."""
+    m = AdaLoRALinear.from_linear(nn.Linear(D_IN, D_OUT, dtype=torch.bfloat16), r=6, alpha=9.0)
+    with torch.no_grad():
+        m.lora_E.normal_()
+    w0 = m.base_layer.weight.detach().clone()
+    m.merge(keep_original=True)
+    m.set_rank_mask(torch.tensor([1, 0, 1, 0, 1, 1]))  # unmerges and merges again internally
+    assert m.merged and m.keeps_original
+    m.unmerge()
+    assert torch.equal(m.base_layer.weight, w0)

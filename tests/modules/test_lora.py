@@ -155,3 +155,48 @@ def test_trains_only_adapter(interpret):
     assert m.lora_B.weight.grad is not None and m.lora_B.weight.grad.abs().sum() > 0
     assert m.lora_A.weight.grad is not None and (m.lora_A.weight.grad == 0).all()  # B is still zero
     assert [n for n, p in m.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each element of ``x`` in its own dtype (normal numbers)."""
+    _, exp = torch.frexp(x.float().abs().clamp_min(torch.finfo(x.dtype).tiny))
+    return torch.finfo(x.dtype).eps * torch.pow(2.0, (exp - 1).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_keep_original_restores_half_precision_exactly(dtype):
+    """Without a kept original each merge/unmerge cycle may move a bf16/fp16 weight by up to one
+    ulp of the merged value (the documented bound); with keep_original=True unmerge is bit-exact."""
+    m = LoRALinear.from_linear(nn.Linear(D_IN, D_OUT, dtype=dtype), r=4, alpha=8.0)
+    _randomise_B(m)
+    w0 = m.base_layer.weight.detach().clone()
+
+    m.merge()
+    merged = m.base_layer.weight.detach().clone()
+    m.unmerge()
+    drift = (m.base_layer.weight.float() - w0.float()).abs()
+    assert drift.max() > 0, "the test needs a delta that does not round-trip in this dtype"
+    assert (drift <= _ulp(merged)).all()
+
+    with torch.no_grad():
+        m.base_layer.weight.copy_(w0)
+    for _ in range(3):
+        m.merge(keep_original=True)
+        assert m.keeps_original
+        assert "_original_weight" not in m.state_dict()  # a runtime copy, never saved
+        torch.testing.assert_close(m.base_layer.weight, merged, rtol=0, atol=0)
+        m.unmerge()
+        assert not m.keeps_original and m._original_weight is None  # the copy is released
+        assert torch.equal(m.base_layer.weight, w0)
+    with pytest.raises(TypeError, match="keep_original must be a bool"):
+        m.merge(keep_original="yes")
+    assert not m.merged
+
+
+def test_to_linear_keeps_the_base_layer_frozen():
+    m = LoRALinear.from_linear(nn.Linear(D_IN, D_OUT), r=4)
+    for merged in (False, True):
+        if merged:
+            m.merge()
+        lin = m.to_linear()
+        assert not lin.weight.requires_grad and not lin.bias.requires_grad
