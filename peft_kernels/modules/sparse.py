@@ -138,13 +138,20 @@ class SparseLinear(_AdapterLinear):
 
     @torch.no_grad()
     def set_mask(self, mask) -> None:
-        """Replace the mask (same nnz, so ``values`` keeps its shape; values are kept as they are)."""
+        """Replace the mask (same nnz, so ``values`` keeps its shape; values are kept as they are).
+        A merged module is unmerged with the old mask and re-merged with the new one (as AdaLoRA's
+        ``set_rank_mask`` does), so the merged weight stays right."""
         crow, col = _mask_to_csr(mask, (self.out_features, self.in_features))
         if col.shape != self.col.shape:
             raise ValueError(f"set_mask needs the same nnz={self.nnz}, got {col.shape[0]}")
+        was_merged, kept = self._merged, self.keeps_original
+        if was_merged:
+            self.unmerge()
         self.crow.copy_(crow)
         self.col.copy_(col)
         self._refresh_transpose()
+        if was_merged:
+            self.merge(keep_original=kept)
 
     def _adapter_state_loaded(self) -> None:
         """Called after a checkpoint was copied into the buffers: validate the new mask, rebuild the transpose."""

@@ -185,6 +185,27 @@ def test_merge_round_trip():
     torch.testing.assert_close(m(x), y)
 
 
+def test_set_mask_while_merged_keeps_the_weight_right():
+    """A merged module re-merges with the new mask: its output is the unmerged module's with that
+    mask, and unmerging gives the original weight back (it used to subtract the new mask's delta
+    from a weight merged with the old one)."""
+    lin = _linear()
+    w0 = lin.weight.detach().clone()
+    m = SparseLinear.from_linear(lin, density=0.05, impl=IMPL)
+    with torch.no_grad():
+        m.values.normal_()
+    m.eval()
+    x = torch.randn(7, D_IN)
+    new_mask = select_mask((D_OUT, D_IN), density=0.05, method="random", seed=5)
+    m.merge()
+    m.set_mask(new_mask)
+    assert m.merged
+    merged_out = m(x)
+    m.unmerge()
+    torch.testing.assert_close(lin.weight, w0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(merged_out, m(x), rtol=1e-5, atol=1e-5)
+
+
 def test_mask_argument_and_bad_masks_rejected():
     g = torch.Generator().manual_seed(0)
     dense = torch.rand(D_OUT, D_IN, generator=g) < 0.05
