@@ -256,12 +256,57 @@ def _freeze_all_but_adapters(model: nn.Module, modules: dict[str, nn.Module]) ->
                 p.requires_grad_(True)
 
 
+# adapter_dtype: "auto" (HF PEFT's default, autocast_adapter_dtype=True: fp32 adapter weights on a
+# fp16/bf16 base, else the base weight's dtype), "base" (the base weight's dtype), or a float dtype
+_HALF = (torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def adapter_dtype_spec(adapter_dtype) -> str:
+    """``adapter_dtype`` checked and in its canonical (JSON) form: ``"auto"``, ``"base"`` or a dtype
+    name (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"``)."""
+    if adapter_dtype in ("auto", "base"):
+        return adapter_dtype
+    if isinstance(adapter_dtype, torch.dtype):
+        if adapter_dtype in _DTYPE_NAMES.values():
+            return str(adapter_dtype).replace("torch.", "")
+    elif isinstance(adapter_dtype, str) and adapter_dtype in _DTYPE_NAMES:
+        return str(_DTYPE_NAMES[adapter_dtype]).replace("torch.", "")
+    raise ValueError(f"adapter_dtype must be 'auto', 'base', or one of torch.float32 / bfloat16 / float16 / "
+                     f"float64 (or their names), got {adapter_dtype!r}")
+
+
+def adapter_dtype_for(spec: str, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an adapter's weights on a base weight of ``base_dtype`` (``spec`` canonical)."""
+    if spec == "base" or (spec == "auto" and base_dtype not in _HALF):
+        return base_dtype
+    if spec == "auto":
+        return torch.float32
+    return _DTYPE_NAMES[spec]
+
+
+def _cast_adapters(modules: dict[str, nn.Module], spec: Optional[str]) -> None:
+    """Put every adapter weight in the dtype ``spec`` gives for its base layer (``None``: leave
+    them as built). In place on the Parameters (``.data``), so a Parameter shared between layers
+    (Lily's HPs/LPs) stays one object; done before any optimizer sees them."""
+    if spec is None:
+        return
+    for m in modules.values():
+        target = adapter_dtype_for(spec, m.base_layer.weight.dtype)
+        for k, p in m.named_parameters():
+            if not k.startswith("base_layer.") and p.is_floating_point() and p.dtype != target:
+                p.data = p.data.to(target)
+
+
 def _install(model: nn.Module, method: str, options: dict, modules: dict[str, nn.Module],
-             conv1d: dict[str, bool], snapshot) -> "AdaptedModel":
+             conv1d: dict[str, bool], snapshot, adapter_dtype: Optional[str] = "auto") -> "AdaptedModel":
+    _cast_adapters(modules, adapter_dtype)
     for name, m in modules.items():
         _set_submodule(model, name, m)
     _freeze_all_but_adapters(model, modules)
-    return AdaptedModel(model, method, options, list(modules), conv1d=conv1d, requires_grad_snapshot=snapshot)
+    return AdaptedModel(model, method, options, list(modules), conv1d=conv1d, requires_grad_snapshot=snapshot,
+                        adapter_dtype=adapter_dtype)
 
 
 def _base_linears(model: nn.Module, names: Sequence[str], snapshot: dict,
@@ -290,7 +335,7 @@ def _base_linears(model: nn.Module, names: Sequence[str], snapshot: dict,
 
 
 def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: Optional[Iterable[int]] = None,
-          **method_options) -> "AdaptedModel":
+          adapter_dtype="auto", **method_options) -> "AdaptedModel":
     """Replace the matching linear layers of ``model`` in place and freeze everything else.
 
     ``target_modules``: names matching the last component(s) of a module path (``"q_proj"``,
@@ -301,7 +346,15 @@ def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: O
     ``share_inputs`` (LoRA only): True links siblings that read one input (q/k/v, gate/up; see
     ``modules.lora.share_inputs``) so they share one down-projection pass on the fused path; a
     sequence of name tuples picks the groups. Runtime only: a saved adapter does not record it.
+
+    ``adapter_dtype``: the dtype of the adapter weights. ``"auto"`` (default) is HF PEFT's default
+    (``autocast_adapter_dtype=True``): fp32 adapter weights on a fp16/bf16 model, so optimizer
+    updates far below a half type's resolution are not rounded away, else the base weight's dtype.
+    ``"base"`` keeps them in the base weight's dtype; a dtype (``torch.bfloat16``, ``"float32"``)
+    fixes it. The fused kernels run in the activations' dtype either way (fp32 weights are cast on
+    the way in, their gradients come back in fp32); it is saved with the adapter.
     """
+    adapter_dtype = adapter_dtype_spec(adapter_dtype)
     if isinstance(model, AdaptedModel):
         raise TypeError("model is already an AdaptedModel; pass adapted.model to adapt more layers")
     if not isinstance(model, nn.Module):
@@ -320,7 +373,7 @@ def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: O
     except BaseException:
         _restore_requires_grad(snapshot)  # from_linear may already have frozen some base layers
         raise
-    adapted = _install(model, method, method_options, modules, conv1d, snapshot)
+    adapted = _install(model, method, method_options, modules, conv1d, snapshot, adapter_dtype)
     if share is not False:
         from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs
 
@@ -349,11 +402,13 @@ class AdaptedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, method: str, options: dict, names: Sequence[str],
-                 conv1d: Optional[dict[str, bool]] = None, requires_grad_snapshot=None):
+                 conv1d: Optional[dict[str, bool]] = None, requires_grad_snapshot=None,
+                 adapter_dtype: Optional[str] = "auto"):
         super().__init__()
         self.model = model
         self.method = method
         self.options = dict(options)
+        self.adapter_dtype = adapter_dtype  # canonical spec (adapter_dtype_spec); None: as converted
         self._names = list(names)
         self._conv1d = dict(conv1d or {})  # Conv1D name -> its weight's original requires_grad
         self._snapshot = requires_grad_snapshot or {}
@@ -507,6 +562,7 @@ class AdaptedModel(nn.Module):
             "target_modules": list(self._names),
             "modules": {n: _module_config(m) for n, m in self.adapted_modules().items()},
             "conv1d": sorted(self._conv1d),
+            "adapter_dtype": self.adapter_dtype or "auto",
         }
 
     def save(self, directory: Union[str, os.PathLike], peft_format: Optional[bool] = None,
@@ -1026,13 +1082,18 @@ def load_adapted(model: nn.Module, directory) -> AdaptedModel:
             per_module = meta.get("modules")
             if per_module is None or set(per_module) != set(names):
                 raise CheckpointError(f"{where}: metadata lacks the per-module options of {names}")
+        # a PEFT json records no adapter dtype: "auto" is what PeftModel.from_pretrained does by default
+        try:
+            dtype_spec = adapter_dtype_spec(meta.get("adapter_dtype", "auto"))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
         modules = _build_modules(method, linears, options, per_module)
         modules = _apply_checkpoint_masks(method, modules, linears, per_module, tensors)
         _validate(method, modules, meta, tensors, where)
     except BaseException:
         _restore_requires_grad(snapshot)
         raise
-    adapted = _install(model, method, options, modules, conv1d, snapshot)
+    adapted = _install(model, method, options, modules, conv1d, snapshot, dtype_spec)
     _load_into(method, modules, meta, tensors, where)
     return adapted
 
@@ -1135,6 +1196,9 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
             snapshot.pop(id(base_layer.weight), None)
         new = cls.from_linear(lin, **opts)
         new.to(device=m.lora_A[a].weight.device)
+        # PEFT's adapter dtype (fp32 by default, autocast_adapter_dtype=True), so copying loses nothing
+        new.lora_A.to(dtype=m.lora_A[a].weight.dtype)
+        new.lora_B.to(dtype=m.lora_B[a].weight.dtype)
         with torch.no_grad():
             new.lora_A.weight.copy_(m.lora_A[a].weight)
             new.lora_B.weight.copy_(m.lora_B[a].weight)
@@ -1149,8 +1213,11 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
         except AttributeError:
             pass
     options = dict(plan[0][4])
-    return _install(base, "lora", options, modules, conv1d, snapshot)
+    first = plan[0]
+    peft_dtype = first[1].lora_A[first[2]].weight.dtype
+    spec = "auto" if peft_dtype == adapter_dtype_for("auto", first[3].weight.dtype) else adapter_dtype_spec(peft_dtype)
+    return _install(base, "lora", options, modules, conv1d, snapshot, spec)
 
 
-__all__ = ["adapt", "AdaptedModel", "CheckpointError", "load_adapted", "load_peft_checkpoint", "from_peft_model",
+__all__ = ["adapt", "adapter_dtype_spec", "adapter_dtype_for", "AdaptedModel", "CheckpointError", "load_adapted", "load_peft_checkpoint", "from_peft_model",
            "read_checkpoint", "select_modules", "family_class", "FAMILIES", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -107,7 +107,7 @@ def cmd_train_speed(args) -> int:
         steps=args.steps or 10, warmup=args.warmup if args.warmup is not None else 3,
         dtype=args.dtype or (torch.bfloat16 if gpu else torch.float32), device=str(device), r=args.r,
         dropout=args.dropout, impl=args.impl, threads=args.threads,
-        rounds=args.rounds or (2 if gpu else 1))
+        rounds=args.rounds or (2 if gpu else 1), adapter_dtype=args.adapter_dtype)
     try:
         result = run_train_speed(s, progress=not args.no_progress)
     except ValueError as e:  # a bad --model path: say so plainly
@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", type=device_value, default=None, help="cpu or cuda")
     t.add_argument("--r", type=positive_int, default=16, help="adapter rank for lora / lily (default 16)")
     t.add_argument("--dropout", type=dropout_value, default=0.0, help="adapter dropout (default 0)")
+    t.add_argument("--adapter-dtype", choices=("auto", "base"), default="auto",
+                   help="adapter weights' dtype, for both libraries: auto = their default (fp32 adapters in a "
+                        "bf16/fp16 model), base = the model's dtype (default auto)")
     t.add_argument("--impl", choices=("torch", "triton", "cuda", "cpp"), default=None,
                    help="force peft_kernels' implementation")
     t.add_argument("--threads", type=positive_int, default=None,

@@ -629,3 +629,44 @@ def test_family_on_gpu_matches_the_torch_path(method, dtype, monkeypatch, tmp_pa
     adapted.save(tmp_path)
     fresh = load_adapted(tiny_llama(seed=0).to(dev, dtype), tmp_path)
     torch.testing.assert_close(fresh(input_ids=ids).logits, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", sorted(FAMILY_OPTIONS))
+def test_fp32_adapters_on_a_bf16_model_train_and_round_trip(method, tmp_path):
+    """Every family with the default ``adapter_dtype="auto"`` on a bf16 model: fp32 adapter weights
+    (PEFT's default), bf16 activations, fp32 gradients, a training step that lowers the loss, and a
+    checkpoint that reloads in the same dtypes; Lily's shared projectors stay shared Parameters."""
+    need_family(method)
+    model = tiny_llama().to(torch.bfloat16)
+    adapted = adapt(model, method, target_modules=["q_proj", "v_proj", "up_proj"], **FAMILY_OPTIONS[method])
+    params = adapted.trainable_parameters()
+    assert {p.dtype for p in params if p.is_floating_point()} == {torch.float32}
+    if method == "lily":  # the cast is in place: a group's layers still hold one HP Parameter
+        mods = adapted.adapted_modules()
+        assert mods["model.layers.0.self_attn.q_proj"].hp is mods["model.layers.1.self_attn.q_proj"].hp
+    randomize_adapters(adapted, std=0.05)
+    ids = batch()
+    adapted.train()
+    out = adapted(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    losses = train_steps(adapted, ids, 4)
+    assert losses[-1] < losses[0]
+    adapted.eval()
+    expected = adapted(input_ids=ids).logits
+    adapted.save(tmp_path)
+    again = load_adapted(tiny_llama().to(torch.bfloat16), tmp_path).eval()
+    assert again.adapter_dtype == "auto"
+    assert [p.dtype for p in again.trainable_parameters()] == [p.dtype for p in params]
+    torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+def test_adapter_dtype_is_saved_with_the_adapter(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    adapted = adapt(model, "monarch", target_modules=["q_proj"], adapter_dtype=torch.bfloat16, **FAMILY_OPTIONS["monarch"])
+    assert adapted.adapter_dtype == "bfloat16"
+    assert {p.dtype for p in adapted.trainable_parameters()} == {torch.bfloat16}
+    adapted.save(tmp_path)
+    again = load_adapted(tiny_llama().to(torch.bfloat16), tmp_path)
+    assert {p.dtype for p in again.trainable_parameters()} == {torch.bfloat16}

@@ -533,26 +533,28 @@ def test_train_speed_rounds_alternate_order_and_average(tmp_path, capsys, monkey
         assert r["tokens_per_s"] == pytest.approx(16 / (r["step_ms"] / 1e3))
 
 
-def test_train_speed_peft_default_row_in_half_precision(tmp_path):
-    """In a bf16 model train-speed also times HF PEFT as most users run it (its default fp32
-    adapter weights); our rows are compared with both PEFT rows, the like-for-like one first."""
+@pytest.mark.parametrize("adapter_dtype,want", [("auto", torch.float32), ("base", torch.bfloat16)])
+def test_train_speed_builds_both_libraries_with_one_adapter_dtype(adapter_dtype, want):
+    """In a bf16 model both libraries get the same adapter dtype: their common default (fp32
+    adapters, PEFT's autocast_adapter_dtype=True) or the model's; the table says which."""
     from peft_kernels.bench import train_speed as TS
 
     pytest.importorskip("peft")
-    s = TS.TrainSpeedSettings(model="tiny", seq=8, batch=1, steps=1, warmup=0, dtype=torch.bfloat16)
+    s = TS.TrainSpeedSettings(model="tiny", seq=8, batch=1, steps=1, warmup=0, dtype=torch.bfloat16,
+                              adapter_dtype=adapter_dtype)
     names = [name for name, _, _ in TS._variants(s)]
-    assert names == ["frozen model (floor)", "peft_kernels lora", "HF PEFT lora", "HF PEFT default lora (fp32 adapters)"]
+    assert names == ["frozen model (floor)", "peft_kernels lora", "HF PEFT lora"]
     config = TS.load_config("tiny")
     opts = TS.FAMILY_OPTIONS["lora"](s)
-    _, params = TS._peft_model_default(config, "lora", opts, s, torch.device("cpu"))
-    _, same = TS._peft_model(config, "lora", opts, s, torch.device("cpu"))
-    assert {p.dtype for p in params} == {torch.float32} and {p.dtype for p in same} == {torch.bfloat16}
+    _, ours = TS._kernels_model(config, "lora", opts, s, torch.device("cpu"))
+    _, peft_params = TS._peft_model(config, "lora", opts, s, torch.device("cpu"))
+    assert {p.dtype for p in ours} == {p.dtype for p in peft_params} == {want}
     res = TS.run_train_speed(s, progress=False)
+    assert res.settings["adapter_dtype"] == adapter_dtype
+    assert ("fp32 adapter" in res.settings["adapters"]) == (adapter_dtype == "auto")
     rows = {r["variant"]: r for r in res.rows}
-    ours = rows["peft_kernels lora"]
-    assert ours["speedup_vs_peft"] == pytest.approx(ours["tokens_per_s"] / rows["HF PEFT lora"]["tokens_per_s"])
-    assert ours["speedup_vs_peft_default"] == pytest.approx(
-        ours["tokens_per_s"] / rows["HF PEFT default lora (fp32 adapters)"]["tokens_per_s"])
+    ours_row = rows["peft_kernels lora"]
+    assert ours_row["speedup_vs_peft"] == pytest.approx(ours_row["tokens_per_s"] / rows["HF PEFT lora"]["tokens_per_s"])
 
 
 def test_train_speed_failure_in_a_later_round_voids_the_row(tmp_path, monkeypatch):

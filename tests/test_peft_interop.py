@@ -222,3 +222,32 @@ def test_edited_peft_json_wins_over_our_header(tmp_path):
     torch.testing.assert_close(ours(input_ids=IDS).logits, pm(input_ids=IDS).logits, **TOL)
     with pytest.raises(CheckpointError, match=r"alpha: checkpoint 32\.0 vs model 8\.0"):
         adapted.load(tmp_path)
+
+
+def test_bf16_model_gets_fp32_adapters_like_peft(tmp_path):
+    """PEFT's default (``autocast_adapter_dtype=True``) keeps adapter weights in fp32 on a bf16
+    model; ``adapt``'s default does the same, so a PEFT checkpoint loads without rounding its
+    weights to bf16 and a live PEFT model converts exactly. ``adapter_dtype="base"`` keeps the
+    model's dtype."""
+    pm = peft_lora(tiny_llama().to(torch.bfloat16), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft_weights = {n.removeprefix("base_model.model."): p.detach().clone() for n, p in pm.named_parameters()
+                    if "lora_" in n}
+    assert {p.dtype for p in peft_weights.values()} == {torch.float32}
+    pm.save_pretrained(tmp_path)
+    loaded = load_peft_checkpoint(tiny_llama().to(torch.bfloat16), tmp_path)
+    converted = from_peft_model(pm)
+    for adapted in (loaded, converted):
+        assert adapted.adapter_dtype == "auto"
+        for name, m in adapted.adapted_modules().items():
+            assert m.base_layer.weight.dtype == torch.bfloat16
+            for w in ("lora_A", "lora_B"):
+                torch.testing.assert_close(getattr(m, w).weight, peft_weights[f"{name}.{w}.default.weight"],
+                                           rtol=0, atol=0)
+    fresh = adapt(tiny_llama().to(torch.bfloat16), "lora", target_modules=["q_proj"], r=4)
+    assert {p.dtype for p in fresh.trainable_parameters()} == {torch.float32}
+    kept = adapt(tiny_llama().to(torch.bfloat16), "lora", target_modules=["q_proj"], r=4, adapter_dtype="base")
+    assert {p.dtype for p in kept.trainable_parameters()} == {torch.bfloat16}
+    fp32_model = adapt(tiny_llama(), "lora", target_modules=["q_proj"], r=4)  # auto on fp32: fp32
+    assert {p.dtype for p in fp32_model.trainable_parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="adapter_dtype must be"):
+        adapt(tiny_llama(), "lora", target_modules=["q_proj"], r=4, adapter_dtype="int8")

@@ -23,9 +23,6 @@ from .meta import stamp
 from .timing import keep_freed_memory
 
 GiB = 1024 ** 3
-def _peft_default_name(fam: str) -> str:
-    """The row of HF PEFT with its default fp32 adapters (half-precision models only)."""
-    return f"HF PEFT default {fam} (fp32 adapters)"
 
 # A ~1.1B Llama (TinyLlama's shape; GUIDE.md's end-to-end anchor) and a model small enough that a
 # CPU step takes milliseconds.
@@ -62,6 +59,9 @@ class TrainSpeedSettings:
     impl: Optional[str] = None
     threads: Optional[int] = None  # CPU: torch threads while timing (None -> 1, see layer.run_bench)
     rounds: int = 1  # passes over the variants, the order reversed every other pass (ABBA)
+    # adapter weights' dtype for peft_kernels and HF PEFT alike: "auto" = both libraries' default
+    # (fp32 adapters in a fp16/bf16 model; PEFT's autocast_adapter_dtype=True), "base" = the model's
+    adapter_dtype: str = "auto"
 
 
 @dataclass
@@ -194,7 +194,7 @@ def _kernels_model(config, fam: str, opts: dict, s: TrainSpeedSettings, device: 
     model = build_model(config, s.dtype, device)
     if s.impl:
         opts = {**opts, "impl": s.impl}
-    handle = adapt(model, method=fam, target_modules=linear_targets(model), **opts)
+    handle = adapt(model, method=fam, target_modules=linear_targets(model), adapter_dtype=s.adapter_dtype, **opts)
     params = list(handle.trainable_parameters())
     return handle, params
 
@@ -217,16 +217,10 @@ def _peft_model(config, fam: str, opts: dict, s: TrainSpeedSettings, device: tor
         cfg = peft.LilyConfig(r=opts["r"], num_B=opts["num_experts"], scaling=1.0, target_modules=targets)
     else:
         raise ImportError(f"HF PEFT has no {fam} tuner to compare with")
-    pm = peft.get_peft_model(model, cfg, autocast_adapter_dtype=opts.get("autocast_adapter_dtype", False))
+    pm = peft.get_peft_model(model, cfg, autocast_adapter_dtype=s.adapter_dtype == "auto")
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
     return pm, params
-
-
-def _peft_model_default(config, fam: str, opts: dict, s: TrainSpeedSettings, device: torch.device):
-    """HF PEFT as most users run it: ``autocast_adapter_dtype=True`` (its default) keeps the
-    adapter weights in fp32 in a bf16 model (the LoRA branch then runs in fp32)."""
-    return _peft_model(config, fam, {**opts, "autocast_adapter_dtype": True}, s, device)
 
 
 def _variants(s: TrainSpeedSettings):
@@ -237,8 +231,14 @@ def _variants(s: TrainSpeedSettings):
             yield f"peft_kernels {fam} (shared inputs)", fam, _kernels_model_shared  # fused path only
         if fam in ("lora", "lily"):
             yield f"HF PEFT {fam}", fam, _peft_model
-        if fam == "lora" and s.dtype in (torch.bfloat16, torch.float16):  # in fp32 it is the row above
-            yield _peft_default_name(fam), fam, _peft_model_default
+
+
+def _adapters_text(s: TrainSpeedSettings) -> str:
+    half = s.dtype in (torch.float16, torch.bfloat16)
+    if s.adapter_dtype == "auto":
+        return ("both libraries' default: " + ("fp32 adapter weights in the half-precision model (HF PEFT's "
+                                               "autocast_adapter_dtype=True)" if half else "the model's dtype"))
+    return f"weights in the model dtype for every variant (HF PEFT built with autocast_adapter_dtype=False)"
 
 
 def run_train_speed(s: TrainSpeedSettings, progress: bool = True) -> TrainSpeedResult:
@@ -263,9 +263,8 @@ def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSp
                 "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
                 "step": "forward (LM loss) + backward + AdamW on adapter parameters; floor: no optimizer, "
                         "gradient to the input embeddings only",
-                "adapters": "weights in the model dtype for every variant (HF PEFT built with "
-                            "autocast_adapter_dtype=False), except the 'HF PEFT default' row: PEFT's default "
-                            "keeps them in fp32",
+                "adapter_dtype": s.adapter_dtype,
+                "adapters": _adapters_text(s),
                 "rounds": s.rounds,
                 "order": "every variant once per round, the order reversed every other round (ABBA: a drift "
                          "of the clocks over the run hits every variant alike); times are the rounds' mean"}
@@ -289,9 +288,6 @@ def _run(s: TrainSpeedSettings, device: torch.device, progress: bool) -> TrainSp
             row["speedup_vs_peft"] = row["tokens_per_s"] / ref["tokens_per_s"]
             if row["peak_gib"] and ref["peak_gib"]:
                 row["peak_vs_peft"] = row["peak_gib"] / ref["peak_gib"]
-        default = by_name.get(_peft_default_name(row["family"]))
-        if default is not None:
-            row["speedup_vs_peft_default"] = row["tokens_per_s"] / default["tokens_per_s"]
     return result
 
 
@@ -305,7 +301,7 @@ def _run_variants(s, device, progress, config, ids, tokens, result) -> None:
     for name, fam, _ in variants:
         rows[name] = {"variant": name, "family": fam or "-", "trainable_params": 0, "rounds_done": 0, "step_ms": None,
                       "tokens_per_s": None, "step_spread_pct": None, "slowdown_vs_floor": None,
-                      "speedup_vs_peft": None, "speedup_vs_peft_default": None, "peak_gib": None,
+                      "speedup_vs_peft": None, "peak_gib": None,
                       "peak_reserved_gib": None, "peak_vs_peft": None,
                       "gpu_busy_ms": None, "gpu_busy_pct": None, "status": "ok"}
         times[name] = []
@@ -365,11 +361,10 @@ TRAIN_COLUMNS = (
     ("variant", "variant", None), ("trainable", "trainable_params", ","), ("step ms", "step_ms", ".1f"),
     ("spread %", "step_spread_pct", ".1f"), ("tokens/s", "tokens_per_s", ",.0f"),
     ("x floor", "slowdown_vs_floor", ".2f"), ("vs HF PEFT", "speedup_vs_peft", ".2f"),
-    ("vs PEFT default", "speedup_vs_peft_default", ".2f"),
     ("peak GiB", "peak_gib", ".2f"), ("reserved GiB", "peak_reserved_gib", ".2f"),
     ("peak vs PEFT", "peak_vs_peft", ".2f"), ("GPU busy %", "gpu_busy_pct", ".0f"),
 )
-_OPTIONAL_COLUMNS = ("step_spread_pct", "speedup_vs_peft_default", "peak_gib", "peak_reserved_gib", "peak_vs_peft",
+_OPTIONAL_COLUMNS = ("step_spread_pct", "peak_gib", "peak_reserved_gib", "peak_vs_peft",
                      "gpu_busy_pct")
 
 
@@ -383,7 +378,7 @@ def train_speed_text(result: TrainSpeedResult) -> str:
            f"batch={s['batch']} seq={s['seq']} dtype={s['dtype']} steps={s['steps']} (+{s['warmup']} warm-up)",
            f"step: {s['step']}", f"adapters: {s.get('adapters', '?')}",
            "x floor = floor tokens/s / variant tokens/s; vs HF PEFT = tokens/s over HF PEFT's with the same "
-           "adapter dtype, same family (vs PEFT default: over PEFT's default, fp32 adapters); "
+           "adapter dtype, same family; "
            "GiB = 2**30 bytes (max_memory_allocated / _reserved over the timed steps)"]
     if s.get("rounds", 1) > 1:
         out.append(f"{s['rounds']} rounds: {s['order']}; spread % = slowest - fastest round / mean")
