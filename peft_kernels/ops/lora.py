@@ -1044,17 +1044,19 @@ def _(dy, x, lora_B, xa, scale_b, scale_a, p_in, p_out, seed, need_b, need_a, de
 
 
 def adapter_grads(grads: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, need_a: bool,
-                  need_b: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(dA, dB)`` in the parameters' dtypes from ``_lora_bwd``'s flat fp32 buffer, with one cast
-    for both where they share a dtype: the two gradients are then views of one storage (autograd
-    accepts them as ``.grad`` as they are: dense, with the parameters' strides)."""
+                  need_b: bool, dtypes: Optional[tuple] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dA, dB)`` in the parameters' dtypes (``dtypes``, default those of ``lora_A``/``lora_B``)
+    from ``_lora_bwd``'s flat fp32 buffer, with one cast for both where they share a dtype (none
+    for fp32 parameters): the two gradients are then views of one storage (autograd accepts them
+    as ``.grad`` as they are: dense, with the parameters' strides)."""
     (d_out, r), d_in = lora_B.shape, lora_A.shape[1]
     n_b = d_out * r if need_b else 0
-    if lora_A.dtype == lora_B.dtype:
-        grads = grads.to(lora_A.dtype)
+    a_dtype, b_dtype = dtypes or (lora_A.dtype, lora_B.dtype)
+    if a_dtype == b_dtype:
+        grads = grads.to(a_dtype)
         ga = gb = grads
     else:
-        ga, gb = grads.to(lora_A.dtype), grads.to(lora_B.dtype)
+        ga, gb = grads.to(a_dtype), grads.to(b_dtype)
     db = gb[:n_b].view(d_out, r) if need_b else None
     da = ga[n_b:].view(r, d_in) if need_a else None
     return da, db
@@ -1085,13 +1087,20 @@ class LoRAFunction(torch.autograd.Function):
     ``xa`` given (a shared-input group's member, no dropout): the down-projection ``x A^T`` was
     computed for the whole group by ``LoRAGroupDownFunction``, which also owns dA; ``lora_A``
     (detached) only serves the dX epilogue, and the gradient returned for ``xa`` is
-    ``s * dY B``."""
+    ``s * dY B``.
+
+    ``lora_A``/``lora_B`` may be in another float dtype than x (fp32 adapter weights on a bf16
+    model, the default): the kernels read copies in x's dtype (tiny, made here), and dA/dB come
+    back in the parameters' own dtypes straight from the fp32 reduction buffer: no rounding of
+    fp32 gradients through bf16 and no cast kernels in autograd's graph."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, base, output_dropout=False,
                 xa=None):
         x = x.contiguous()
-        lora_A = lora_A.contiguous()
+        ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
+        lora_A = lora_A.to(x.dtype).contiguous()
+        lora_B = lora_B.to(x.dtype)
         p_in, p_out = (0.0, dropout_p) if output_dropout else (dropout_p, 0.0)
         ctx.grouped = xa is not None
         if xa is None:
@@ -1120,13 +1129,13 @@ class LoRAFunction(torch.autograd.Function):
         if ctx.grouped:  # g = s * dY B is xa's gradient; dA is the group's (one pass over x for all)
             need_xa = ctx.needs_input_grad[10]
             g, grads = _lora_bwd(dy, x, lora_B, xa, s, s, 0.0, 0.0, seed, need_b, False, deterministic(), s)
-            _, db = adapter_grads(grads, lora_A, lora_B, False, need_b)
+            _, db = adapter_grads(grads, lora_A, lora_B, False, need_b, ctx.adapter_dtypes)
             if need_x:
                 dx = _lora_gemm(dy, weight, None, g, lora_A, None, 1.0, 0.0, seed, dy.dtype, ctx.base)
             dxa = g if need_xa else None
         else:
             g, grads = _lora_bwd(dy, x, lora_B, xa, s, s, p_in, p_out, seed, need_b, need_a, deterministic())
-            da, db = adapter_grads(grads, lora_A, lora_B, need_a, need_b)
+            da, db = adapter_grads(grads, lora_A, lora_B, need_a, need_b, ctx.adapter_dtypes)
             if need_x:
                 dx = _lora_gemm(dy, weight, None, g, lora_A, None, s * keep_scale(p_in), p_in, seed, dy.dtype,
                                 ctx.base)
@@ -1233,10 +1242,12 @@ def lora_linear(
             raise ValueError(f"xa (a shared-input group's down-projection) needs dropout_p = 0, got {dropout_p}")
         check_tensor("xa", xa, shape=(x.numel() // max(d_in, 1), lora_A.shape[0]), dtypes=(torch.float32,))
     with torch.autocast(x.device.type, enabled=False):
-        cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, lora_A, lora_B, bias)]
-        x2 = cast[0].reshape(-1, d_in)
-        a = cast[2] if xa is None else cast[2].detach()  # grouped: dA comes from the group's pass
-        y = LoRAFunction.apply(x2, cast[1], a, cast[3], cast[4], scaling, dropout_p, seed, mode, False, xa)
+        # x, W0 and the bias in the compute dtype (differentiable casts); lora_A/lora_B as they are:
+        # LoRAFunction reads them in x's dtype and returns their gradients in their own
+        x2, w, b = (t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, bias))
+        x2 = x2.reshape(-1, d_in)
+        a = lora_A if xa is None else lora_A.detach()  # grouped: dA comes from the group's pass
+        y = LoRAFunction.apply(x2, w, a, lora_B, b, scaling, dropout_p, seed, mode, False, xa)
     return y.reshape(*x.shape[:-1], d_out)
 
 

@@ -744,3 +744,37 @@ def test_dropout_under_cuda_graph_capture_is_refused():
             L.lora_linear(x, W, A, B, dropout_p=0.1, seed=7, impl="triton", base="triton")
     chain = [info.value, info.value.__context__, info.value.__cause__]
     assert any(e is not None and "every replay" in str(e) for e in chain), chain
+
+
+def test_fp32_adapter_weights_on_bf16_activations(interpret):
+    """The default adapter dtype on a bf16 model: fp32 A/B with bf16 x and W0. The Function takes
+    them as they are (no cast node between the parameters and it) and returns fp32 gradients
+    straight from its fp32 reduction, as close to the fp64 reference as an all-bf16 torch run."""
+    torch.manual_seed(0)
+    T, d_in, d_out, r = 37, 48, 40, 4
+    x = torch.randn(T, d_in, device=interpret).to(torch.bfloat16).requires_grad_()
+    W = (torch.randn(d_out, d_in, device=interpret) * 0.2).to(torch.bfloat16)
+    A = (torch.randn(r, d_in, device=interpret) * 0.2).requires_grad_()
+    B = (torch.randn(d_out, r, device=interpret) * 0.2).requires_grad_()
+    dy = torch.randn(T, d_out, device=interpret).to(torch.bfloat16)
+    y = L.lora_linear(x, W, A, B, scaling=2.0, dropout_p=0.1, seed=5, impl="triton")
+    assert y.dtype == torch.bfloat16
+    # A and B feed the Function directly: their gradients never pass through a bf16 cast
+    node = y.grad_fn
+    while type(node).__name__ != "LoRAFunctionBackward":  # past the reshape to the leading dims
+        node = node.next_functions[0][0]
+    feeds = [type(fn).__name__ for fn, _ in node.next_functions[2:4]]
+    assert feeds == ["AccumulateGrad", "AccumulateGrad"], feeds
+    y.backward(dy)
+    assert A.grad.dtype == B.grad.dtype == torch.float32
+    ref = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    y_ref = R.lora(ref[0], W.double(), ref[1], ref[2], scaling=2.0, dropout_p=0.1, seed=5)
+    y_ref.backward(dy.double())
+    same = [t.detach().clone().requires_grad_() for t in (x, A.to(torch.bfloat16), B.to(torch.bfloat16))]
+    y_bf = R.lora(same[0], W, same[1], same[2], scaling=2.0, dropout_p=0.1, seed=5)
+    y_bf.backward(dy)
+    for got, want, torch_err_from in ((A.grad, ref[1].grad, same[1].grad), (B.grad, ref[2].grad, same[2].grad),
+                                      (x.grad, ref[0].grad, same[0].grad)):
+        err = (got.double() - want).abs().max().item()
+        torch_err = (torch_err_from.double() - want).abs().max().item()
+        assert err <= 2 * torch_err + 1e-3, (err, torch_err)
