@@ -9,7 +9,14 @@ a fixed-rank LoRA. Add :class:`AdaLoRACallback` and it cannot happen::
 - ``on_train_begin`` finds the AdaLoRA modules, builds a :class:`~peft_kernels.train.adalora.RankAllocator`
   (``total_step`` defaults to the run's ``max_steps``; tinit/tfinal to 10%/20% of it) and hooks the
   model's forward so that, in training mode, the orthogonal regulariser is added to ``outputs.loss``
-  (what PEFT's ``AdaLoraModel.forward`` does);
+  (what PEFT's ``AdaLoraModel.forward`` does), scaled the way ``Trainer`` will scale that loss: when
+  the forward received ``num_items_in_batch`` (models taking loss kwargs, most causal LMs),
+  ``Trainer`` no longer divides the loss by the accumulation steps and, with
+  ``average_tokens_across_devices``, multiplies it by the process count, so the regulariser is
+  divided by both here; otherwise it would weigh ``gradient_accumulation_steps`` (x processes)
+  times its setting (PEFT's own forward has this flaw). A ``compute_loss_func`` or label smoother
+  computes the loss from the logits and never sees ``outputs.loss``: the regulariser is then not
+  applied (label smoothing logs a warning; a ``compute_loss_func`` is not visible to callbacks);
 - ``on_optimizer_step`` (after ``optimizer.step()``, before ``zero_grad``: the gradients are still
   there) calls ``allocator.step(global_step + 1)``, the same 1-based step count as our trainer;
   a step with non-finite gradients (an fp16 step the grad scaler skipped) updates no scores;
@@ -57,17 +64,31 @@ class AdaLoRACallback(TrainerCallback):
         self.allocator = RankAllocator(mods, cfg)
         weight = cfg.orth_reg_weight
         allocator = self.allocator
+        accum = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
+        # Trainer multiplies a num_items_in_batch-normalised loss by the process count (// TP size,
+        # which these adapters do not use) under average_tokens_across_devices
+        procs = int(getattr(args, "world_size", 1) or 1) if getattr(args, "average_tokens_across_devices", False) else 1
 
-        def add_orth_reg(module, inputs, output):
+        def add_orth_reg(module, inputs, kwargs, output):
             if not module.training or weight == 0:
                 return output
             loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
             if loss is None:
                 return output
-            output["loss"] = loss + orthogonal_regularization(allocator.modules, weight).to(loss.dtype)
+            scale = 1.0
+            if kwargs.get("num_items_in_batch") is not None:
+                # Trainer treats this loss as already normalised over the whole accumulated (and
+                # gathered) batch: it neither divides it by the accumulation steps nor leaves it
+                # unscaled across processes; the regulariser must be per optimizer step
+                scale = 1.0 / (accum * procs)
+            reg = orthogonal_regularization(allocator.modules, weight)
+            output["loss"] = loss + (scale * reg).to(loss.dtype)
             return output
 
-        self._hook = model.register_forward_hook(add_orth_reg)
+        self._hook = model.register_forward_hook(add_orth_reg, with_kwargs=True)
+        if getattr(args, "label_smoothing_factor", 0):
+            logger.warning("AdaLoRACallback: with label smoothing the Trainer computes the loss from the logits, "
+                           "so the orthogonal regulariser is not applied")
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.allocator is None:

@@ -102,3 +102,35 @@ def test_callback_skips_steps_with_non_finite_gradients():
     cb.on_optimizer_step(None, state, None)
     assert all(torch.equal(cb.allocator.exp_avg_ipt[k], v) for k, v in before.items())
     cb.on_train_end(None, state, None)
+
+
+class LossKwargsNet(Net):
+    """A model taking loss kwargs, as HF causal LMs do: Trainer then passes num_items_in_batch."""
+
+    def forward(self, x, labels=None, **kwargs):
+        return super().forward(x, labels)
+
+
+def test_regulariser_is_per_optimizer_step_when_trainer_skips_the_accumulation_division(tmp_path):
+    """When the forward gets num_items_in_batch, HF Trainer does not divide the loss by the
+    accumulation steps (and multiplies it by the process count under
+    average_tokens_across_devices): the regulariser is divided by both, so it weighs its setting
+    once per optimizer step, as without accumulation."""
+    from peft_kernels.train.adalora import orthogonal_regularization
+
+    torch.manual_seed(0)
+    adapted = adapt(LossKwargsNet(), method="adalora", target_modules=["layers.0", "layers.1"], r=4)
+    cb = AdaLoRACallback()
+    state = transformers.TrainerState()
+    state.max_steps = 10
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=4, use_cpu=True,
+                                          report_to=[])
+    cb.on_train_begin(args, state, None, model=adapted.model)
+    batch = {"x": torch.randn(3, 7), "labels": torch.tensor([0, 1, 0])}
+    adapted.model.eval()
+    plain = adapted.model(**batch)["loss"]
+    adapted.model.train()
+    reg = orthogonal_regularization(adapted.model, 0.5)
+    assert torch.allclose(adapted.model(**batch)["loss"], plain + reg)  # Trainer divides this loss itself
+    assert torch.allclose(adapted.model(**batch, num_items_in_batch=3)["loss"], plain + reg / 4)
+    cb.on_train_end(args, state, None)
