@@ -709,14 +709,20 @@ def _(dy, x2, weight, lp, router, hp, h, p, w, scaling, token, router_h, need_dx
 # autograd.Function and public entry point
 # ----------------------------------------------------------------------------------------------
 class LilyFunction(torch.autograd.Function):
-    """Fused Lily / MoE-LoRA linear on 2-D ``x`` ``(T, d_in)``; saves only x, h ``(T, r)``, p ``(T, E)`` and w."""
+    """Fused Lily / MoE-LoRA linear on 2-D ``x`` ``(T, d_in)``; saves only x, h ``(T, r)``, p ``(T, E)`` and w.
+
+    ``lp``/``router``/``hp`` may be in another float dtype than x (fp32 adapter weights on a bf16
+    model, the default): the kernels read copies in x's dtype, made here, and the gradients come
+    back in the parameters' own dtypes straight from the fp32 results (no bf16 rounding on the way,
+    no cast nodes in autograd's graph)."""
 
     @staticmethod
     def forward(ctx, x2, weight, lp, router, hp, bias, scaling, routing, router_input, base):
         token = routing == "token"
         router_h = router_input == "h"
         x2 = x2.contiguous()
-        lp_c, router_c, hp_c = lp.contiguous(), router.contiguous(), hp.contiguous()
+        ctx.param_dtypes = (lp.dtype, router.dtype, hp.dtype)
+        lp_c, router_c, hp_c = (t.to(x2.dtype).contiguous() for t in (lp, router, hp))
         y, h, p, w = _lily_fwd_op(x2, weight, bias, lp_c, router_c, hp_c, float(scaling),
                                                      token, router_h, base)
         ctx.save_for_backward(x2, weight, lp_c, router_c, hp_c, h, p, w)
@@ -734,8 +740,9 @@ class LilyFunction(torch.autograd.Function):
                                                                 token, router_h, bool(need[0]), base)
         dweight = (dy.t() @ x2).to(weight.dtype) if need[1] else None
         dbias = dy.sum(dim=0).to(bias_dtype) if (bias_dtype is not None and need[5]) else None
-        return (dx if need[0] else None, dweight, dlp.to(lp.dtype) if need[2] else None,
-                drouter.to(router.dtype) if need[3] else None, dhp.to(hp.dtype) if need[4] else None,
+        lp_dtype, router_dtype, hp_dtype = ctx.param_dtypes
+        return (dx if need[0] else None, dweight, dlp.to(lp_dtype) if need[2] else None,
+                drouter.to(router_dtype) if need[3] else None, dhp.to(hp_dtype) if need[4] else None,
                 dbias, None, None, None, None)
 
 
@@ -788,10 +795,10 @@ def lily_linear(
             check_tensor(name, t, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     mode = base_mode(base)
     # Under autocast the kernels run in the autocast dtype (as F.linear would) with autocast off
-    # inside; the casts are differentiable, so fp32 parameters get fp32 gradients.
+    # inside. x, W0 and the bias are cast here (differentiable casts); the adapter parameters go in
+    # as they are: LilyFunction reads them in x's dtype and returns their gradients in their own.
     with torch.autocast(x.device.type, enabled=False):
-        x, weight, lp, router, hp, bias = (t if t is None or t.dtype == dtype else t.to(dtype)
-                                           for t in (x, weight, lp, router, hp, bias))
+        x, weight, bias = (t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, bias))
         x2 = x.reshape(-1, x.shape[-1])
         y = LilyFunction.apply(x2, weight, lp, router, hp, bias, float(scaling), routing, router_input, mode)
     return y.reshape(*x.shape[:-1], weight.shape[0])
