@@ -706,24 +706,49 @@ def _atomic_write_files(directory: str, files: Sequence[tuple[str, bytes]]) -> N
     """Write every ``(name, data)`` into ``directory`` so no file is ever half written, and the set
     is replaced as a unit as far as a file system allows: all temp files are written and fsynced
     first (any failure there removes them and leaves the old files as they were), then renamed in
-    the given order, back to back. Only a crash between two renames can mix old and new files."""
+    the given order, back to back. The files being replaced are hard-linked to backups first, so a
+    rename that fails after an earlier one succeeded puts the old files back (and removes a new
+    file that had no predecessor). Only a crash between two renames can mix old and new files."""
     directory = os.path.abspath(directory)
-    pending = []
+    pending, backups, done = [], {}, []
     try:
         for name, data in files:
             pending.append((_write_temp(directory, name, data), name))
+        for _, name in pending:
+            target = os.path.join(directory, name)
+            if os.path.exists(target):
+                backup = os.path.join(directory, f".bak-{secrets.token_hex(8)}-{name}")
+                try:
+                    os.link(target, backup)
+                except OSError:  # no hard links here: no rollback, the renames stay back to back
+                    continue
+                backups[name] = backup
         while pending:
             tmp, name = pending[0]
             os.replace(tmp, os.path.join(directory, name))
+            done.append(name)
             pending.pop(0)
     except BaseException:
         for tmp, _ in pending:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(tmp)
+        for name in done:  # roll back what was already renamed into place
+            target = os.path.join(directory, name)
+            if name in backups:
+                os.replace(backups.pop(name), target)
+            else:
+                _unlink_quietly(target)
         raise
+    finally:
+        for backup in backups.values():
+            _unlink_quietly(backup)
     _fsync_directory(directory)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 # ----------------------------------------------------------------------------- PEFT LoRA configs
@@ -796,11 +821,14 @@ _PEFT_IGNORED = frozenset({
     "megatron_core",  # read only with megatron_config, which must be unset
     "qalora_group_size",  # read only with use_qalora, which must be unset
 })
-# init_lora_weights values that only draw the initial A/B, which the loaded weights replace. Every
-# other value makes PEFT do more when it builds the layer, which these loaders do not reproduce:
-# rewrite the base weight from an SVD or quantisation (pissa*, olora, corda, loftq, lora_ga),
-# freeze lora_B (mica), or run a data-driven init with its own config (eva).
-_PEFT_PLAIN_INITS = ("gaussian", "orthogonal")
+# init_lora_weights values that only draw the initial A/B, which the loaded weights replace. EVA
+# is one of them: its data-driven init runs before training (PEFT's layer only zeroes lora_B when
+# built) and the ranks it picked are in rank_pattern/alpha_pattern, which we read; its eva_config
+# is then ignorable. Every other value makes PEFT do more when it builds the layer, which these
+# loaders do not reproduce: rewrite the base weight from an SVD or quantisation (pissa*, olora,
+# corda, loftq, lora_ga) or freeze lora_B for training (mica).
+_PEFT_PLAIN_INITS = ("gaussian", "orthogonal", "eva")
+_PEFT_INIT_CONFIGS = {"eva": "eva_config"}  # an init's own config field, ignorable with that init
 
 
 def _is_unset(value) -> bool:
@@ -848,7 +876,7 @@ def _peft_config_problems(cfg: dict) -> list[str]:
                         f"{', '.join(repr(v) for v in _PEFT_PLAIN_INITS)} load as plain LoRA")
     defaults = _peft_lora_defaults()
     for key in sorted(cfg):
-        if key in _PEFT_CHECKED or key in _PEFT_IGNORED:
+        if key in _PEFT_CHECKED or key in _PEFT_IGNORED or key == _PEFT_INIT_CONFIGS.get(init):
             continue
         value = cfg[key]
         if _is_unset(value) or (key in defaults and value == defaults[key]):
@@ -904,6 +932,16 @@ def _peft_module_options(cfg: dict, name: str, r: int) -> dict:
 # ----------------------------------------------------------------------------- loading
 
 
+def _header_meta(header: dict, w_path: str) -> dict:
+    """Our metadata from the safetensors header ({} when absent)."""
+    if META_KEY not in header:
+        return {}
+    try:
+        return json.loads(header[META_KEY])
+    except ValueError as e:
+        raise CheckpointError(f"{w_path}: unreadable '{META_KEY}' metadata: {e}") from e
+
+
 def read_checkpoint(directory) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and parse a checkpoint directory: ``(metadata, tensors)``; one clear error if unreadable.
 
@@ -940,11 +978,13 @@ def read_checkpoint(directory) -> tuple[dict, dict[str, torch.Tensor]]:
         # and our copy of the options in the safetensors header is ignored: the json is the file
         # people edit (an edited lora_alpha must not load as one adapter in PEFT and another here).
         meta = _meta_from_peft_config(cfg, tensors.keys(), directory)
+        # ...except the adapter dtype, which PEFT's json cannot hold and which changes nothing PEFT
+        # computes: our header's copy keeps a saved adapter_dtype="base"/a dtype across a reload
+        header_dtype = _header_meta(header, w_path).get("adapter_dtype")
+        if header_dtype is not None:
+            meta["adapter_dtype"] = header_dtype
     elif meta is None and META_KEY in header:
-        try:
-            meta = json.loads(header[META_KEY])
-        except ValueError as e:
-            raise CheckpointError(f"{w_path}: unreadable '{META_KEY}' metadata: {e}") from e
+        meta = _header_meta(header, w_path)
     if meta is None:
         meta = _meta_from_peft_config(cfg, tensors.keys(), directory)
     return meta, tensors

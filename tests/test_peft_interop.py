@@ -157,6 +157,7 @@ REFUSED = {
     "alora": (dict(task_type="CAUSAL_LM", alora_invocation_tokens=[5, 6]),
               r"alora_invocation_tokens=\[5, 6\] is not supported"),
     "layer_replication": (dict(layer_replication=[[0, 2], [1, 2]]), r"layer_replication=\[\[0, 2\], \[1, 2\]\] is not"),
+    "mica": (dict(init_lora_weights="mica"), r"init_lora_weights='mica' is not supported"),  # freezes lora_B
 }
 
 
@@ -251,3 +252,27 @@ def test_bf16_model_gets_fp32_adapters_like_peft(tmp_path):
     assert {p.dtype for p in fp32_model.trainable_parameters()} == {torch.float32}
     with pytest.raises(ValueError, match="adapter_dtype must be"):
         adapt(tiny_llama(), "lora", target_modules=["q_proj"], r=4, adapter_dtype="int8")
+
+
+def test_eva_checkpoint_loads_exactly(tmp_path):
+    """EVA's data-driven init runs before training and only picks A and the per-layer ranks
+    (saved as rank_pattern); PEFT rebuilds nothing from it on load, and neither do we."""
+    from peft.tuners.lora import initialize_lora_eva_weights
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights="eva",
+                                                                eva_config=peft.EvaConfig(rho=2.0)))
+        g = torch.Generator().manual_seed(2)
+        batches = [{"input_ids": torch.randint(0, VOCAB, (4, 16), generator=g),
+                    "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(4)]
+        initialize_lora_eva_weights(pm, dataloader=batches, show_progress_bar=False)
+    randomize([p for n, p in pm.named_parameters() if "lora_B" in n])
+    pm.eval()
+    expected = pm(input_ids=IDS).logits.detach()
+    pm.save_pretrained(tmp_path)
+    cfg = json.load(open(os.path.join(tmp_path, CONFIG_NAME)))
+    assert cfg["init_lora_weights"] == "eva" and cfg["eva_config"]
+    adapted = load_peft_checkpoint(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(adapted(input_ids=IDS).logits, expected, **TOL)

@@ -185,9 +185,10 @@ def _adapter_options(args, method: str) -> dict:
 
 
 def _adalora_ranks(args) -> tuple:
-    """``(init_r, target_r)`` of an AdaLoRA run: the flags, or PEFT's defaults."""
-    return (args.init_r if args.init_r is not None else ADALORA_INIT_R,
-            args.target_r if args.target_r is not None else ADALORA_TARGET_R)
+    """``(init_r, target_r)`` of an AdaLoRA run: the flags, or PEFT's defaults; an unset target_r
+    is capped at init_r (``--init-r 4`` alone must not fail on a target the user never gave)."""
+    init_r = args.init_r if args.init_r is not None else ADALORA_INIT_R
+    return init_r, args.target_r if args.target_r is not None else min(ADALORA_TARGET_R, init_r)
 
 
 def _unfreeze_head(model) -> list:

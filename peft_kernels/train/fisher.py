@@ -133,7 +133,7 @@ class FisherReport:
 
 def _batch_size(batch) -> int:
     """Samples in a batch: the leading size of its tensors (which must agree)."""
-    tensors = list(batch.values()) if isinstance(batch, dict) else list(batch) if isinstance(batch, (list, tuple)) \
+    tensors = list(batch.values()) if isinstance(batch, Mapping) else list(batch) if isinstance(batch, (list, tuple)) \
         else [batch]
     sizes = {int(t.shape[0]) for t in tensors if isinstance(t, torch.Tensor) and t.dim() > 0}
     if len(sizes) != 1:
@@ -143,10 +143,11 @@ def _batch_size(batch) -> int:
 
 
 def _sample(batch, i: int):
-    """Sample ``i`` of a batch as a batch of one (dict or tuple of tensors; other values kept)."""
+    """Sample ``i`` of a batch as a batch of one (a mapping, e.g. a dict or transformers'
+    ``BatchEncoding``, or a tuple/list of tensors; other values kept)."""
     def take(v):
         return v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return {k: take(v) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(take(v) for v in batch)

@@ -127,6 +127,9 @@ def test_finetune_unset_options_keep_family_defaults():
     # AdaLoRA's modules are built at the allocator's init_r, PEFT's default when not given
     assert (cli.ADALORA_INIT_R, cli.ADALORA_TARGET_R) == (AdaLoRAConfig.init_r, AdaLoRAConfig.target_r)
     assert _adapter_options(_finetune_args(["--method", "adalora"]), "adalora") == {"r": cli.ADALORA_INIT_R}
+    # --init-r below PEFT's default target alone: the target follows it down instead of failing
+    assert cli._adalora_ranks(_finetune_args(["--method", "adalora", "--init-r", "4"])) == (4, 4)
+    assert cli.finetune_arg_error(_finetune_args(["--method", "adalora", "--init-r", "4"])) is None
 
 
 @pytest.mark.parametrize("argv,match", [

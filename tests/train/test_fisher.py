@@ -202,6 +202,10 @@ def test_fisher_splits_dict_batches_into_samples():
     whole = empirical_fisher(model, mods, [{"x": x, "labels": y}])
     single = empirical_fisher(model, mods, [{"x": x[i:i + 1], "labels": y[i:i + 1]} for i in range(6)])
     assert whole.scores == single.scores and whole.num_samples == 6
+    # a tokenizer's BatchEncoding is a Mapping (a UserDict), not a dict
+    transformers = pytest.importorskip("transformers")
+    encoded = empirical_fisher(model, mods, [transformers.BatchEncoding({"x": x, "labels": y})])
+    assert encoded.scores == whole.scores
     with pytest.raises(ValueError, match="leading sizes"):
         empirical_fisher(model, mods, [{"x": x, "labels": y[:3]}])
 
