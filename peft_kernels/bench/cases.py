@@ -127,11 +127,16 @@ class _One(nn.Module):
         return self.proj(x)
 
 
-def _peft_model(setup: Setup, config):
+def _peft_model(setup: Setup, config, fp32_adapters: bool = False):
+    """``fp32_adapters``: PEFT's default (``autocast_adapter_dtype=True``: fp32 adapter weights on
+    a half-precision layer); else the adapter in the layer's dtype like every other row."""
     from peft import get_peft_model
 
-    model = get_peft_model(_One(setup.weight), config, autocast_adapter_dtype=False)
-    model.to(device=setup.device, dtype=setup.dtype)
+    model = get_peft_model(_One(setup.weight), config, autocast_adapter_dtype=fp32_adapters)
+    if fp32_adapters:
+        model.to(device=setup.device)
+    else:
+        model.to(device=setup.device, dtype=setup.dtype)
     model.train()
     return model
 
@@ -163,6 +168,18 @@ def lora_kernel(setup: Setup, cfg: dict, impl: Optional[str] = None, base: Optio
     from peft_kernels.ops.lora import lora_linear
 
     A, B, s = _lora_params(setup, cfg)
+    x, w, p = setup.x, setup.weight, cfg["dropout"]
+    kw = {} if base is None else {"base": base}
+    return (lambda: lora_linear(x, w, A, B, scaling=s, dropout_p=p, seed=SEED, impl=impl, **kw)), [A, B]
+
+
+def lora_kernel_fp32_adapters(setup: Setup, cfg: dict, impl: Optional[str] = None, base: Optional[str] = None):
+    """The fused op with fp32 A/B on half-precision activations: what ``adapt`` builds on a
+    bf16/fp16 model by default (PEFT's default too); the kernels read bf16 copies of A/B."""
+    from peft_kernels.ops.lora import lora_linear
+
+    A, B, s = _lora_params(setup, cfg)
+    A, B = (t.detach().float().requires_grad_(True) for t in (A, B))
     x, w, p = setup.x, setup.weight, cfg["dropout"]
     kw = {} if base is None else {"base": base}
     return (lambda: lora_linear(x, w, A, B, scaling=s, dropout_p=p, seed=SEED, impl=impl, **kw)), [A, B]
@@ -202,16 +219,20 @@ def lora_compiled(setup: Setup, cfg: dict):
     return (lambda: fn(x, w, A, B, s, p)), [A, B]
 
 
-def lora_peft(setup: Setup, cfg: dict):
+def lora_peft(setup: Setup, cfg: dict, fp32_adapters: bool = False):
     from peft import LoraConfig
 
     r = cfg["r"]
     model = _peft_model(setup, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=cfg["dropout"],
-                                          target_modules=["proj"]))
+                                          target_modules=["proj"]), fp32_adapters)
     layer = model.base_model.model.proj
     params = _randomize([layer.lora_A["default"].weight, layer.lora_B["default"].weight], _gen())
     x = setup.x
     return (lambda: model(x)), params
+
+
+def lora_peft_default(setup: Setup, cfg: dict):
+    return lora_peft(setup, cfg, fp32_adapters=True)
 
 
 def _lora_configs(sweep: bool) -> list:
@@ -434,6 +455,11 @@ _BASE_PIN_WHY = "pins its base GEMM"
 # where built, else Triton; between the two, the faster measured: sparse_impl_decisions.csv)
 SPARSE_TRITON = "peft_kernels (triton sparse ops)"
 _COMPILE_WHY = "compiling every case on the CPU would take longer than the whole CPU default"
+# Both libraries' default on a bf16/fp16 model: fp32 adapter weights (on the CPU's fp32 default
+# these rows would repeat the two above them); dropout-0 configs only, to keep the GPU bench short
+LORA_FP32_ADAPTERS = "peft_kernels (fp32 adapters)"
+PEFT_FP32_ADAPTERS = "HF PEFT (fp32 adapters, its default)"
+_FP32_WHY = "fp32 adapter weights on half-precision activations (on the CPU's fp32 default: the rows above)"
 
 FAMILY_SPECS = {
     "lora": Family(
@@ -443,7 +469,11 @@ FAMILY_SPECS = {
          Variant(LORA_CUBLAS_BASE, lora_kernel, fused=True, needs_impl="triton", base="cublas", why=_BASE_PIN_WHY),
          Variant(LORA_TMA_BASE, lora_kernel, fused=True, needs_impl="triton", base="tma", why=_BASE_PIN_WHY),
          Variant(REFERENCE, lora_reference), Variant("torch", lora_torch),
-         Variant("torch.compile", lora_compiled, gpu_only=True, why=_COMPILE_WHY, deferred=True), Variant("HF PEFT", lora_peft)],
+         Variant("torch.compile", lora_compiled, gpu_only=True, why=_COMPILE_WHY, deferred=True), Variant("HF PEFT", lora_peft),
+         Variant(LORA_FP32_ADAPTERS, lora_kernel_fp32_adapters, fused=True, gpu_only=True, why=_FP32_WHY,
+                 applies=lambda c: c["dropout"] == 0.0),
+         Variant(PEFT_FP32_ADAPTERS, lora_peft_default, gpu_only=True, why=_FP32_WHY,
+                 applies=lambda c: c["dropout"] == 0.0)],
         "peft_kernels.ops.lora"),
     "monarch": Family(
         "monarch", _monarch_configs, lambda c: f"N={c['nblocks']} r={c['blk_r']}",
