@@ -329,6 +329,18 @@ def test_monarch_launches_guarded_and_grid_within_cuda_limits(interpret, monkeyp
     big.assert_grid_within_cuda_limits()
 
 
+def _two_configs_each(monkeypatch, bench) -> None:
+    """Give each dedicated kernel two configs (the interpreter has one), a fresh tuning cache and
+    ``bench`` as its autotuner's timer, as a GPU's autotuner would meet them."""
+    for name in ("_monarch_fwd_kernel", "_monarch_bwd_dy1_kernel", "_monarch_bwd_dx_kernel"):
+        kernel = getattr(monarch_ops, name)
+        cfg = kernel.configs[0]
+        twin = type(cfg)(dict(cfg.kwargs), num_warps=cfg.num_warps * 2, num_stages=cfg.num_stages)
+        monkeypatch.setattr(kernel, "configs", [cfg, twin])
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setitem(kernel.__dict__, "do_bench", bench)
+
+
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_monarch_autotuning_leaves_outputs_and_inputs_alone(interpret, monkeypatch, dedicated, x_grad):
     """On a GPU the dedicated kernels autotune several configs on a new key; two of them add into
@@ -345,13 +357,7 @@ def test_monarch_autotuning_leaves_outputs_and_inputs_alone(interpret, monkeypat
         runs.append(1)
         return [1.0, 1.0, 1.0]
 
-    for name in ("_monarch_fwd_kernel", "_monarch_bwd_dy1_kernel", "_monarch_bwd_dx_kernel"):
-        kernel = getattr(monarch_ops, name)
-        cfg = kernel.configs[0]
-        twin = type(cfg)(dict(cfg.kwargs), num_warps=cfg.num_warps * 2, num_stages=cfg.num_stages)
-        monkeypatch.setattr(kernel, "configs", [cfg, twin])
-        monkeypatch.setattr(kernel, "cache", {})
-        monkeypatch.setitem(kernel.__dict__, "do_bench", bench)
+    _two_configs_each(monkeypatch, bench)
     x, weight, W1, W2, b, dy = (t.to(interpret) for t in _make((21,), 40, 24, 4, 8, True))
     xs = leaf(x, F32, requires_grad=x_grad)
     ws, W1s, W2s, bs = leaf(weight, F32, requires_grad=False), leaf(W1, F32), leaf(W2, F32), leaf(b, F32)
@@ -383,13 +389,7 @@ def test_monarch_tuning_keys_on_token_bucket(interpret, monkeypatch, dedicated):
         tuned.append(1)
         return [1.0, 1.0, 1.0]
 
-    for name in ("_monarch_fwd_kernel", "_monarch_bwd_dy1_kernel", "_monarch_bwd_dx_kernel"):
-        kernel = getattr(monarch_ops, name)
-        cfg = kernel.configs[0]
-        twin = type(cfg)(dict(cfg.kwargs), num_warps=cfg.num_warps * 2, num_stages=cfg.num_stages)
-        monkeypatch.setattr(kernel, "configs", [cfg, twin])
-        monkeypatch.setattr(kernel, "cache", {})
-        monkeypatch.setitem(kernel.__dict__, "do_bench", bench)
+    _two_configs_each(monkeypatch, bench)
 
     def step(T):
         x, weight, W1, W2, b, dy = (t.to(interpret) for t in _make((T,), 40, 24, 4, 8, True))

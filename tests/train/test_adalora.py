@@ -125,12 +125,7 @@ def test_mask_keeps_top_triplets_by_formula():
     alloc = RankAllocator(model, cfg)
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
-        for m in model.values():
-            for f in ("lora_A", "lora_E", "lora_B"):
-                p = getattr(m, f)
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=g))
-                p.grad = torch.randn(p.shape, generator=g)
+        _random_grads(model, g)
         alloc.update_ipt()
     # the triplet score written out from the stored EMAs
     s = {}
@@ -176,13 +171,19 @@ def test_allocator_needs_adalora_modules():
         RankAllocator(nn.Linear(3, 3), AdaLoRAConfig(total_step=10))
 
 
-def test_orthogonal_regularization_formula():
+def _ours_random_factors(seed: int):
+    """``_ours()`` with random A and B (far from orthogonal, so the regulariser is not ~0)."""
     model = _ours()
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
     for m in model.values():
         with torch.no_grad():
             m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g))
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g))
+    return model
+
+
+def test_orthogonal_regularization_formula():
+    model = _ours_random_factors(5)
     got = orthogonal_regularization(model, 0.5)
     terms = []
     for m in model.values():
@@ -199,12 +200,7 @@ def test_orthogonal_regularization_formula():
 def test_orthogonal_regularization_is_fp32_under_autocast():
     """The trainer adds the regulariser inside its bf16 autocast region; the Gram matmuls must not
     follow it into bf16 (||A A^T - I|| is a small difference of O(1) entries)."""
-    model = _ours()
-    g = torch.Generator().manual_seed(6)
-    for m in model.values():
-        with torch.no_grad():
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g))
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g))
+    model = _ours_random_factors(6)
     plain = orthogonal_regularization(model, 0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = orthogonal_regularization(model, 0.5)

@@ -56,14 +56,20 @@ def test_callback_prunes_ranks_under_hf_trainer(tmp_path):
     assert cb._hook is None  # the regulariser hook is removed at the end
 
 
-def test_callback_adds_orthogonal_regulariser_in_training_only(tmp_path):
+def _started(net: nn.Module, args=None):
+    """An AdaLoRA-adapted ``net`` with the callback started on it (10 steps), and one batch."""
     torch.manual_seed(0)
-    adapted = adapt(Net(), method="adalora", target_modules=["layers.0", "layers.1"], r=4)
+    adapted = adapt(net, method="adalora", target_modules=["layers.0", "layers.1"], r=4)
     cb = AdaLoRACallback()
     state = transformers.TrainerState()
     state.max_steps = 10
-    cb.on_train_begin(None, state, None, model=adapted.model)
+    cb.on_train_begin(args, state, None, model=adapted.model)
     batch = {"x": torch.randn(3, 7), "labels": torch.tensor([0, 1, 0])}
+    return adapted, cb, state, batch
+
+
+def test_callback_adds_orthogonal_regulariser_in_training_only(tmp_path):
+    adapted, cb, state, batch = _started(Net())
     from peft_kernels.train.adalora import orthogonal_regularization
     adapted.model.eval()
     plain = adapted.model(**batch)["loss"]
@@ -85,13 +91,7 @@ def test_callback_rejects_models_without_adalora():
 def test_callback_skips_steps_with_non_finite_gradients():
     """Under fp16 HF's grad scaler skips an overflowed optimizer step but still calls
     on_optimizer_step with the inf/nan gradients: they must not reach the importance EMAs."""
-    torch.manual_seed(0)
-    adapted = adapt(Net(), method="adalora", target_modules=["layers.0", "layers.1"], r=4)
-    cb = AdaLoRACallback()
-    state = transformers.TrainerState()
-    state.max_steps = 10
-    cb.on_train_begin(None, state, None, model=adapted.model)
-    batch = {"x": torch.randn(3, 7), "labels": torch.tensor([0, 1, 0])}
+    adapted, cb, state, batch = _started(Net())
     adapted.model(**batch)["loss"].backward()
     state.global_step = 0
     cb.on_optimizer_step(None, state, None)
@@ -118,15 +118,9 @@ def test_regulariser_is_per_optimizer_step_when_trainer_skips_the_accumulation_d
     once per optimizer step, as without accumulation."""
     from peft_kernels.train.adalora import orthogonal_regularization
 
-    torch.manual_seed(0)
-    adapted = adapt(LossKwargsNet(), method="adalora", target_modules=["layers.0", "layers.1"], r=4)
-    cb = AdaLoRACallback()
-    state = transformers.TrainerState()
-    state.max_steps = 10
     args = transformers.TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=4, use_cpu=True,
                                           report_to=[])
-    cb.on_train_begin(args, state, None, model=adapted.model)
-    batch = {"x": torch.randn(3, 7), "labels": torch.tensor([0, 1, 0])}
+    adapted, cb, state, batch = _started(LossKwargsNet(), args)
     adapted.model.eval()
     plain = adapted.model(**batch)["loss"]
     adapted.model.train()
