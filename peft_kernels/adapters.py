@@ -1024,6 +1024,12 @@ def _validate(method: str, modules: dict[str, nn.Module], meta: dict, tensors: d
                 problems.append(f"options of {n} differ: " + "; ".join(diffs))
     state, shared = _adapter_state(modules)
     ck_shared = dict(meta.get("shared") or {})
+    if shared != ck_shared:
+        # e.g. Lily saved with stride 1 loaded into a model built with stride 2: the model's shared
+        # LP would take one layer's checkpoint tensor and silently drop the other's
+        diff = sorted(set(shared.items()) ^ set(ck_shared.items()))
+        problems.append(f"the checkpoint shares parameters differently from the model ({len(diff)} difference(s), "
+                        f"e.g. {diff[:3]}; as (key, the key it shares): check options such as Lily's stride)")
     # resolve every key the model expects (shared ones included) to a checkpoint tensor
     expected = dict(state)
     expected.update({k: state[v] for k, v in shared.items()})

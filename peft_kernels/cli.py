@@ -70,11 +70,27 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _out_dir_error(out: str) -> str | None:
+    """Make ``--out`` (a directory) before a run, so a long GPU run cannot finish and then lose
+    its results to an unwritable path; the reason it cannot be used, or None."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        return f"--out {out!r} cannot be used as the output directory ({e.strerror or e})"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"--out {out!r} is not writable"
+    return None
+
+
 # ------------------------------------------------------------------------------------ commands
 def cmd_bench(args) -> int:
     from .bench.layer import run_bench
     from .bench.report import bench_text, write_bench
 
+    bad_out = _out_dir_error(args.out)
+    if bad_out:
+        print(f"peft-kernels bench: error: {bad_out}", file=sys.stderr)
+        return 2
     device = torch.device(args.device or _default_device())
     if device.type == "cpu":
         print("peft-kernels bench: no CUDA device, running the small CPU default on the torch path. "
@@ -96,6 +112,10 @@ def cmd_bench(args) -> int:
 def cmd_train_speed(args) -> int:
     from .bench.train_speed import TrainSpeedSettings, run_train_speed, train_speed_text, write_train_speed
 
+    bad_out = _out_dir_error(args.out)
+    if bad_out:
+        print(f"peft-kernels train-speed: error: {bad_out}", file=sys.stderr)
+        return 2
     device = torch.device(args.device or _default_device())
     gpu = device.type == "cuda"
     if not gpu:

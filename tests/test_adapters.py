@@ -210,6 +210,22 @@ def test_lily_shared_projectors_saved_once(tmp_path):
     torch.testing.assert_close(fresh(input_ids=x).logits, adapted(input_ids=x).logits, rtol=0, atol=0)
 
 
+def test_lily_checkpoint_with_other_sharing_is_refused(tmp_path):
+    """A Lily checkpoint saved with stride 1 loaded into a model built with stride 2 (one LP per
+    two layers): each checkpoint LP would have to collapse into one Parameter, dropping one layer's
+    silently. The sharing layouts must agree; the model stays unchanged."""
+    need_family("lily")
+    targets = dict(target_modules=["q_proj", "v_proj"], r=4, num_experts=2)
+    saved = adapt(tiny_llama(), "lily", stride=1, **targets)
+    randomize_adapters(saved)
+    saved.save(tmp_path)
+    other = adapt(tiny_llama(), "lily", stride=2, **targets)
+    before = {k: v.clone() for k, v in other.adapter_state()[0].items()}
+    with pytest.raises(CheckpointError, match="shares parameters differently"):
+        other.load(tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in other.adapter_state()[0].items())
+
+
 # ----------------------------------------------------------------------------- bad checkpoints
 
 

@@ -194,6 +194,36 @@ def test_train_speed_bad_model_path(tmp_path, capsys):
     assert "--model must be one of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content,match", [("[1, 2]", "is an object, got a list"),
+                                           ("{not json", "cannot read it as JSON"),
+                                           ('{"model_type": "llama", "hidden_size": "wide"}', "not a usable 'llama' config")])
+def test_train_speed_bad_model_config(tmp_path, capsys, content, match):
+    pytest.importorskip("transformers")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(content)
+    rc = main(["train-speed", "--model", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["bench", "--family", "lora"], ["train-speed"]])
+def test_unusable_out_fails_before_the_run(tmp_path, capsys, monkeypatch, command):
+    """--out is made (or refused) before anything is timed: a long GPU run must not finish and
+    then lose its results to an unwritable path."""
+    import peft_kernels.bench.layer as layer
+    import peft_kernels.bench.train_speed as ts
+
+    def no_run(*a, **k):
+        raise AssertionError("the run started before --out was checked")
+
+    monkeypatch.setattr(layer, "run_bench", no_run)
+    monkeypatch.setattr(ts, "run_train_speed", no_run)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main([*command, "--out", str(blocker), "--no-progress"]) == 2
+    assert "cannot be used as the output directory" in capsys.readouterr().err
+
+
 def test_info_via_python_m():
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     p = subprocess.run([sys.executable, "-m", "peft_kernels", "info"], capture_output=True, text=True,
@@ -317,8 +347,12 @@ def test_report_marks_targets_and_failures(tmp_path):
     res.rows += [base, kern, broken]
     text = bench_text(res)
     assert "NO" in text and "1.10" in text and "error: boom" in text and "peak MiB" in text
+    (tmp_path / "bench_sparse.png").write_bytes(b"an older run's figure")
     paths = write_bench(res, str(tmp_path))
     assert any(p.endswith("bench_lora.png") for p in paths)
+    assert not (tmp_path / "bench_sparse.png").exists()  # no stale figure beside this run's tables
+    write_bench(res, str(tmp_path), plots=False)
+    assert not (tmp_path / "bench_lora.png").exists()
 
 
 # ------------------------------------------------ LoRA base-pinned rows and the auto decisions

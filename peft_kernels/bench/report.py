@@ -234,6 +234,14 @@ def write_bench(result, out_dir: str, plots: bool = True) -> list:
                        fieldnames=DECISION_COLUMNS),
              write_csv(os.path.join(out_dir, "sparse_impl_decisions.csv"), sparse, result.meta, result.settings,
                        fieldnames=SPARSE_DECISION_COLUMNS)]
+    # an older run's figures would sit beside this run's tables (another --family, or --no-plots):
+    # remove every figure this command writes before drawing this run's
+    from .cases import FAMILY_SPECS
+
+    for fam in FAMILY_SPECS:
+        stale = os.path.join(out_dir, f"bench_{fam}.png")
+        if os.path.exists(stale):
+            os.unlink(stale)
     if plots:
         try:
             paths += plot_bench(result, out_dir)

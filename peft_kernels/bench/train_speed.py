@@ -81,11 +81,19 @@ def load_config(model: str):
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
     if not os.path.isfile(path):
         raise ValueError(f"--model must be one of {sorted(MODELS)} or a path to an HF config json, got {model!r}")
-    with open(path) as f:
-        d = json.load(f)
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"--model {path}: an HF config json is an object, got a {type(d).__name__}")
     d.pop("architectures", None)
     model_type = d.pop("model_type", "llama")
-    return AutoConfig.for_model(model_type, **d)
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except Exception as e:  # noqa: BLE001 - transformers raises several types for a bad config
+        raise ValueError(f"--model {path}: not a usable {model_type!r} config ({type(e).__name__}: {e})") from None
 
 
 def build_model(config, dtype: torch.dtype, device: torch.device) -> nn.Module:

@@ -1256,7 +1256,8 @@ def lora_group_down(x: torch.Tensor, lora_As: Sequence[torch.Tensor], impl: Opti
     """``[x @ A_i^T]`` (fp32 ``(T, r_i)``, T = every leading dim of x) for LoRA layers that read the
     same ``x``, in one pass over x (``LoRAGroupDownFunction``; dA for all of them in one pass in
     backward); pass each to its layer's ``lora_linear(..., xa=)``. None where the fused path would
-    not run (dispatch picks torch, a rank above ``MAX_RANK``): the layers then run on their own.
+    not run (dispatch picks torch, the members' ranks summing above ``MAX_RANK``): the layers then
+    run on their own.
 
     Only for that use: the outputs carry gradients to the A's but NOT to x (each layer's fused
     dX adds its ``s g A`` term itself), so any other use of them loses x's gradient."""
@@ -1275,7 +1276,11 @@ def _group_down(x: torch.Tensor, lora_As: Sequence[torch.Tensor], impl: Optional
     members' A's are checked module parameters)."""
     d_in = x.shape[-1]
     dtype = dispatch.compute_dtype(x)
-    if dispatch.choose("lora", x.device, dtype, impl) != "triton" or any(a.shape[0] > MAX_RANK for a in lora_As):
+    # the group's kernels run at the summed rank: above MAX_RANK (q/k/v at r = 128: 384, padded to
+    # 512) their tiles would not fit the register budget the single-layer kernels are sized for, so
+    # the members run alone (one pass over x each) instead
+    if (dispatch.choose("lora", x.device, dtype, impl) != "triton"
+            or sum(a.shape[0] for a in lora_As) > MAX_RANK):
         return None
     with torch.autocast(x.device.type, enabled=False):
         x2 = (x if x.dtype == dtype else x.to(dtype)).reshape(-1, d_in)

@@ -778,3 +778,14 @@ def test_fp32_adapter_weights_on_bf16_activations(interpret):
         err = (got.double() - want).abs().max().item()
         torch_err = (torch_err_from.double() - want).abs().max().item()
         assert err <= 2 * torch_err + 1e-3, (err, torch_err)
+
+
+def test_group_down_declines_a_summed_rank_above_max(interpret):
+    """A shared-input group runs its kernels at the members' summed rank; above MAX_RANK the
+    members run alone (None), where each still fits the single-layer kernels."""
+    x = torch.randn(5, 24, device=interpret)
+    half = L.MAX_RANK // 2
+    fits = [torch.randn(half, 24, device=interpret), torch.randn(half, 24, device=interpret)]
+    assert [t.shape for t in L.lora_group_down(x, fits, impl="triton")] == [(5, half), (5, half)]
+    over = fits + [torch.randn(1, 24, device=interpret)]
+    assert L.lora_group_down(x, over, impl="triton") is None
