@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -61,6 +62,31 @@ class _AdapterLinear(nn.Module):
         if self.training and self.dropout > 0.0:
             return self.dropout, torch.randint(0, 2**62, (1,))
         return 0.0, 0
+
+    # -- loading
+    def _check_incoming_state(self, state_dict, prefix: str) -> None:
+        """Refuse a ``load_state_dict`` before anything is copied (subclasses add their own checks).
+
+        A merged module's base weight holds the adapter's old change: loading new adapter (or base)
+        tensors into it leaves the forward on the old change while ``unmerge()`` subtracts the new
+        one, so the base weight drifts for good. ``AdaptedModel.load`` refuses merged modules too."""
+        if not self._merged:
+            return
+        touched = sorted(k for k in self.state_dict(prefix=prefix, keep_vars=True) if k in state_dict)
+        if touched:
+            raise RuntimeError(
+                f"cannot load {touched} into a merged {type(self).__name__}: its base weight holds the "
+                "adapter's current change, which unmerge() could no longer remove once the state is "
+                "replaced; call unmerge() first (and merge() again after loading)")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # checked here rather than in a registered hook so that modules unpickled from older
+        # versions are checked too; this runs before any of this module's tensors (or its
+        # children's, loaded after it) are copied, so a refused load leaves the module intact
+        self._check_incoming_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # -- merge protocol
     @property
@@ -173,11 +199,36 @@ class LoRALinear(_AdapterLinear):
     def delta_weight(self) -> torch.Tensor:
         return lora_delta_weight(self.lora_A.weight.float(), self.lora_B.weight.float(), self.scaling)
 
+    # A linked layer pickles / deep-copies its group as a bare placeholder (no references to the
+    # siblings, see SharedInputGroup.__getstate__) plus its own place in it; copies made together
+    # (a whole model) rejoin one new group, a layer copied alone comes back unlinked.
+    def __getstate__(self):
+        state = super().__getstate__()
+        group = state.get("_share_group")
+        if group is not None:
+            state["_share_index"] = group.index_of(self)
+        return state
+
+    def __setstate__(self, state):
+        index = state.pop("_share_index", None)
+        super().__setstate__(state)
+        group = self.__dict__.get("_share_group")
+        if group is not None:
+            # not one of the group's members (e.g. a data-parallel replica), or a shallow copy
+            # whose original still holds its place: unlinked
+            if index is None or not group._adopt(index, self):
+                del self.__dict__["_share_group"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
             return self.base_layer(x)
         p, seed = self._dropout_and_seed()
         group = self.__dict__.get("_share_group")
+        if group is not None and not torch.compiler.is_compiling() and not group.complete():
+            # copied or unpickled without its siblings (or a sibling was freed): work alone (not
+            # while compiling: xa_for runs each layer alone there anyway, nothing to trace here)
+            del self.__dict__["_share_group"]
+            group = None
         xa = group.xa_for(self, x) if group is not None and p == 0.0 else None
         return lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
                            self.base_layer.bias, self.scaling, p, seed, impl=self.impl, xa=xa)
@@ -197,6 +248,11 @@ DEFAULT_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"
                          ("wq", "wk", "wv"), ("w1", "w3"))
 
 
+def _no_member():
+    """Placeholder reference of a copied group's member that has not rejoined it (yet)."""
+    return None
+
+
 class SharedInputGroup:
     """LoRA layers called one after another with the same input tensor (``q = q_proj(h); k =
     k_proj(h); v = v_proj(h)``). The first member called computes every member's ``x @ A^T`` in
@@ -213,54 +269,87 @@ class SharedInputGroup:
     differentiated in one backward (two separate ``backward()`` calls through different members
     need ``retain_graph=True`` on the first). A round some member never takes (that member was
     not called, or was called with another tensor) keeps its input and buffers alive until the
-    group's next call (``reset()`` drops it); copies and pickles of the model leave it out."""
+    group's next call (``reset()`` drops it); copies and pickles of the model leave it out.
+
+    The group refers to its members weakly: a member's state (pickle, deepcopy) carries the group
+    and its own index, never its siblings, so saving or copying one layer stays one layer's worth.
+    Members copied together in one deepcopy / pickle rejoin one new group; a layer copied alone
+    finds its group incomplete and unlinks itself on its next call."""
 
     def __init__(self, members):
-        self.members = tuple(members)
+        self._refs = [weakref.ref(m) for m in members]
         self._round = None
 
-    def __getstate__(self):  # deepcopy / pickle: the links, not a round in progress
-        return {"members": self.members, "_round": None}
+    def __getstate__(self):
+        # deepcopy / pickle: only the size; each member re-registers itself (LoRALinear.__setstate__).
+        # Never the siblings (they would be saved or copied along) nor a round in progress.
+        return {"n_members": len(self._refs)}
 
-    def _eligible(self, x: torch.Tensor) -> bool:
-        first = self.members[0]
+    def __setstate__(self, state):
+        self._refs = [_no_member] * state["n_members"]
+        self._round = None
+
+    def _adopt(self, index: int, member: "LoRALinear") -> bool:
+        """Take ``member`` as the copy of member ``index``; False if that place is already taken
+        (a shallow ``copy.copy`` shares the live group: the copy must not replace the original)."""
+        if not 0 <= index < len(self._refs) or self._refs[index]() is not None:
+            return False
+        self._refs[index] = weakref.ref(member)
+        return True
+
+    @property
+    def members(self) -> tuple:
+        """The linked layers, in group order (None for one not copied along or freed)."""
+        return tuple(r() for r in self._refs)
+
+    def complete(self) -> bool:
+        return all(r() is not None for r in self._refs)
+
+    def index_of(self, member: "LoRALinear") -> Optional[int]:
+        return next((k for k, r in enumerate(self._refs) if r() is member), None)
+
+    @staticmethod
+    def _eligible(x: torch.Tensor, members: tuple) -> bool:
+        first = members[0]
         w = first.lora_A.weight
         return not x.is_inference() and not torch.is_inference_mode_enabled() and all(
             not m._merged and not (m.training and m.dropout > 0.0) and m.impl == first.impl
-            and m.lora_A.weight.device == w.device and m.lora_A.weight.dtype == w.dtype for m in self.members)
+            and m.lora_A.weight.device == w.device and m.lora_A.weight.dtype == w.dtype for m in members)
 
     def reset(self) -> None:
         """Drop the round in progress (it holds the last input and its down-projections)."""
         self._round = None
 
-    def _state(self, x: torch.Tensor) -> tuple:
+    @staticmethod
+    def _state(x: torch.Tensor, members: tuple) -> tuple:
         """What a round is valid for, besides the input's identity."""
         return (x._version, torch.is_grad_enabled(), dispatch.compute_dtype(x),
-                tuple((m.lora_A.weight, m.lora_A.weight._version) for m in self.members))
+                tuple((m.lora_A.weight, m.lora_A.weight._version) for m in members))
 
     def xa_for(self, member: "LoRALinear", x: torch.Tensor) -> Optional[torch.Tensor]:
         """``member``'s down-projection of ``x`` from the group's pass, or None (run alone)."""
         if torch.compiler.is_compiling():
             return None
-        i = next((k for k, m in enumerate(self.members) if m is member), None)
-        if i is None:  # e.g. an nn.DataParallel replica: its members are copies
+        members = self.members  # resolve the weak references once per call
+        i = next((k for k, m in enumerate(members) if m is member), None)
+        if i is None or None in members:  # e.g. an nn.DataParallel replica: its members are copies
             return None
         rnd = self._round
         if rnd is not None:
             rx, state, pending = rnd
-            if rx is x and i in pending and self._same(state, self._state(x)):  # rx: never an inference tensor
+            if rx is x and i in pending and self._same(state, self._state(x, members)):  # rx: never an inference tensor
                 xa = pending.pop(i)
                 if not pending:
                     self._round = None
                 return xa
         self._round = None
-        if not self._eligible(x):
+        if not self._eligible(x, members):
             return None
-        xas = _group_down(x, [m.lora_A.weight for m in self.members], member.impl)
+        xas = _group_down(x, [m.lora_A.weight for m in members], member.impl)
         if xas is None:
             return None
         pending = {k: xa for k, xa in enumerate(xas) if k != i}
-        self._round = (x, self._state(x), pending) if pending else None
+        self._round = (x, self._state(x, members), pending) if pending else None
         return xas[i]
 
     @staticmethod

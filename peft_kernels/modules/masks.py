@@ -127,16 +127,20 @@ def accumulate_scores(model_or_layer: nn.Module, batches: Iterable, loss_fn: Cal
     params = list(model_or_layer.parameters())
     saved_flags = [p.requires_grad for p in params]
     saved_grads = [p.grad for p in params]
-    scores = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in named}
+    # One score (and one hook) per distinct weight: linears sharing a weight (tied layers) share
+    # its gradient, which the first of two hooks would already have dropped.
+    names_of: dict = {}
+    for n, m in named:
+        names_of.setdefault(id(m.weight), (m.weight, []))[1].append(n)
+    scores = {key: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for key, (w, _) in names_of.items()}
+    hits = {key: 0 for key in names_of}
     handles = []
 
-    hits = {n: 0 for n, _ in named}
-
-    def make_hook(name):
+    def make_hook(key):
         def hook(w):
             g = w.grad.detach().float()
-            scores[name].add_(g.square() if method == "fisher" else g.abs())
-            hits[name] += 1
+            scores[key].add_(g.square() if method == "fisher" else g.abs())
+            hits[key] += 1
             w.grad = None  # drop the dense gradient right away: one alive at a time
         return hook
 
@@ -144,17 +148,17 @@ def accumulate_scores(model_or_layer: nn.Module, batches: Iterable, loss_fn: Cal
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-        for n, m in named:
-            m.weight.requires_grad_(True)
-            handles.append(m.weight.register_post_accumulate_grad_hook(make_hook(n)))
+        for key, (w, _) in names_of.items():
+            w.requires_grad_(True)
+            handles.append(w.register_post_accumulate_grad_hook(make_hook(key)))
         seen = 0
         for batch in batches:
-            if seen >= n_samples:
-                break
             loss = loss_fn(model_or_layer, batch)
             check_tensor("loss", loss, ndim=0)
             loss.backward()
             seen += 1
+            if seen == n_samples:  # stop here: asking the iterator again would consume a batch unused
+                break
         if seen == 0:
             raise ValueError("batches yielded nothing to calibrate on")
     finally:
@@ -163,13 +167,18 @@ def accumulate_scores(model_or_layer: nn.Module, batches: Iterable, loss_fn: Cal
         for p, flag, grad in zip(params, saved_flags, saved_grads):
             p.requires_grad_(flag)
             p.grad = grad
-    silent = [n for n, c in hits.items() if c == 0]
+    silent = [n for key, c in hits.items() if c == 0 for n in names_of[key][1]]
     if silent:
         # e.g. layers the loss does not reach, or already wrapped by an adapter whose kernel treats
         # the base weight as frozen: score the plain model before wrapping its layers.
         warnings.warn(f"accumulate_scores: no weight gradient reached {silent}; their scores are zero",
                       stacklevel=2)
-    return {n: s.div_(seen) for n, s in scores.items()}
+    out = {}
+    for key, (_, names) in names_of.items():
+        s = scores[key].div_(seen)
+        for i, n in enumerate(names):
+            out[n] = s if i == 0 else s.clone()  # each name its own tensor, as for unshared weights
+    return {n: out[n] for n, _ in named}
 
 
 __all__ = ["METHODS", "accumulate_scores", "dense_to_csr", "mask_nnz", "select_mask"]

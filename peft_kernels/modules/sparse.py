@@ -153,6 +153,31 @@ class SparseLinear(_AdapterLinear):
         if was_merged:
             self.merge(keep_original=kept)
 
+    def _check_incoming_state(self, state_dict, prefix: str) -> None:
+        """Check the incoming mask before torch copies anything: torch skips a tensor whose shape
+        differs but still copies the others, so a checkpoint with another nnz would land its crow
+        (same size) beside the old col/values and leave a mask that no longer fits together."""
+        super()._check_incoming_state(state_dict, prefix)
+        d_out = self.out_features
+        want = {"crow": (d_out + 1,), "col": (self.nnz,), "values": (self.nnz,)}
+        got = {k: state_dict[prefix + k] for k in want if isinstance(state_dict.get(prefix + k), torch.Tensor)}
+        for k, t in got.items():
+            if tuple(t.shape) == want[k]:
+                continue
+            if k == "crow":
+                raise ValueError(f"{prefix}crow must have shape ({d_out + 1},) for out_features={d_out}, "
+                                 f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"{prefix}{k} has shape {tuple(t.shape)}, but this SparseLinear's mask has nnz={self.nnz} "
+                f"(expected shape ({self.nnz},)): a checkpoint with another mask size needs a module built "
+                f"with it (e.g. mask=(crow, col) from the checkpoint); the module was left unchanged")
+        if "crow" in got or "col" in got:
+            # validate the mask this load would leave (the loaded parts beside the kept ones) on the
+            # CPU, in the buffers' dtype, so a corrupt mask is refused with the module unchanged
+            crow = got.get("crow", self.crow).detach().to("cpu", torch.int64)
+            col = got.get("col", self.col).detach().to("cpu", torch.int64)
+            check_csr(crow, col, torch.empty(col.shape[0]), (d_out, self.in_features))
+
     def _adapter_state_loaded(self) -> None:
         """Called after a checkpoint was copied into the buffers: validate the new mask, rebuild the transpose."""
         check_csr(self.crow, self.col, self.values, (self.out_features, self.in_features))

@@ -122,6 +122,47 @@ def test_merge_unmerge_round_trip(interpret):
         torch.testing.assert_close(m.to_linear()(x), y_merged, rtol=1e-5, atol=1e-5)  # unmerged -> merged copy
 
 
+def _merge_family(name: str):
+    # imported here: the merge protocol under test lives in _AdapterLinear, shared by all of them
+    from peft_kernels.modules.adalora import AdaLoRALinear
+    from peft_kernels.modules.monarch import MonarchLinear
+    from peft_kernels.modules.sparse import SparseLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12)
+    make = {"lora": lambda: LoRALinear.from_linear(lin, r=2, impl="torch"),
+            "adalora": lambda: AdaLoRALinear.from_linear(lin, r=3, impl="torch"),
+            "sparse": lambda: SparseLinear.from_linear(lin, density=0.2, lora_r=2, impl="torch"),
+            "monarch": lambda: MonarchLinear.from_linear(lin, nblocks=2, blk_r=2)}[name]
+    m = make()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_()
+    return m
+
+
+@pytest.mark.parametrize("family", ["lora", "adalora", "sparse", "monarch"])
+def test_load_state_dict_into_a_merged_module_is_refused(family):
+    """A merged module's forward kept the old merged change while unmerge() subtracted the newly
+    loaded one: the base weight drifted for good. The load is now refused, before any copy."""
+    m = _merge_family(family)
+    w0 = m.base_layer.weight.detach().clone()
+    other = {k: torch.randn_like(v) if v.is_floating_point() else v.clone()
+             for k, v in m.state_dict().items() if not k.startswith("base_layer.")}
+    m.merge()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"merged .*unmerge\(\) first"):
+        m.load_state_dict(other, strict=False)
+    with pytest.raises(RuntimeError, match=r"'0\.base_layer\.weight'.*unmerge\(\) first"):
+        nn.Sequential(m).load_state_dict({"0.base_layer.weight": w0}, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    m.unmerge()
+    torch.testing.assert_close(m.base_layer.weight, w0, rtol=0, atol=1e-5)
+    m.load_state_dict(other, strict=False)  # unmerged: loads
+    assert all(torch.equal(v, other[k]) for k, v in m.state_dict().items() if k in other)
+
+
 def test_train_eval_dropout_switch(interpret):
     m = LoRALinear.from_linear(nn.Linear(D_IN, D_OUT), r=4, alpha=8.0, dropout=0.5, impl="triton").to(interpret)
     _randomise_B(m)

@@ -5,6 +5,7 @@ changes, partial use, dropout, deterministic mode, activation checkpointing and 
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -179,6 +180,58 @@ def test_unlink_and_bad_options(interpret):
         adapt(copy.deepcopy(nn.Sequential(Attn())), "monarch", target_modules="all-linear", share_inputs=True)
     g = SharedInputGroup([am.model[0].q_proj, am.model[0].k_proj])
     assert g.xa_for(am.model[0].q_proj, torch.randn(2, 24, device=interpret)).shape == (2, 4)
+
+
+def _saved_bytes(obj) -> int:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.tell()
+
+
+def test_one_linked_layer_saves_and_copies_alone(interpret, monkeypatch):
+    """The group held its members strongly, so saving or deep-copying one linked layer took its
+    siblings (base weights included) along, and the copy's calls left rounds for them."""
+    am = _model(interpret)
+    attn = am.model[0]
+    q = attn.q_proj
+    alone = copy.deepcopy(q)
+    alone.__dict__.pop("_share_group", None)
+    assert _saved_bytes(q) < _saved_bytes(alone) + 512  # a placeholder group, not k and v
+
+    c = copy.deepcopy(q)
+    assert c._share_group is not q._share_group
+    assert c._share_group.members[0] is c and c._share_group.members[1:] == (None, None)
+    assert q._share_group.members == (q, attn.k_proj, attn.v_proj)  # the original is untouched
+    h = torch.randn(3, 24, device=interpret)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(c(h), q(h))
+    assert "_share_group" not in c.__dict__  # unlinked on its first call: no orphan round
+    assert len(calls) == 1  # the original's group pass only
+    q._share_group.reset()
+
+    shallow = copy.copy(q)  # shares the live group: must not take q's place in it
+    assert "_share_group" not in shallow.__dict__ and q._share_group.members[0] is q
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_whole_model_copy_relinks(interpret, monkeypatch, how):
+    am = _model(interpret)
+    if how == "deepcopy":
+        dup = copy.deepcopy(am)
+    else:
+        buf = io.BytesIO()
+        torch.save(am, buf)
+        buf.seek(0)
+        dup = torch.load(buf, weights_only=False)
+    for orig, new in zip(am.model, dup.model):
+        assert new.q_proj._share_group is not orig.q_proj._share_group
+        assert new.q_proj._share_group.members == (new.q_proj, new.k_proj, new.v_proj)
+    x = torch.randn(2, 5, 24, device=interpret)
+    want = _step(_model(interpret, share=False), x)
+    calls = _spy(monkeypatch)
+    _assert_same(_step(dup, x), want)
+    assert len(calls) == 2  # re-linked: one group pass per block
 
 
 def test_llama_groups_q_k_v_and_gate_up(interpret, monkeypatch):

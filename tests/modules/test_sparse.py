@@ -112,6 +112,31 @@ def test_accumulate_scores_targets_and_errors():
 
 
 # ----------------------------------------------------------------------------------- SparseLinear
+def test_accumulate_scores_tied_weight_scored_once_for_every_name():
+    """Two target linears sharing one weight: one hook per weight (a second hook found the gradient
+    already dropped and crashed), and every name gets that weight's score."""
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model = nn.Sequential(a, b)
+    batches = [torch.randn(2, 4) for _ in range(3)]
+
+    def loss_fn(m, x):
+        return m(x).square().sum()
+
+    scores = accumulate_scores(model, batches, loss_fn, n_samples=3)
+    want = sum(torch.autograd.grad(loss_fn(model, x), [a.weight])[0].square() for x in batches) / 3
+    torch.testing.assert_close(scores["0"], want)
+    torch.testing.assert_close(scores["1"], want)
+    assert scores["0"] is not scores["1"]  # separate tensors, as for unshared weights
+    assert a.weight.grad is None
+
+
+def test_accumulate_scores_consumes_exactly_n_samples_batches():
+    it = iter([torch.randn(2, 4) for _ in range(5)])
+    accumulate_scores(nn.Linear(4, 4), it, lambda m, x: m(x).sum(), n_samples=2)
+    assert len(list(it)) == 3  # the third batch was pulled and dropped before
+
+
 def test_fresh_module_is_base_and_protocol():
     lin = _linear()
     m = SparseLinear.from_linear(lin, density=0.05, seed=3, impl=IMPL)
@@ -289,9 +314,39 @@ def test_load_state_dict_rejects_a_corrupt_mask(corrupt):
         row = int(((crow[1:] - crow[:-1]) >= 2).nonzero()[0])
         i = int(crow[row])
         col[i], col[i + 1] = col[i + 1].clone(), col[i].clone()
-    dst = SparseLinear.from_linear(src.base_layer, **src.adapter_config(), impl=IMPL)
+    dst = SparseLinear.from_linear(src.base_layer, **{**src.adapter_config(), "seed": 7}, impl=IMPL)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
     with pytest.raises(ValueError, match="crow|col"):
         dst.load_state_dict(state, strict=False)
+    # refused before anything was copied
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+
+
+def test_load_state_dict_with_another_nnz_leaves_the_module_intact():
+    """torch skips the mismatched col/values but copied crow (same size), and the post-load check
+    then blamed crow: the module was left with the new crow and the old col/values."""
+    src = SparseLinear.from_linear(_linear(), density=0.02, seed=1, impl=IMPL)
+    dst = SparseLinear.from_linear(_linear(), density=0.04, seed=2, impl=IMPL)
+    with torch.no_grad():
+        dst.values.normal_()
+    x = torch.randn(5, D_IN)
+    y0 = dst(x)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"col has shape \({src.nnz},\).*nnz={dst.nnz}"):
+        dst.load_state_dict(src.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+    torch.testing.assert_close(dst(x), y0)
+    with pytest.raises(ValueError, match=rf"values has shape \({src.nnz},\).*nnz={dst.nnz}"):
+        dst.load_state_dict({"values": src.values.detach()}, strict=False)
+    with pytest.raises(ValueError, match=rf"crow must have shape \({D_OUT + 1},\)"):
+        dst.load_state_dict({"crow": src.crow[:-1]}, strict=False)
+    model = nn.Sequential(dst)
+    with pytest.raises(ValueError, match=r"0\.col has shape"):  # names the full key
+        model.load_state_dict(nn.Sequential(src).state_dict())
+    # a module built with the checkpoint's mask loads it
+    fit = SparseLinear.from_linear(_linear(), mask=(src.crow, src.col), impl=IMPL)
+    fit.load_state_dict(src.state_dict())
+    torch.testing.assert_close(fit(x), src(x))
 
 
 def test_training_step_updates_only_values():
