@@ -63,28 +63,53 @@ class _AdapterLinear(nn.Module):
             return self.dropout, torch.randint(0, 2**62, (1,))
         return 0.0, 0
 
-    # -- loading
-    def _check_incoming_state(self, state_dict, prefix: str) -> None:
-        """Refuse a ``load_state_dict`` before anything is copied (subclasses add their own checks).
+    # -- saving and loading
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # whether base_layer.weight holds the adapter's change, in the state dict's metadata (no
+        # extra key: the keys stay PEFT's); torch.save keeps it, a safetensors round trip does not
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]]["merged"] = self._merged
 
-        A merged module's base weight holds the adapter's old change: loading new adapter (or base)
-        tensors into it leaves the forward on the old change while ``unmerge()`` subtracts the new
-        one, so the base weight drifts for good. ``AdaptedModel.load`` refuses merged modules too."""
+    def _check_incoming_state(self, state_dict, prefix: str, local_metadata: Optional[dict] = None) -> None:
+        """Refuse a ``load_state_dict`` whose base weight and adapter would not fit together, before
+        anything is copied (subclasses add their own checks).
+
+        A merged module's base weight holds the adapter's change, an unmerged one's does not. A
+        state saved merged (the metadata says so) loads into a merged module and a state saved
+        unmerged into an unmerged one; across, the change would be counted twice, or the forward
+        would keep the old change while ``unmerge()`` subtracted the new one (the base weight then
+        drifts for good). Without metadata (a dict built by hand, a safetensors file) only adapter
+        tensors arriving without their base weight into a merged module are known to be wrong."""
+        incoming = (local_metadata or {}).get("merged")
+        name = type(self).__name__
+        if incoming is not None:
+            if bool(incoming) != self._merged:
+                saved, here = ("merged", "unmerged") if incoming else ("unmerged", "merged")
+                fix = "merge()" if incoming else "unmerge()"
+                where = repr(prefix[:-1]) if prefix else "this module"
+                raise RuntimeError(
+                    f"cannot load the state of {where}, saved from {'a' if incoming else 'an'} {saved} {name}, "
+                    f"into this {here} "
+                    f"one: the base weight would count the adapter's change {'twice' if incoming else 'never'} "
+                    f"(and unmerge() would then drift it); call {fix} on this module first")
+            return
         if not self._merged:
             return
-        touched = sorted(k for k in self.state_dict(prefix=prefix, keep_vars=True) if k in state_dict)
-        if touched:
+        keys = [k for k in self.state_dict(prefix=prefix, keep_vars=True) if k in state_dict]
+        if keys and prefix + "base_layer.weight" not in state_dict:
             raise RuntimeError(
-                f"cannot load {touched} into a merged {type(self).__name__}: its base weight holds the "
-                "adapter's current change, which unmerge() could no longer remove once the state is "
-                "replaced; call unmerge() first (and merge() again after loading)")
+                f"cannot load {sorted(keys)} into a merged {name}: its base weight holds the adapter's "
+                "current change, which unmerge() could no longer remove once the adapter is replaced; "
+                "call unmerge() first (and merge() again after loading)")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # checked here rather than in a registered hook so that modules unpickled from older
         # versions are checked too; this runs before any of this module's tensors (or its
         # children's, loaded after it) are copied, so a refused load leaves the module intact
-        self._check_incoming_state(state_dict, prefix)
+        self._check_incoming_state(state_dict, prefix, local_metadata)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -216,7 +241,14 @@ class LoRALinear(_AdapterLinear):
         if group is not None:
             # not one of the group's members (e.g. a data-parallel replica), or a shallow copy
             # whose original still holds its place: unlinked
-            if index is None or not group._adopt(index, self):
+            if index is None:
+                # pickled before the weak references: the old group state names its members, and
+                # may be restored after this member (a reference cycle); linked unless it is
+                # restored already and does not name this one
+                linked = getattr(group, "_refs", None) is None or group.index_of(self) is not None
+            else:
+                linked = group._adopt(index, self)
+            if not linked:
                 del self.__dict__["_share_group"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +318,10 @@ class SharedInputGroup:
         return {"n_members": len(self._refs)}
 
     def __setstate__(self, state):
-        self._refs = [_no_member] * state["n_members"]
+        if "members" in state:  # pickled before the weak references (whole models only)
+            self._refs = [weakref.ref(m) for m in state["members"]]
+        else:
+            self._refs = [_no_member] * state["n_members"]
         self._round = None
 
     def _adopt(self, index: int, member: "LoRALinear") -> bool:

@@ -153,11 +153,11 @@ class SparseLinear(_AdapterLinear):
         if was_merged:
             self.merge(keep_original=kept)
 
-    def _check_incoming_state(self, state_dict, prefix: str) -> None:
+    def _check_incoming_state(self, state_dict, prefix: str, local_metadata=None) -> None:
         """Check the incoming mask before torch copies anything: torch skips a tensor whose shape
         differs but still copies the others, so a checkpoint with another nnz would land its crow
         (same size) beside the old col/values and leave a mask that no longer fits together."""
-        super()._check_incoming_state(state_dict, prefix)
+        super()._check_incoming_state(state_dict, prefix, local_metadata)
         d_out = self.out_features
         want = {"crow": (d_out + 1,), "col": (self.nnz,), "values": (self.nnz,)}
         got = {k: state_dict[prefix + k] for k in want if isinstance(state_dict.get(prefix + k), torch.Tensor)}

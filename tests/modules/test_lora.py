@@ -143,20 +143,41 @@ def _merge_family(name: str):
 
 
 @pytest.mark.parametrize("family", ["lora", "adalora", "sparse", "monarch"])
-def test_load_state_dict_into_a_merged_module_is_refused(family):
-    """A merged module's forward kept the old merged change while unmerge() subtracted the newly
-    loaded one: the base weight drifted for good. The load is now refused, before any copy."""
+def test_load_state_dict_respects_the_merge_state(family):
+    """A state dict records (in its metadata) whether its base weight holds the adapter's change.
+    Merged -> merged and unmerged -> unmerged load exactly; across they would count the change
+    twice or never (and unmerge() would drift the base weight), so they are refused before any
+    copy. Without metadata, adapter tensors arriving alone into a merged module are refused."""
     m = _merge_family(family)
     w0 = m.base_layer.weight.detach().clone()
-    other = {k: torch.randn_like(v) if v.is_floating_point() else v.clone()
-             for k, v in m.state_dict().items() if not k.startswith("base_layer.")}
+    x = torch.randn(5, m.in_features)
+    unmerged_sd = m.state_dict()  # a state dict holds its tensors: clone them, keep the metadata
+    for k, v in unmerged_sd.items():
+        unmerged_sd[k] = v.clone()
+    y = m(x)
     m.merge()
-    before = {k: v.clone() for k, v in m.state_dict().items()}
+    merged_sd = m.state_dict()
+    twin = _merge_family(family)
+    with torch.no_grad():  # another adapter: the load must replace it, base weight included
+        for p in twin.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    twin.merge()
+    twin.load_state_dict(merged_sd)  # merged -> merged: exact, and unmerges to the same weight
+    torch.testing.assert_close(twin(x), y, rtol=1e-5, atol=1e-5)
+    twin.unmerge()
+    torch.testing.assert_close(twin.base_layer.weight, w0, rtol=0, atol=1e-5)
+    fresh = _merge_family(family)  # unmerged
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"saved from a merged .*into this unmerged one.* twice.*call merge\(\)"):
+        fresh.load_state_dict(merged_sd)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(RuntimeError, match=r"saved from an unmerged .*into this merged one.*call unmerge\(\)"):
+        m.load_state_dict(unmerged_sd)
+    other = {k: torch.randn_like(v) if v.is_floating_point() else v.clone()
+             for k, v in unmerged_sd.items() if not k.startswith("base_layer.")}  # plain dict: no metadata
     with pytest.raises(RuntimeError, match=r"merged .*unmerge\(\) first"):
         m.load_state_dict(other, strict=False)
-    with pytest.raises(RuntimeError, match=r"'0\.base_layer\.weight'.*unmerge\(\) first"):
-        nn.Sequential(m).load_state_dict({"0.base_layer.weight": w0}, strict=False)
-    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     m.unmerge()
     torch.testing.assert_close(m.base_layer.weight, w0, rtol=0, atol=1e-5)
     m.load_state_dict(other, strict=False)  # unmerged: loads

@@ -234,6 +234,27 @@ def test_whole_model_copy_relinks(interpret, monkeypatch, how):
     assert len(calls) == 2  # re-linked: one group pass per block
 
 
+def test_model_pickled_before_weak_links_still_loads_linked(interpret, monkeypatch):
+    """Whole models pickled by the earlier group (which stored its members) load, linked."""
+    from peft_kernels.modules.lora import LoRALinear, SharedInputGroup
+
+    am = _model(interpret)
+    with monkeypatch.context() as m:  # the earlier pickled form: the group names its members
+        m.setattr(SharedInputGroup, "__getstate__", lambda self: {"members": self.members, "_round": None})
+        m.setattr(LoRALinear, "__getstate__", lambda self: dict(nn.Module.__getstate__(self)))
+        buf = io.BytesIO()
+        torch.save(am, buf)
+    buf.seek(0)
+    dup = torch.load(buf, weights_only=False)
+    for new in dup.model:
+        assert new.q_proj._share_group.members == (new.q_proj, new.k_proj, new.v_proj)
+    x = torch.randn(2, 5, 24, device=interpret)
+    want = _step(_model(interpret, share=False), x)
+    calls = _spy(monkeypatch)
+    _assert_same(_step(dup, x), want)
+    assert len(calls) == 2
+
+
 def test_llama_groups_q_k_v_and_gate_up(interpret, monkeypatch):
     """On an HF Llama, adapt(..., share_inputs=True) links q/k/v and gate/up in every layer, each
     group runs one pass per step, and loss and every gradient match the unlinked model."""
