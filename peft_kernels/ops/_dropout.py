@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import tl, triton
+from ._triton import capturing, tl, triton
 
 DROPOUT_CAPTURE_MSG = ("peft_kernels: adapter dropout cannot run inside a CUDA graph capture: its seed is read on the "
                        "host when the kernels are launched, so every replay of the graph would apply the captured "
@@ -35,14 +35,8 @@ def host_seed(seed: torch.Tensor, device: torch.device) -> int:
     graph capture on that device's stream first (``DROPOUT_CAPTURE_MSG``: a baked seed would
     silently repeat one mask at every replay) instead of capturing something wrong. A seed tensor
     on a GPU is read with a sync; the modules draw theirs on the CPU."""
-    if device.type == "cuda":
-        if device.index is None or device.index == torch.cuda.current_device():
-            capturing = torch.cuda.is_current_stream_capturing()
-        else:
-            with torch.cuda.device(device):
-                capturing = torch.cuda.is_current_stream_capturing()
-        if capturing:
-            raise RuntimeError(DROPOUT_CAPTURE_MSG)
+    if capturing(device):
+        raise RuntimeError(DROPOUT_CAPTURE_MSG)
     return int(seed.item())
 
 

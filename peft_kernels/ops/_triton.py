@@ -94,6 +94,17 @@ def sm_major(device: torch.device) -> int:
     return _properties(_index(device)).major
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (never off CUDA). Asked on
+    that device, not the current one: a process driving several GPUs may capture on another."""
+    if device.type != "cuda":
+        return False
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 # --------------------------------------------------------------------------------- custom ops
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -297,7 +308,7 @@ def _refuse_capture(args: tuple) -> None:
     stored on disk would load its kernel module for the first time, both of which a CUDA graph
     capture cannot contain: say so instead of failing inside triton."""
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    if dev is not None and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if dev is not None and capturing(dev):
         raise RuntimeError(CAPTURE_WARMUP_MSG)
 
 
@@ -339,4 +350,5 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict, inplace: tuple = ()) -
 
 
 __all__ = ["triton", "tl", "HAS_TRITON", "launch_tuned", "precompile_configs", "PRECOMPILE_ENV", "tuning_bench",
-           "TUNE_CACHE", "CAPTURE_WARMUP_MSG", "cdiv", "next_pow2", "sm_count", "sm_major", "custom_op", "EagerOp"]
+           "TUNE_CACHE", "CAPTURE_WARMUP_MSG", "cdiv", "next_pow2", "sm_count", "sm_major", "capturing", "custom_op",
+           "EagerOp"]

@@ -94,8 +94,8 @@ from ..reference._philox import drop_threshold, keep_scale
 from ._autograd import first_order_only
 from ._casts import to_rne
 from ._dropout import dropout_keep_tile, host_seed
-from ._triton import CAPTURE_WARMUP_MSG, HAS_TRITON, TUNE_CACHE, cdiv, custom_op, launch_tuned, next_pow2, sm_count, \
-    sm_major, tl, triton, tuning_bench
+from ._triton import CAPTURE_WARMUP_MSG, HAS_TRITON, TUNE_CACHE, capturing, cdiv, custom_op, launch_tuned, \
+    next_pow2, sm_count, sm_major, tl, triton, tuning_bench
 
 BASE_ENV = "PEFT_KERNELS_BASE"
 # who runs the frozen product; tma: the Triton GEMM with TMA tile loads (Hopper+, aligned operands,
@@ -839,9 +839,7 @@ def _auto_base(x, w, c, left, right, bias, scale, dropout_p, seed, out_dtype, ti
     if timer is None:
         if x.device.type != "cuda":
             return "triton"
-        with _DeviceGuard(x.device):  # the operands' GPU's stream, not the current device's
-            capturing = torch.cuda.is_current_stream_capturing()
-        if capturing:
+        if capturing(x.device):  # the operands' GPU's stream, not the current device's
             # nothing can be timed, and a base that never ran in this process would load its
             # kernel inside the capture, which CUDA forbids
             raise RuntimeError(CAPTURE_WARMUP_MSG)
@@ -1217,8 +1215,10 @@ def lora_linear(
 
     ``impl`` picks ``triton`` / ``torch`` (default: dispatch). ``base`` (``triton``/``cublas``/``tma``/
     ``auto``, default ``PEFT_KERNELS_BASE`` or ``auto``) picks who runs the base GEMM on the Triton
-    path (see the module docstring). Under autocast the Triton path casts every operand to the autocast dtype first (the
-    casts are differentiable, so fp32 adapter weights get fp32 gradients). ``seed`` is an int or a
+    path (see the module docstring). Under autocast the Triton path runs in the autocast dtype: x, W0
+    and the bias are cast first (differentiable casts), the adapter weights are read in that dtype
+    by ``LoRAFunction``, which returns their gradients in their own (fp32 weights: fp32 gradients,
+    no cast nodes). ``seed`` is an int or a
     one-element integer tensor; a tensor is never read here (only inside the custom ops, or by
     tensor ops on the torch path), so ``torch.compile`` traces dropout without a graph break."""
     check_lora_args(x, weight, lora_A, lora_B, bias, dropout_p, seed, scaling)

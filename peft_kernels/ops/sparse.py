@@ -57,7 +57,7 @@ from ..reference.sparse import sparse as _reference_sparse
 from ..reference.sparse import sparse_adapter as _reference_sparse_adapter
 from ._autograd import first_order_only
 from ._casts import to_rne
-from ._triton import HAS_TRITON, cdiv, custom_op, tl, triton
+from ._triton import HAS_TRITON, capturing, cdiv, custom_op, tl, triton
 
 # bf16 casts round to nearest under the interpreter as on a GPU (see ``_casts``)
 _INTERPRETER = tl.constexpr(dispatch.interpreter_enabled()) if HAS_TRITON else False
@@ -343,7 +343,7 @@ def measured_impl(which: str, forced: bool, x2, crow, col, val, d_out: int, time
     if torch.compiler.is_compiling():  # nothing can be timed while tracing: the static order
         return which
     if timer is None:
-        if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        if x2.device.type != "cuda" or capturing(x2.device):
             return which
         from .lora import _time_ms as timer
     xt = x2.detach().t().contiguous()
