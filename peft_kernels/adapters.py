@@ -286,12 +286,10 @@ def adapter_dtype_for(spec: str, base_dtype: torch.dtype) -> torch.dtype:
     return _DTYPE_NAMES[spec]
 
 
-def _cast_adapters(modules: dict[str, nn.Module], spec: Optional[str]) -> None:
-    """Put every adapter weight in the dtype ``spec`` gives for its base layer (``None``: leave
-    them as built). In place on the Parameters (``.data``), so a Parameter shared between layers
-    (Lily's HPs/LPs) stays one object; done before any optimizer sees them."""
-    if spec is None:
-        return
+def _cast_adapters(modules: dict[str, nn.Module], spec: str) -> None:
+    """Put every adapter weight in the dtype ``spec`` gives for its base layer. In place on the
+    Parameters (``.data``), so a Parameter shared between layers (Lily's HPs/LPs) stays one object;
+    done before any optimizer sees them."""
     for m in modules.values():
         target = adapter_dtype_for(spec, m.base_layer.weight.dtype)
         for k, p in m.named_parameters():
@@ -300,7 +298,7 @@ def _cast_adapters(modules: dict[str, nn.Module], spec: Optional[str]) -> None:
 
 
 def _install(model: nn.Module, method: str, options: dict, modules: dict[str, nn.Module],
-             conv1d: dict[str, bool], snapshot, adapter_dtype: Optional[str] = "auto") -> "AdaptedModel":
+             conv1d: dict[str, bool], snapshot, adapter_dtype: str = "auto") -> "AdaptedModel":
     _cast_adapters(modules, adapter_dtype)
     for name, m in modules.items():
         _set_submodule(model, name, m)
@@ -403,12 +401,12 @@ class AdaptedModel(nn.Module):
 
     def __init__(self, model: nn.Module, method: str, options: dict, names: Sequence[str],
                  conv1d: Optional[dict[str, bool]] = None, requires_grad_snapshot=None,
-                 adapter_dtype: Optional[str] = "auto"):
+                 adapter_dtype: str = "auto"):
         super().__init__()
         self.model = model
         self.method = method
         self.options = dict(options)
-        self.adapter_dtype = adapter_dtype  # canonical spec (adapter_dtype_spec); None: as converted
+        self.adapter_dtype = adapter_dtype  # canonical spec (adapter_dtype_spec), saved with the adapter
         self._names = list(names)
         self._conv1d = dict(conv1d or {})  # Conv1D name -> its weight's original requires_grad
         self._snapshot = requires_grad_snapshot or {}
@@ -562,7 +560,7 @@ class AdaptedModel(nn.Module):
             "target_modules": list(self._names),
             "modules": {n: _module_config(m) for n, m in self.adapted_modules().items()},
             "conv1d": sorted(self._conv1d),
-            "adapter_dtype": self.adapter_dtype or "auto",
+            "adapter_dtype": self.adapter_dtype,
         }
 
     def save(self, directory: Union[str, os.PathLike], peft_format: Optional[bool] = None,
@@ -1258,12 +1256,13 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
             del base.peft_config  # set by PEFT's injection; the model is no longer a PEFT model
         except AttributeError:
             pass
-    options = dict(plan[0][4])
-    first = plan[0]
-    peft_dtype = first[1].lora_A[first[2]].weight.dtype
-    spec = "auto" if peft_dtype == adapter_dtype_for("auto", first[3].weight.dtype) else adapter_dtype_spec(peft_dtype)
-    return _install(base, "lora", options, modules, conv1d, snapshot, spec)
+    _, m0, a0, base0, opts0 = plan[0]
+    # the adapter dtype PEFT used, as the spec that reproduces it (its default: "auto")
+    peft_dtype = m0.lora_A[a0].weight.dtype
+    spec = "auto" if peft_dtype == adapter_dtype_for("auto", base0.weight.dtype) else adapter_dtype_spec(peft_dtype)
+    return _install(base, "lora", dict(opts0), modules, conv1d, snapshot, spec)
 
 
-__all__ = ["adapt", "adapter_dtype_spec", "adapter_dtype_for", "AdaptedModel", "CheckpointError", "load_adapted", "load_peft_checkpoint", "from_peft_model",
-           "read_checkpoint", "select_modules", "family_class", "FAMILIES", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["adapt", "adapter_dtype_spec", "adapter_dtype_for", "AdaptedModel", "CheckpointError", "load_adapted",
+           "load_peft_checkpoint", "from_peft_model", "read_checkpoint", "select_modules", "family_class", "FAMILIES",
+           "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -161,28 +161,25 @@ def _lora_params(setup: Setup, cfg: dict):
     return A, B, 2.0  # alpha = 2r, PEFT's usual choice -> scaling 2
 
 
-def lora_kernel(setup: Setup, cfg: dict, impl: Optional[str] = None, base: Optional[str] = None):
+def lora_kernel(setup: Setup, cfg: dict, impl: Optional[str] = None, base: Optional[str] = None,
+                fp32_adapters: bool = False):
     """The fused op; ``base`` pins who runs the frozen product on the Triton path (``triton``:
     Triton GEMM with the LoRA term in its epilogue, ``cublas``: cuBLAS + in-place LoRA pass);
-    ``None`` is the op's own default (``PEFT_KERNELS_BASE``, else ``auto``: timed per shape)."""
+    ``None`` is the op's own default (``PEFT_KERNELS_BASE``, else ``auto``: timed per shape).
+    ``fp32_adapters``: A/B in fp32 on the layer's (half-precision) activations, what ``adapt``
+    builds on a bf16/fp16 model by default (PEFT's default too); the kernels read bf16 copies."""
     from peft_kernels.ops.lora import lora_linear
 
     A, B, s = _lora_params(setup, cfg)
+    if fp32_adapters:
+        A, B = (t.detach().float().requires_grad_(True) for t in (A, B))
     x, w, p = setup.x, setup.weight, cfg["dropout"]
     kw = {} if base is None else {"base": base}
     return (lambda: lora_linear(x, w, A, B, scaling=s, dropout_p=p, seed=SEED, impl=impl, **kw)), [A, B]
 
 
 def lora_kernel_fp32_adapters(setup: Setup, cfg: dict, impl: Optional[str] = None, base: Optional[str] = None):
-    """The fused op with fp32 A/B on half-precision activations: what ``adapt`` builds on a
-    bf16/fp16 model by default (PEFT's default too); the kernels read bf16 copies of A/B."""
-    from peft_kernels.ops.lora import lora_linear
-
-    A, B, s = _lora_params(setup, cfg)
-    A, B = (t.detach().float().requires_grad_(True) for t in (A, B))
-    x, w, p = setup.x, setup.weight, cfg["dropout"]
-    kw = {} if base is None else {"base": base}
-    return (lambda: lora_linear(x, w, A, B, scaling=s, dropout_p=p, seed=SEED, impl=impl, **kw)), [A, B]
+    return lora_kernel(setup, cfg, impl, base, fp32_adapters=True)
 
 
 def lora_reference(setup: Setup, cfg: dict):

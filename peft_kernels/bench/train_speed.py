@@ -246,7 +246,7 @@ def _adapters_text(s: TrainSpeedSettings) -> str:
     if s.adapter_dtype == "auto":
         return ("both libraries' default: " + ("fp32 adapter weights in the half-precision model (HF PEFT's "
                                                "autocast_adapter_dtype=True)" if half else "the model's dtype"))
-    return f"weights in the model dtype for every variant (HF PEFT built with autocast_adapter_dtype=False)"
+    return "weights in the model dtype for every variant (HF PEFT built with autocast_adapter_dtype=False)"
 
 
 def run_train_speed(s: TrainSpeedSettings, progress: bool = True) -> TrainSpeedResult:

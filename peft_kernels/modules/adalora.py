@@ -67,12 +67,8 @@ class AdaLoRALinear(_AdapterLinear):
         """Keep triplet i iff ``mask[i]`` is nonzero/True; shape ``(r,)``. A merged module is
         unmerged with the old mask and re-merged with the new one, so the weight stays right."""
         check_tensor("mask", mask, shape=(self.r,), dtypes=None)
-        was_merged, kept = self._merged, self.keeps_original
-        if was_merged:
-            self.unmerge()
-        self.rank_mask.copy_((mask.to(self.rank_mask.device) != 0).to(self.rank_mask.dtype))
-        if was_merged:
-            self.merge(keep_original=kept)  # a kept original stays kept (unmerge() restored it exactly)
+        with self._unmerged():
+            self.rank_mask.copy_((mask.to(self.rank_mask.device) != 0).to(self.rank_mask.dtype))
 
     def effective_A(self) -> torch.Tensor:
         """``A * (E * mask)[:, None]``, the ``(r, d_in)`` operand the LoRA kernel sees."""

@@ -15,6 +15,7 @@ on the fused path they share one down-projection pass over it, forward and backw
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -121,6 +122,18 @@ class _AdapterLinear(nn.Module):
     def _merged_weight(self, sign: float) -> torch.Tensor:
         w = self.base_layer.weight
         return (w.float() + sign * self.delta_weight().float()).to(w.dtype)
+
+    @contextlib.contextmanager
+    def _unmerged(self):
+        """Change what the adapter computes (a mask) inside this: a merged module is unmerged with
+        the old adapter and merged again with the new one after (a kept original stays kept:
+        ``unmerge()`` restored it exactly), so the merged weight stays right."""
+        was_merged, kept = self._merged, self.keeps_original
+        if was_merged:
+            self.unmerge()
+        yield
+        if was_merged:
+            self.merge(keep_original=kept)
 
     @torch.no_grad()
     def merge(self, keep_original: bool = False) -> None:

@@ -144,14 +144,10 @@ class SparseLinear(_AdapterLinear):
         crow, col = _mask_to_csr(mask, (self.out_features, self.in_features))
         if col.shape != self.col.shape:
             raise ValueError(f"set_mask needs the same nnz={self.nnz}, got {col.shape[0]}")
-        was_merged, kept = self._merged, self.keeps_original
-        if was_merged:
-            self.unmerge()
-        self.crow.copy_(crow)
-        self.col.copy_(col)
-        self._refresh_transpose()
-        if was_merged:
-            self.merge(keep_original=kept)
+        with self._unmerged():
+            self.crow.copy_(crow)
+            self.col.copy_(col)
+            self._refresh_transpose()
 
     def _check_incoming_state(self, state_dict, prefix: str, local_metadata=None) -> None:
         """Check the incoming mask before torch copies anything: torch skips a tensor whose shape

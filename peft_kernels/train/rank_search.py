@@ -18,7 +18,6 @@ the optimiser and the search space open; *this package's choices*:
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -77,11 +76,11 @@ def adapt_with_ranks(model: nn.Module, method: str, ranks: Mapping[str, int], **
 
 def linear_shape(module: nn.Module, name: str = "module") -> tuple:
     """``(d_out, d_in)`` of an ``nn.Linear`` or a ``transformers`` ``Conv1D`` (GPT-2's, weight ``(in, out)``)."""
+    from ..adapters import _is_conv1d
+
     if isinstance(module, nn.Linear):
         return tuple(module.weight.shape)
-    # checked without importing transformers: a Conv1D exists only if transformers is loaded
-    hf = sys.modules.get("transformers.pytorch_utils")
-    if hf is not None and isinstance(module, getattr(hf, "Conv1D", ())):
+    if _is_conv1d(module):
         return (module.nf, module.nx)
     raise ValueError(f"{name!r} is a {type(module).__name__}, not an nn.Linear or transformers Conv1D")
 
