@@ -21,6 +21,7 @@ turn them back into ``Conv1D`` so the model's own state dict layout is preserved
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -448,11 +449,52 @@ class AdaptedModel(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method!r}, adapted={len(self._names)} modules"
 
+    # -- switching the adapters off and on (HF PEFT's names)
+    def disable_adapter_layers(self) -> None:
+        """Every adapted layer computes its base layer alone until ``enable_adapter_layers()``;
+        merged layers are unmerged first (with a warning each, as in PEFT). Adapter parameters
+        keep their values and ``requires_grad`` flags."""
+        for m in self.adapted_modules().values():
+            m.enable_adapters(False)
+
+    def enable_adapter_layers(self) -> None:
+        """Switch every adapted layer's adapter back on (merged layers stay unmerged)."""
+        for m in self.adapted_modules().values():
+            m.enable_adapters(True)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """``with handle.disable_adapter(): ...`` runs the base model alone (PEFT's
+        ``PeftModel.disable_adapter()``: e.g. the reference model of DPO-style training without a
+        second copy of the weights). On exit, even after an exception, every layer is as it was:
+        layers that were enabled are enabled again and merged layers are merged again. A merged
+        layer is unmerged for the duration (exactly if it was merged with ``keep_original=True``;
+        otherwise within ``unmerge()``'s rounding, in both directions)."""
+        states = [(m, m.disable_adapters, m.merged, getattr(m, "keeps_original", False))
+                  for m in self.adapted_modules().values()]
+        try:
+            for m, _, merged, _ in states:
+                if merged:
+                    m.unmerge()
+                m.enable_adapters(False)
+            yield self
+        finally:
+            for m, disabled, merged, kept in states:
+                m.enable_adapters(not disabled)
+                if merged and not m.merged:
+                    m.merge(keep_original=kept)
+
     # -- merging
     def _check_mergeable(self) -> None:
         if self.method in UNMERGEABLE:
             raise ValueError(f"{self.method} adapters route per batch/token and have no input-independent "
                              "dense change: they cannot be merged (keep the adapter modules for inference)")
+
+    def _check_enabled(self, action: str) -> None:
+        off = [n for n, m in self.adapted_modules().items() if m.disable_adapters]
+        if off:
+            raise RuntimeError(f"cannot {action} with disabled adapters (their forward is the base layer alone): "
+                               f"{off[:3]}{' ...' if len(off) > 3 else ''}; call enable_adapter_layers() first")
 
     def _check_untied(self, action: str) -> None:
         """Refuse to merge into a base weight the model also uses elsewhere (GPT-2 / tied-embedding
@@ -494,6 +536,7 @@ class AdaptedModel(nn.Module):
         self._check_mergeable()
         if not isinstance(keep_original, bool):
             raise TypeError(f"keep_original must be a bool, got {type(keep_original).__name__}")
+        self._check_enabled("merge")
         self._check_untied("merge")
         for m in self.adapted_modules().values():
             if not m.merged:
@@ -520,6 +563,7 @@ class AdaptedModel(nn.Module):
         layer's weight and bias take the flags of the ones they replace. Raises ValueError, changing
         nothing, when an adapted base weight is tied to another tensor of the model."""
         self._check_mergeable()
+        self._check_enabled("merge_and_unload")
         self._check_untied("merge_and_unload")
         for name, m in self.adapted_modules().items():
             lin = m.to_linear()

@@ -718,3 +718,90 @@ def test_adapter_dtype_is_saved_with_the_adapter(tmp_path):
     again = load_adapted(tiny_llama().to(torch.bfloat16), tmp_path / "lora")
     assert again.adapter_dtype == "base"
     assert {p.dtype for p in again.trainable_parameters()} == {torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- switching adapters off
+
+
+@pytest.mark.parametrize("method", sorted(FAMILY_OPTIONS))
+def test_disable_adapter_runs_the_base_model_and_restores(method):
+    """``with handle.disable_adapter():`` is the frozen model exactly (forward, and no gradient
+    reaches the adapters), and everything is as before afterwards, also after an exception."""
+    need_family(method)
+    ids = batch()
+    base_model = tiny_llama()
+    base_out = base_model(input_ids=ids).logits.detach()
+    adapted = adapt(tiny_llama(), method, target_modules=["q_proj", "v_proj", "down_proj"], **FAMILY_OPTIONS[method])
+    randomize_adapters(adapted)
+    adapted_out = adapted(input_ids=ids).logits.detach()
+    assert (adapted_out - base_out).abs().max() > 1e-3  # the adapters do change the output
+    with adapted.disable_adapter() as handle:
+        assert handle is adapted
+        assert all(m.disable_adapters for m in adapted.adapted_modules().values())
+        out = adapted(input_ids=ids).logits
+        torch.testing.assert_close(out.detach(), base_out, rtol=0, atol=0)
+        assert not out.requires_grad  # nothing trainable took part (adapt froze everything else)
+    assert not any(m.disable_adapters for m in adapted.adapted_modules().values())
+    torch.testing.assert_close(adapted(input_ids=ids).logits.detach(), adapted_out, rtol=0, atol=0)
+    with pytest.raises(KeyError):
+        with adapted.disable_adapter():
+            raise KeyError("inside")
+    torch.testing.assert_close(adapted(input_ids=ids).logits.detach(), adapted_out, rtol=0, atol=0)
+    # the layer-level switch (PEFT's names); a layer switched off before the context stays off after it
+    first = next(iter(adapted.adapted_modules().values()))
+    first.enable_adapters(False)
+    with adapted.disable_adapter():
+        pass
+    assert first.disable_adapters
+    adapted.enable_adapter_layers()
+    torch.testing.assert_close(adapted(input_ids=ids).logits.detach(), adapted_out, rtol=0, atol=0)
+    adapted.disable_adapter_layers()
+    torch.testing.assert_close(adapted(input_ids=ids).logits.detach(), base_out, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        first.enable_adapters(1)
+    if method in MERGEABLE:
+        with pytest.raises(RuntimeError, match="disabled adapters"):
+            adapted.merge()
+        with pytest.raises(RuntimeError, match="enable_adapters"):
+            first.merge()
+        assert not any(m.merged for m in adapted.adapted_modules().values())
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_disable_adapter_on_a_merged_model(method):
+    """A merged model is unmerged inside the context and merged again on exit (bit-exact with
+    ``keep_original=True``); the layer-level switch unmerges with a warning, like PEFT's."""
+    need_family(method)
+    ids = batch()
+    base_out = tiny_llama()(input_ids=ids).logits.detach()
+    adapted = adapt(tiny_llama(), method, target_modules=["q_proj", "down_proj"], **FAMILY_OPTIONS[method])
+    randomize_adapters(adapted)
+    adapted.merge(keep_original=True)
+    weights = {n: m.base_layer.weight.detach().clone() for n, m in adapted.adapted_modules().items()}
+    merged_out = adapted(input_ids=ids).logits.detach()
+    with adapted.disable_adapter():
+        assert not any(m.merged for m in adapted.adapted_modules().values())
+        torch.testing.assert_close(adapted(input_ids=ids).logits.detach(), base_out, rtol=0, atol=0)
+    for n, m in adapted.adapted_modules().items():
+        assert m.merged and m.keeps_original
+        assert torch.equal(m.base_layer.weight, weights[n])
+    torch.testing.assert_close(adapted(input_ids=ids).logits.detach(), merged_out, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="unmerging"):
+        adapted.disable_adapter_layers()
+    assert not any(m.merged for m in adapted.adapted_modules().values())
+    torch.testing.assert_close(adapted(input_ids=ids).logits.detach(), base_out, rtol=0, atol=0)
+
+
+def test_disable_adapter_under_torch_compile():
+    """A compiled model follows the switch (dynamo guards on it) instead of replaying the graph
+    traced with the adapters on."""
+    ids = batch()
+    base_out = tiny_llama()(input_ids=ids).logits.detach()
+    adapted = adapt(tiny_llama(), "lora", target_modules=["q_proj", "v_proj"], **FAMILY_OPTIONS["lora"])
+    randomize_adapters(adapted)
+    eager = adapted(input_ids=ids).logits.detach()
+    compiled = torch.compile(adapted.model, backend="aot_eager")
+    torch.testing.assert_close(compiled(input_ids=ids).logits.detach(), eager, rtol=1e-5, atol=1e-5)
+    with adapted.disable_adapter():
+        torch.testing.assert_close(compiled(input_ids=ids).logits.detach(), base_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(input_ids=ids).logits.detach(), eager, rtol=1e-5, atol=1e-5)

@@ -80,7 +80,7 @@ class AdaLoRALinear(_AdapterLinear):
                                     rank_mask=self.rank_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._merged:
+        if self._merged or self._adapters_disabled:
             return self.base_layer(x)
         p, seed = self._dropout_and_seed()
         return lora_linear(x, self.base_layer.weight, self.effective_A(), self.lora_B, self.base_layer.bias,

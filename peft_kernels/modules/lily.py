@@ -29,6 +29,7 @@ from torch import nn
 from .._checks import check_choice, check_positive_int, check_tensor
 from ..ops.lily import lily_linear
 from ..reference.lily import ROUTINGS
+from .lora import _AdapterSwitch
 
 __all__ = ["LilyLinear", "MoELoRALinear", "build_lily", "MergeNotSupportedError"]
 
@@ -62,8 +63,8 @@ def _kaiming(shape, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t)
 
 
-class _RouterMixBase(nn.Module):
-    """Shared plumbing: frozen base layer, merge refusal, protocol properties."""
+class _RouterMixBase(_AdapterSwitch, nn.Module):
+    """Shared plumbing: frozen base layer, merge refusal, protocol properties, the on/off switch."""
 
     family = ""
     routing = "token"
@@ -146,6 +147,8 @@ class LilyLinear(_RouterMixBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base_layer
+        if self._adapters_disabled:
+            return b(x)
         return lily_linear(x, b.weight, self.lp, self.router, self.hp, b.bias, scaling=self.scaling,
                            routing=self.routing, router_input="h", impl=self.impl)
 
@@ -190,6 +193,8 @@ class MoELoRALinear(_RouterMixBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base_layer
+        if self._adapters_disabled:
+            return b(x)
         return lily_linear(x, b.weight, self.lora_A, self.router, self.lora_B, b.bias, scaling=self.scaling,
                            routing="token", router_input="x", impl=self.impl)
 

@@ -30,7 +30,31 @@ from ..ops.lora import _group_down, lora_linear
 from ..reference.lora import lora_delta_weight, lora_scaling
 
 
-class _AdapterLinear(nn.Module):
+class _AdapterSwitch:
+    """Turning a layer's adapter off and on, with HF PEFT's names (``layer.disable_adapters``,
+    ``layer.enable_adapters(enabled)``). A disabled layer computes its base layer alone; its
+    adapter parameters keep their values and ``requires_grad`` flags (they get no gradient while
+    unused; PEFT also flips ``requires_grad`` off and back on, which would undo a user's own
+    freezing). Disabling a merged layer unmerges it first, as PEFT does (``AdaptedModel.
+    disable_adapter()`` merges it again on exit). Runtime state only: never saved or loaded."""
+
+    _adapters_disabled = False  # class default: also for modules pickled before the switch existed
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while the adapter is switched off (PEFT's attribute of the same name)."""
+        return self._adapters_disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        if not enabled and self.merged:
+            warnings.warn(f"{type(self).__name__} is merged: unmerging it to disable its adapter", stacklevel=2)
+            self.unmerge()
+        self._adapters_disabled = not enabled
+
+
+class _AdapterLinear(_AdapterSwitch, nn.Module):
     """A frozen ``base_layer`` and the merge protocol; subclasses add the adapter and define
     ``delta_weight()`` (the dense ``(d_out, d_in)`` change, fp32)."""
 
@@ -151,6 +175,9 @@ class _AdapterLinear(nn.Module):
         if self._merged:
             warnings.warn(f"{type(self).__name__} is already merged; merge() does nothing", stacklevel=2)
             return
+        if self._adapters_disabled:
+            raise RuntimeError(f"{type(self).__name__}: cannot merge a disabled adapter (its forward is the base layer "
+                               "alone); call enable_adapters(True) first")
         original = self.base_layer.weight.detach().clone() if keep_original else None
         self.base_layer.weight.copy_(self._merged_weight(+1.0))
         self.register_buffer("_original_weight", original, persistent=False)
@@ -265,7 +292,7 @@ class LoRALinear(_AdapterLinear):
                 del self.__dict__["_share_group"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._merged:
+        if self._merged or self._adapters_disabled:
             return self.base_layer(x)
         p, seed = self._dropout_and_seed()
         group = self.__dict__.get("_share_group")
@@ -361,7 +388,7 @@ class SharedInputGroup:
         first = members[0]
         w = first.lora_A.weight
         return not x.is_inference() and not torch.is_inference_mode_enabled() and all(
-            not m._merged and not (m.training and m.dropout > 0.0) and m.impl == first.impl
+            not m._merged and not m._adapters_disabled and not (m.training and m.dropout > 0.0) and m.impl == first.impl
             and m.lora_A.weight.device == w.device and m.lora_A.weight.dtype == w.dtype for m in members)
 
     def reset(self) -> None:

@@ -63,7 +63,7 @@ class MonarchLinear(_AdapterLinear):
     # --- forward -------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._merged:
+        if self._merged or self._adapters_disabled:
             return self.base_layer(x)
         p = self.dropout if self.training else 0.0
         # drawn from torch's default CPU generator so torch.manual_seed reproduces it and

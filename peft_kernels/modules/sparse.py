@@ -196,7 +196,7 @@ class SparseLinear(_AdapterLinear):
         return self.impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._merged:
+        if self._merged or self._adapters_disabled:
             return self.base_layer(x)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if self.lora_r == 0:

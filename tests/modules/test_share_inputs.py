@@ -333,3 +333,18 @@ def test_review_edge_cases(interpret, monkeypatch):
     with pytest.raises(TypeError, match="sequences of child names"):
         share_inputs(am.model, [("q_proj", 3)])
     adapt(nn.Sequential(Attn()).to(interpret), "lora", target_modules="all-linear", share_inputs=None)
+
+
+def test_a_disabled_member_leaves_the_group_exact(interpret, monkeypatch):
+    """A member switched off (``enable_adapters(False)``) computes its base layer alone; its group
+    runs no shared pass while it is off, and the siblings' outputs and gradients are those of the
+    unlinked model with the same member off."""
+    x = torch.randn(3, 5, 24, device=interpret)
+    grouped, alone = _model(interpret), _model(interpret, share=False)
+    for am in (grouped, alone):
+        am.model[0].k_proj.enable_adapters(False)
+    calls = _spy(monkeypatch)
+    got = _step(grouped, x)
+    assert len(calls) == 1  # the second block's group only
+    assert not any("0.k_proj.lora" in n for n in got[1])
+    _assert_same(got, _step(alone, x))
