@@ -29,6 +29,7 @@ _LAZY = {
     "SparseLinear": "peft_kernels.modules.sparse",
     "LilyLinear": "peft_kernels.modules.lily",
     "MoELoRALinear": "peft_kernels.modules.lily",
+    "ModuleToSave": "peft_kernels.modules.to_save",
     # whole-model use
     "adapt": "peft_kernels.adapters",
     "AdaptedModel": "peft_kernels.adapters",

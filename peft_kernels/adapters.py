@@ -83,8 +83,9 @@ def family_class(method: str) -> type:
 
 
 def _is_adapter(m: nn.Module) -> bool:
-    """A module wrapping a frozen base layer (ours, or PEFT's LoraLayer): never adapt inside it."""
-    return "base_layer" in m._modules
+    """A module wrapping a frozen base layer (ours, or PEFT's LoraLayer) or a module trained in full
+    (ours, or PEFT's ModulesToSaveWrapper): never adapt inside it."""
+    return "base_layer" in m._modules or "original_module" in m._modules
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -185,6 +186,66 @@ def _describe_available(names: Sequence[str]) -> str:
     return f"available linear names: {short} (e.g. full name {names[0]!r})"
 
 
+def _inside(name: str, other: str) -> bool:
+    """``name`` is ``other`` or a submodule of it (dotted paths; "" is the root)."""
+    return other == "" or name == other or name.startswith(other + ".")
+
+
+def select_modules_to_save(model: nn.Module, modules_to_save, adapted: Sequence[str] = (),
+                           strict: bool = True, exact: bool = False) -> list[str]:
+    """Full names of the modules ``modules_to_save`` names, by HF PEFT's rule (a module is taken
+    when its full name ends with one of the strings: ``"classifier"``, ``"model.score"``), in
+    model order. ``strict``: a string that matches nothing is an error (PEFT ignores it, and does
+    so for the ``classifier``/``score`` pair its sequence-classification models add). ``exact``:
+    full names only (our checkpoints). A module that holds, or sits inside, an adapted layer or
+    another module to save is refused."""
+    if modules_to_save is None:
+        return []
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    patterns = list(modules_to_save)
+    if not all(isinstance(t, str) and t for t in patterns):
+        raise TypeError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
+    def match(n: str, t: str) -> bool:
+        return n == t if exact else n.endswith(t)
+
+    blocked = [n for n, m in model.named_modules() if n and _is_adapter(m)]
+    chosen = [n for n, _ in model.named_modules() if n and any(match(n, t) for t in patterns)
+              and not any(_inside(n, b) for b in blocked)]
+    if strict:
+        unmatched = [t for t in patterns if not any(match(n, t) for n in chosen)]
+        if unmatched:
+            how = "no module has that full name" if exact else \
+                "a module is taken when its full name ends with the string, as in HF PEFT"
+            raise ValueError(f"modules_to_save {unmatched} match no module of {type(model).__name__} ({how})")
+    problems = [f"{n!r} overlaps the adapted layer {a!r}" for n in chosen for a in adapted
+                if _inside(n, a) or _inside(a, n)]
+    problems += [f"{n!r} sits inside {o!r}, also matched" for n in chosen for o in chosen if o != n and _inside(n, o)]
+    if problems:
+        raise ValueError("modules_to_save cannot take these modules (a module is trained in full or adapted, "
+                         "once):\n  - " + "\n  - ".join(problems))
+    return chosen
+
+
+def _wrap_to_save(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """A ``ModuleToSave`` per name (built, not installed), refusing modules with tied weights: the
+    trained copy would silently come apart from the weight it shares (a tied ``lm_head``)."""
+    from .modules.to_save import ModuleToSave
+
+    owners: dict = {}
+    for n, t in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(t), []).append(n)
+    out = {}
+    for name in names:
+        m = model.get_submodule(name)
+        tied = sorted({o for p in m.parameters() for o in owners.get(id(p), ()) if not _inside(o, name)})
+        if tied:
+            raise ValueError(f"modules_to_save: {name!r} shares parameters with {tied} (tied weights); its trained "
+                             "copy would no longer be tied. Untie it first, or leave it out")
+        out[name] = ModuleToSave(m)
+    return out
+
+
 # ----------------------------------------------------------------------------- module surgery
 
 
@@ -218,7 +279,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _adapter_items(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The adapter's own persistent state: everything in its state dict not under ``base_layer.``
-    (the live Parameter/buffer objects, so shared tensors can be recognised by identity)."""
+    (the live Parameter/buffer objects, so shared tensors can be recognised by identity); for a
+    module trained in full, its trained copy's state under the module's own names (PEFT's keys)."""
+    if "original_module" in module._modules:
+        yield from module.trained_state().items()
+        return
     for k, t in module.state_dict(keep_vars=True).items():
         if not k.startswith("base_layer."):
             yield k, t
@@ -299,13 +364,18 @@ def _cast_adapters(modules: dict[str, nn.Module], spec: str) -> None:
 
 
 def _install(model: nn.Module, method: str, options: dict, modules: dict[str, nn.Module],
-             conv1d: dict[str, bool], snapshot, adapter_dtype: str = "auto") -> "AdaptedModel":
+             conv1d: dict[str, bool], snapshot, adapter_dtype: str = "auto",
+             to_save: Optional[dict[str, nn.Module]] = None) -> "AdaptedModel":
     _cast_adapters(modules, adapter_dtype)
-    for name, m in modules.items():
+    for name, m in itertools.chain(modules.items(), (to_save or {}).items()):
         _set_submodule(model, name, m)
     _freeze_all_but_adapters(model, modules)
+    for m in (to_save or {}).values():
+        for p in m.trained_module.parameters():
+            if p.is_floating_point() or p.is_complex():
+                p.requires_grad_(True)
     return AdaptedModel(model, method, options, list(modules), conv1d=conv1d, requires_grad_snapshot=snapshot,
-                        adapter_dtype=adapter_dtype)
+                        adapter_dtype=adapter_dtype, to_save=list(to_save or ()))
 
 
 def _base_linears(model: nn.Module, names: Sequence[str], snapshot: dict,
@@ -334,7 +404,7 @@ def _base_linears(model: nn.Module, names: Sequence[str], snapshot: dict,
 
 
 def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: Optional[Iterable[int]] = None,
-          adapter_dtype="auto", **method_options) -> "AdaptedModel":
+          adapter_dtype="auto", modules_to_save=None, **method_options) -> "AdaptedModel":
     """Replace the matching linear layers of ``model`` in place and freeze everything else.
 
     ``target_modules``: names matching the last component(s) of a module path (``"q_proj"``,
@@ -352,6 +422,11 @@ def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: O
     ``"base"`` keeps them in the base weight's dtype; a dtype (``torch.bfloat16``, ``"float32"``)
     fixes it. The fused kernels run in the activations' dtype either way (fp32 weights are cast on
     the way in, their gradients come back in fp32); it is saved with the adapter.
+
+    ``modules_to_save``: modules trained in full beside the adapters and saved with them (HF PEFT's
+    option of the same name, e.g. ``["classifier"]`` for a new task head; matched by the end of the
+    full name as in PEFT). Each is kept twice, frozen original and trainable copy
+    (``modules.to_save.ModuleToSave``), in its own dtype.
     """
     adapter_dtype = adapter_dtype_spec(adapter_dtype)
     if isinstance(model, AdaptedModel):
@@ -365,14 +440,16 @@ def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: O
     if share is not False and method != "lora":
         raise TypeError(f"share_inputs is a LoRA option, not one of {method!r}")
     names = select_modules(model, target_modules, layers)
+    to_save_names = select_modules_to_save(model, modules_to_save, names)
     snapshot = _snapshot_requires_grad(model)
     linears, conv1d = _base_linears(model, names, snapshot)
     try:
+        to_save = _wrap_to_save(model, to_save_names)
         modules = _build_modules(method, linears, method_options)
     except BaseException:
         _restore_requires_grad(snapshot)  # from_linear may already have frozen some base layers
         raise
-    adapted = _install(model, method, method_options, modules, conv1d, snapshot, adapter_dtype)
+    adapted = _install(model, method, method_options, modules, conv1d, snapshot, adapter_dtype, to_save)
     if share is not False:
         from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs
 
@@ -402,13 +479,14 @@ class AdaptedModel(nn.Module):
 
     def __init__(self, model: nn.Module, method: str, options: dict, names: Sequence[str],
                  conv1d: Optional[dict[str, bool]] = None, requires_grad_snapshot=None,
-                 adapter_dtype: str = "auto"):
+                 adapter_dtype: str = "auto", to_save: Sequence[str] = ()):
         super().__init__()
         self.model = model
         self.method = method
         self.options = dict(options)
         self.adapter_dtype = adapter_dtype  # canonical spec (adapter_dtype_spec), saved with the adapter
         self._names = list(names)
+        self._to_save = list(to_save)  # names of the modules trained in full (ModuleToSave)
         self._conv1d = dict(conv1d or {})  # Conv1D name -> its weight's original requires_grad
         self._snapshot = requires_grad_snapshot or {}
 
@@ -426,6 +504,13 @@ class AdaptedModel(nn.Module):
     # -- inspection
     def adapted_modules(self) -> dict[str, nn.Module]:
         return {n: self.model.get_submodule(n) for n in self._names}
+
+    def modules_to_save(self) -> dict[str, nn.Module]:
+        """The modules trained in full (``ModuleToSave``), by full name."""
+        return {n: self.model.get_submodule(n) for n in self._to_save}
+
+    def _switchable(self) -> dict[str, nn.Module]:
+        return {**self.adapted_modules(), **self.modules_to_save()}
 
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -453,25 +538,25 @@ class AdaptedModel(nn.Module):
     def disable_adapter_layers(self) -> None:
         """Every adapted layer computes its base layer alone until ``enable_adapter_layers()``;
         merged layers are unmerged first (with a warning each, as in PEFT). Adapter parameters
-        keep their values and ``requires_grad`` flags."""
-        for m in self.adapted_modules().values():
+        keep their values and ``requires_grad`` flags. Modules to save run their frozen original."""
+        for m in self._switchable().values():
             m.enable_adapters(False)
 
     def enable_adapter_layers(self) -> None:
         """Switch every adapted layer's adapter back on (merged layers stay unmerged)."""
-        for m in self.adapted_modules().values():
+        for m in self._switchable().values():
             m.enable_adapters(True)
 
     @contextlib.contextmanager
     def disable_adapter(self):
         """``with handle.disable_adapter(): ...`` runs the base model alone (PEFT's
         ``PeftModel.disable_adapter()``: e.g. the reference model of DPO-style training without a
-        second copy of the weights). On exit, even after an exception, every layer is as it was:
+        second copy of the weights); modules to save run their frozen original. On exit, even after an exception, every layer is as it was:
         layers that were enabled are enabled again and merged layers are merged again. A merged
         layer is unmerged for the duration (exactly if it was merged with ``keep_original=True``;
         otherwise within ``unmerge()``'s rounding, in both directions)."""
         states = [(m, m.disable_adapters, m.merged, getattr(m, "keeps_original", False))
-                  for m in self.adapted_modules().values()]
+                  for m in self._switchable().values()]
         try:
             for m, _, merged, _ in states:
                 if merged:
@@ -491,7 +576,7 @@ class AdaptedModel(nn.Module):
                              "dense change: they cannot be merged (keep the adapter modules for inference)")
 
     def _check_enabled(self, action: str) -> None:
-        off = [n for n, m in self.adapted_modules().items() if m.disable_adapters]
+        off = [n for n, m in self._switchable().items() if m.disable_adapters]
         if off:
             raise RuntimeError(f"cannot {action} with disabled adapters (their forward is the base layer alone): "
                                f"{off[:3]}{' ...' if len(off) > 3 else ''}; call enable_adapter_layers() first")
@@ -557,7 +642,8 @@ class AdaptedModel(nn.Module):
         return entry[1] if entry is not None and entry[0] is p else p.requires_grad
 
     def merge_and_unload(self) -> nn.Module:
-        """Replace every adapter by a plain layer holding the merged weight; returns the model.
+        """Replace every adapter by a plain layer holding the merged weight, and every module to
+        save by its trained copy; returns the model.
 
         Trainability goes back to what it was before ``adapt`` (as ``unload`` does): each merged
         layer's weight and bias take the flags of the ones they replace. Raises ValueError, changing
@@ -571,18 +657,26 @@ class AdaptedModel(nn.Module):
             if lin.bias is not None:
                 lin.bias.requires_grad_(self._flag_before_adapt(m.base_layer.bias))
             self._restore_layer(name, lin)
-        self._names = []
+        for name, m in self.modules_to_save().items():
+            # the trained copy stays, with the flags its original had before adapt (as PEFT keeps it)
+            for (_, p0), (_, p) in zip(m.original_module.named_parameters(), m.trained_module.named_parameters()):
+                p.requires_grad_(self._flag_before_adapt(p0))
+            _set_submodule(self.model, name, m.trained_module)
+        self._names, self._to_save = [], []
         _restore_requires_grad(self._snapshot)
         return self.model
 
     def unload(self) -> nn.Module:
-        """Remove the adapters without merging, restoring the original layers and trainability
-        (merged adapters are unmerged first: exactly, if merged with ``keep_original=True``)."""
+        """Remove the adapters without merging, restoring the original layers (modules to save: the
+        frozen originals) and trainability (merged adapters are unmerged first: exactly, if merged
+        with ``keep_original=True``)."""
         for name, m in self.adapted_modules().items():
             if getattr(m, "merged", False):
                 m.unmerge()
             self._restore_layer(name, m.base_layer)
-        self._names = []
+        for name, m in self.modules_to_save().items():
+            _set_submodule(self.model, name, m.original_module)
+        self._names, self._to_save = [], []
         _restore_requires_grad(self._snapshot)
         return self.model
 
@@ -590,7 +684,7 @@ class AdaptedModel(nn.Module):
     def adapter_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """``(state, shared)``: checkpoint key -> live tensor, each tensor once; ``shared`` maps the
         keys of tensors seen again (Lily's shared projectors) to the key they are stored under."""
-        return _adapter_state(self.adapted_modules())
+        return _adapter_state(self._switchable())
 
     def _metadata(self) -> dict:
         from . import __version__
@@ -605,6 +699,7 @@ class AdaptedModel(nn.Module):
             "modules": {n: _module_config(m) for n, m in self.adapted_modules().items()},
             "conv1d": sorted(self._conv1d),
             "adapter_dtype": self.adapter_dtype,
+            "modules_to_save": list(self._to_save),
         }
 
     def save(self, directory: Union[str, os.PathLike], peft_format: Optional[bool] = None,
@@ -654,7 +749,7 @@ class AdaptedModel(nn.Module):
         meta, tensors = read_checkpoint(directory)
         if "peft" in meta:
             meta = _with_peft_module_options(meta, tensors)
-        _load_into(self.method, self.adapted_modules(), meta, tensors, str(directory))
+        _load_into(self.method, self.adapted_modules(), meta, tensors, str(directory), self.modules_to_save())
         return self
 
     @classmethod
@@ -826,7 +921,7 @@ def _peft_lora_config(meta: dict) -> dict:
         "target_modules": list(names),
         "bias": "none",
         "fan_in_fan_out": bool(meta.get("conv1d")),
-        "modules_to_save": None,
+        "modules_to_save": list(meta.get("modules_to_save") or []) or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -909,8 +1004,10 @@ def _peft_config_problems(cfg: dict) -> list[str]:
     if bias != "none" or lora_bias:
         problems.append(f"bias={bias!r}/lora_bias={lora_bias!r}: only bias='none' without lora_bias is supported "
                         "(trained biases are not carried over)")
-    if cfg.get("modules_to_save"):
-        problems.append(f"modules_to_save={cfg['modules_to_save']!r} is not supported")
+    to_save = cfg.get("modules_to_save")
+    if to_save is not None and (isinstance(to_save, str) or not isinstance(to_save, (list, tuple))
+                                or not all(isinstance(t, str) and t for t in to_save)):
+        problems.append(f"modules_to_save={to_save!r} is not a list of module names")
     init = cfg.get("init_lora_weights", True)
     if not (isinstance(init, bool) or init in _PEFT_PLAIN_INITS):
         problems.append(f"init_lora_weights={init!r} is not supported: PEFT re-runs that initialisation when it "
@@ -945,13 +1042,16 @@ def _meta_from_peft_config(cfg: dict, keys: Iterable[str], where: str) -> dict:
             names.append(body[: -len(".lora_A.weight")])
         elif not body.endswith(".lora_B.weight"):
             odd.append(k)
+    to_save = cfg.get("modules_to_save") or []
+    if to_save:  # a trained module's keys: matched against the model's modules when loading
+        odd = [k for k in odd if not k.startswith(PREFIX)]
     if odd:
         problems.append(f"keys that are not LoRA Linear weights (embedding/conv LoRA, DoRA magnitudes, biases "
-                        f"or trained modules are not supported): {sorted(odd)}")
+                        f"or modules to save outside modules_to_save are not supported): {sorted(odd)}")
     if problems:
         raise CheckpointError(f"{where}: cannot load this PEFT checkpoint:\n  - " + "\n  - ".join(problems))
     return {"format_version": FORMAT_VERSION, "family": "lora", "peft": cfg, "target_modules": sorted(names),
-            "modules": None, "shared": {}}
+            "modules": None, "shared": {}, "modules_to_save": list(to_save)}
 
 
 def _with_peft_module_options(meta: dict, tensors: dict) -> dict:
@@ -1043,10 +1143,16 @@ def _compare_options(want: dict, have: dict) -> list[str]:
 
 
 def _validate(method: str, modules: dict[str, nn.Module], meta: dict, tensors: dict[str, torch.Tensor],
-              where: str) -> dict[str, torch.Tensor]:
+              where: str, to_save: Optional[dict[str, nn.Module]] = None) -> dict[str, torch.Tensor]:
     """Check everything; returns live tensor -> checkpoint tensor pairs keyed by our key. Raises one
-    CheckpointError listing every problem, having changed nothing."""
+    CheckpointError listing every problem, having changed nothing. ``to_save``: the model's modules
+    trained in full (``ModuleToSave``), checked with the adapters."""
     problems = []
+    to_save = dict(to_save or {})
+    if "peft" not in meta:  # ours names them exactly (a PEFT json holds patterns: its keys decide)
+        ck_to_save = list(meta.get("modules_to_save") or [])
+        if sorted(ck_to_save) != sorted(to_save):
+            problems.append(f"modules to save differ: checkpoint {sorted(ck_to_save)} vs model {sorted(to_save)}")
     fam = meta.get("family")
     if fam != method:
         raise CheckpointError(f"{where}: checkpoint holds {fam!r} adapters but the model uses {method!r}; "
@@ -1064,7 +1170,7 @@ def _validate(method: str, modules: dict[str, nn.Module], meta: dict, tensors: d
             diffs = _compare_options(ck_mods[n], _module_config(modules[n]))
             if diffs:
                 problems.append(f"options of {n} differ: " + "; ".join(diffs))
-    state, shared = _adapter_state(modules)
+    state, shared = _adapter_state({**modules, **to_save})
     ck_shared = dict(meta.get("shared") or {})
     if shared != ck_shared:
         # e.g. Lily saved with stride 1 loaded into a model built with stride 2: the model's shared
@@ -1120,13 +1226,14 @@ def _check_sparse_masks(modules: dict[str, nn.Module], pairs: dict[str, torch.Te
     return problems
 
 
-def _load_into(method: str, modules: dict[str, nn.Module], meta: dict, tensors: dict, where: str) -> None:
+def _load_into(method: str, modules: dict[str, nn.Module], meta: dict, tensors: dict, where: str,
+               to_save: Optional[dict[str, nn.Module]] = None) -> None:
     merged = [n for n, m in modules.items() if getattr(m, "merged", False)]
     if merged:
         raise CheckpointError(f"{where}: cannot load into merged adapters {merged} (their old change is in the "
                               "base weights); call unmerge() first")
-    pairs = _validate(method, modules, meta, tensors, where)
-    state, _ = _adapter_state(modules)
+    pairs = _validate(method, modules, meta, tensors, where, to_save)
+    state, _ = _adapter_state({**modules, **(to_save or {})})
     with torch.no_grad():
         for key, src in pairs.items():
             state[key].copy_(src.to(state[key].dtype))
@@ -1175,15 +1282,35 @@ def load_adapted(model: nn.Module, directory) -> AdaptedModel:
             dtype_spec = adapter_dtype_spec(meta.get("adapter_dtype", "auto"))
         except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from None
+        to_save = _wrap_to_save(model, _checkpoint_to_save(model, meta, tensors, names, where))
         modules = _build_modules(method, linears, options, per_module)
         modules = _apply_checkpoint_masks(method, modules, linears, per_module, tensors)
-        _validate(method, modules, meta, tensors, where)
+        _validate(method, modules, meta, tensors, where, to_save)
     except BaseException:
         _restore_requires_grad(snapshot)
         raise
-    adapted = _install(model, method, options, modules, conv1d, snapshot, dtype_spec)
-    _load_into(method, modules, meta, tensors, where)
+    adapted = _install(model, method, options, modules, conv1d, snapshot, dtype_spec, to_save)
+    _load_into(method, modules, meta, tensors, where, to_save)
     return adapted
+
+
+def _checkpoint_to_save(model: nn.Module, meta: dict, tensors: dict, adapted: Sequence[str], where: str) -> list[str]:
+    """The modules a checkpoint trained in full, in ``model``. Ours lists full names; a PEFT json
+    lists patterns (matched by PEFT's rule), of which only modules with tensors in the file count:
+    PEFT's sequence-classification models add ``classifier`` and ``score`` whether or not both
+    exist, and a matched module without tensors would load as an untouched copy of itself."""
+    wanted = list(meta.get("modules_to_save") or [])
+    if not wanted:
+        return []
+    try:
+        if "peft" not in meta:
+            return select_modules_to_save(model, wanted, adapted, strict=True, exact=True)
+        found = select_modules_to_save(model, wanted, adapted, strict=False)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: {e}") from None
+    return [n for n in found if any(k.startswith(f"{PREFIX}{n}.") for k in tensors)]
 
 
 def _apply_checkpoint_masks(method, modules, linears, per_module, tensors):
@@ -1227,10 +1354,15 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     cls = family_class("lora")
     configs = getattr(peft_model, "peft_config", None) or getattr(base, "peft_config", None) or {}
-    problems, plan, checked = [], [], set()
+    problems, plan, checked, wrappers = [], [], set(), []
     for name, m in base.named_modules():
         if type(m).__name__ == "ModulesToSaveWrapper":
-            problems.append(f"{name}: modules_to_save is not supported")
+            trained = list(getattr(m, "modules_to_save", {}).keys())
+            if len(trained) != 1 or list(getattr(m, "active_adapters", trained)) != trained:
+                problems.append(f"{name}: exactly one active modules_to_save copy is supported, found {trained}")
+            else:
+                wrappers.append((name, m.original_module, m.modules_to_save[trained[0]]))
+            continue
         if not isinstance(m, LoraLayer):
             continue
         adapters = list(m.lora_A.keys())
@@ -1304,9 +1436,14 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
     # the adapter dtype PEFT used, as the spec that reproduces it (its default: "auto")
     peft_dtype = m0.lora_A[a0].weight.dtype
     spec = "auto" if peft_dtype == adapter_dtype_for("auto", base0.weight.dtype) else adapter_dtype_spec(peft_dtype)
-    return _install(base, "lora", dict(opts0), modules, conv1d, snapshot, spec)
+    from .modules.to_save import ModuleToSave
+
+    # PEFT's modules_to_save wrappers: the same frozen original and trained copy (not copied again)
+    to_save = {name: ModuleToSave(original, trained) for name, original, trained in wrappers}
+    return _install(base, "lora", dict(opts0), modules, conv1d, snapshot, spec, to_save)
 
 
 __all__ = ["adapt", "adapter_dtype_spec", "adapter_dtype_for", "AdaptedModel", "CheckpointError", "load_adapted",
-           "load_peft_checkpoint", "from_peft_model", "read_checkpoint", "select_modules", "family_class", "FAMILIES",
+           "load_peft_checkpoint", "from_peft_model", "read_checkpoint", "select_modules", "select_modules_to_save",
+           "family_class", "FAMILIES",
            "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -805,3 +805,93 @@ def test_disable_adapter_under_torch_compile():
     with adapted.disable_adapter():
         torch.testing.assert_close(compiled(input_ids=ids).logits.detach(), base_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled(input_ids=ids).logits.detach(), eager, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- modules_to_save
+
+
+def tiny_bert_cls(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                                  vocab_size=VOCAB, max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def _cls_steps(adapted, ids, steps=3):
+    labels = torch.tensor([0, 2])
+    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = adapted(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("method", ["lora", "monarch"])
+def test_modules_to_save_train_save_load_unload(method, tmp_path):
+    """A task head trained in full beside the adapters: only its copy trains, it is saved with the
+    adapter (PEFT's keys) and reloaded exactly; disable_adapter and unload give the original head
+    back, merge_and_unload keeps the trained one."""
+    need_family(method)
+    ids = batch()
+    model = tiny_bert_cls()
+    head = model.classifier
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    original_w = head.weight.detach().clone()
+    adapted = adapt(model, method, target_modules=["query", "value"], modules_to_save=["classifier"],
+                    **FAMILY_OPTIONS[method])
+    assert list(adapted.modules_to_save()) == ["classifier"] and model.classifier.original_module is head
+    assert model.classifier.out_features == 3 and model.classifier.weight is model.classifier.trained_module.weight
+    _cls_steps(adapted, ids)
+    assert torch.equal(head.weight, original_w)  # the original never trains
+    assert not torch.equal(model.classifier.trained_module.weight, original_w)
+    want = adapted(input_ids=ids).logits.detach()
+    adapted.save(tmp_path)
+    fresh = load_adapted(tiny_bert_cls(), tmp_path)
+    assert list(fresh.modules_to_save()) == ["classifier"]
+    torch.testing.assert_close(fresh(input_ids=ids).logits, want, rtol=0, atol=0)
+    again = adapt(tiny_bert_cls(), method, target_modules=["query", "value"], modules_to_save=["classifier"],
+                  **FAMILY_OPTIONS[method]).load(tmp_path)
+    torch.testing.assert_close(again(input_ids=ids).logits, want, rtol=0, atol=0)
+    # (ours names them: "differ"; a PEFT json holds patterns, so its head's keys are "unexpected")
+    with pytest.raises(CheckpointError, match="modules to save differ|unexpected keys.*classifier"):
+        adapt(tiny_bert_cls(), method, target_modules=["query", "value"], **FAMILY_OPTIONS[method]).load(tmp_path)
+    base_out = tiny_bert_cls()(input_ids=ids).logits
+    with fresh.disable_adapter():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, base_out, rtol=0, atol=0)
+    merged = fresh.merge_and_unload()
+    assert type(merged.classifier) is nn.Linear
+    torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    restored = adapted.unload()
+    assert restored.classifier is head
+    assert {n: p.requires_grad for n, p in restored.named_parameters()} == flags
+
+
+def test_modules_to_save_checkpoint_errors(tmp_path):
+    adapted = adapt(tiny_bert_cls(), "lora", target_modules=["query"], r=4, alpha=8, modules_to_save=["classifier"])
+    adapted.save(tmp_path, peft_format=False)
+    # the checkpoint's head tensor is missing: one clear error, model untouched
+    from safetensors.torch import load_file, save_file
+    w = tmp_path / WEIGHTS_NAME
+    tensors = load_file(str(w))
+    del tensors[f"{PREFIX}classifier.bias"]
+    save_file(tensors, str(w), metadata={"peft_kernels": json.dumps(json.load(open(tmp_path / CONFIG_NAME))["peft_kernels"])})
+    model = tiny_bert_cls()
+    snap = model_snapshot(model)
+    with pytest.raises(CheckpointError, match="missing keys.*classifier.bias"):
+        load_adapted(model, tmp_path)
+    assert_same_snapshot(model_snapshot(model), snap)
+
+
+def test_modules_to_save_bad_requests_are_clear_errors():
+    with pytest.raises(ValueError, match=r"modules_to_save \['nope'\] match no module"):
+        adapt(tiny_bert_cls(), "lora", target_modules=["query"], r=4, modules_to_save=["nope"])
+    with pytest.raises(ValueError, match="overlaps the adapted layer"):
+        adapt(tiny_bert_cls(), "lora", target_modules=["query"], r=4, modules_to_save=["attention.self"])
+    with pytest.raises(TypeError, match="list of module names"):
+        adapt(tiny_bert_cls(), "lora", target_modules=["query"], r=4, modules_to_save=[3])
+    model = tiny_gpt2()  # lm_head is tied to the input embeddings
+    snap = model_snapshot(model)
+    with pytest.raises(ValueError, match="tied weights"):
+        adapt(model, "lora", target_modules=["c_attn"], r=4, modules_to_save=["lm_head"])
+    assert_same_snapshot(model_snapshot(model), snap)

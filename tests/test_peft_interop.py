@@ -276,3 +276,55 @@ def test_eva_checkpoint_loads_exactly(tmp_path):
     assert cfg["init_lora_weights"] == "eva" and cfg["eva_config"]
     adapted = load_peft_checkpoint(tiny_llama(), tmp_path).eval()
     torch.testing.assert_close(adapted(input_ids=IDS).logits, expected, **TOL)
+
+
+# ----------------------------------------------------------------------------- modules_to_save (task heads)
+
+
+def tiny_bert_cls(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                                  vocab_size=VOCAB, max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def test_sequence_classification_head_round_trips_with_peft(tmp_path):
+    """PEFT's SEQ_CLS models train the head in full (modules_to_save: its json names 'classifier'
+    and 'score', of which BERT has one): we load that checkpoint, convert the live model, and write
+    one PEFT loads, all giving PEFT's logits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_bert_cls(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                                 target_modules=["query", "value"]))
+    randomize([p for _, p in pm.named_parameters() if p.requires_grad])
+    pm.eval()
+    want = pm(input_ids=IDS).logits.detach()
+    assert (want - tiny_bert_cls()(input_ids=IDS).logits).abs().max() > 1e-2  # the head did change
+    pm.save_pretrained(tmp_path / "peft")
+    assert set(json.load(open(tmp_path / "peft" / CONFIG_NAME))["modules_to_save"]) >= {"classifier", "score"}
+    ours = load_peft_checkpoint(tiny_bert_cls(), tmp_path / "peft")
+    assert list(ours.modules_to_save()) == ["classifier"]
+    torch.testing.assert_close(ours(input_ids=IDS).logits, want, **TOL)
+    with ours.disable_adapter():  # base model, original head
+        torch.testing.assert_close(ours(input_ids=IDS).logits, tiny_bert_cls()(input_ids=IDS).logits, **TOL)
+    ours.save(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(tiny_bert_cls(), tmp_path / "ours").eval()
+    torch.testing.assert_close(back(input_ids=IDS).logits, want, **TOL)
+    converted = from_peft_model(pm)
+    assert list(converted.modules_to_save()) == ["classifier"]
+    torch.testing.assert_close(converted(input_ids=IDS).logits, want, **TOL)
+    trainable = {n for n, _ in converted.named_trainable_parameters()}
+    assert {"classifier.trained_module.weight", "classifier.trained_module.bias"} <= trainable
+    assert not any("original_module" in n for n in trainable)
+
+
+def test_peft_checkpoint_with_head_keys_but_no_modules_to_save_is_refused(tmp_path):
+    ours = adapt(tiny_bert_cls(), "lora", target_modules=["query"], r=4, alpha=8, modules_to_save=["classifier"])
+    ours.save(tmp_path)
+    cfg = json.load(open(tmp_path / CONFIG_NAME))
+    cfg["modules_to_save"] = None
+    json.dump(cfg, open(tmp_path / CONFIG_NAME, "w"))
+    with pytest.raises(CheckpointError, match="classifier.weight"):
+        load_peft_checkpoint(tiny_bert_cls(), tmp_path)

@@ -208,7 +208,7 @@ def cmd_finetune(args) -> int:
 
     from ..adapters import adapt, select_modules
     from .adalora import adalora_config_for
-    from .data import TextCollator, default_targets
+    from .data import TextCollator, default_targets, head_modules
     from .fisher import exact_names, modules_in_layers
     from .trainer import TrainConfig, Trainer, evaluate
 
@@ -258,15 +258,15 @@ def cmd_finetune(args) -> int:
               f" on a held-out 20% of the training rows)")
         del base_for_search
 
-    # 3. adapt
+    # 3. adapt (a new task head is trained in full and saved with the adapter: PEFT's modules_to_save)
     torch.manual_seed(args.seed)
+    heads = head_modules(model)
     if ranks is not None:
         from .rank_search import adapt_with_ranks
-        adapted = adapt_with_ranks(model, method, ranks, **_adapter_options(args, method))
+        adapted = adapt_with_ranks(model, method, ranks, modules_to_save=heads or None, **_adapter_options(args, method))
     else:
         adapted = adapt(model, method=method, target_modules=exact_names(selected_modules),
-                        **_adapter_options(args, method))
-    heads = _unfreeze_head(adapted.model)
+                        modules_to_save=heads or None, **_adapter_options(args, method))
     mods = adapted.adapted_modules()
     print(f"\nadapters ({method}) on {len(mods)} modules:")
     for n, m in mods.items():
@@ -303,12 +303,7 @@ def cmd_finetune(args) -> int:
 
     # 5. save
     out = os.path.join(args.output, "adapter")
-    adapted.save(out)
-    if heads:
-        from safetensors.torch import save_file
-        save_file({f"{h}.{k}": v.detach().cpu().contiguous() for h in heads
-                   for k, v in adapted.model.get_submodule(h).state_dict().items()},
-                  os.path.join(args.output, "head.safetensors"))
+    adapted.save(out)  # the adapters and the trained head (modules_to_save)
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump({"method": method, "modules": list(mods), "why": why, "eval_before": before, "eval_after": after,
                    "history": trainer.history, "ranks": trainer.allocator.current_ranks() if trainer.allocator else ranks,
@@ -316,7 +311,7 @@ def cmd_finetune(args) -> int:
     acc = (f"accuracy {before.get('accuracy', float('nan')):.3f} -> {after.get('accuracy', float('nan')):.3f} "
            f"(chance {1 / max(len(names), 1):.3f}), " if "accuracy" in after else "")
     print(f"\neval: {acc}loss {before['loss']:.4f} -> {after['loss']:.4f}")
-    print(f"saved adapters to {out}" + (f", task head to {os.path.join(args.output, 'head.safetensors')}" if heads else "")
+    print(f"saved adapters to {out}" + (f" (with the task head: {', '.join(heads)})" if heads else "")
           + f", summary to {os.path.join(args.output, 'summary.json')}")
     print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0

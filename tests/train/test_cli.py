@@ -38,7 +38,11 @@ def test_finetune_lora_with_rank_search(capsys, tmp_path):
     assert "where: FLoE" in out and "Rank search: 2 trials" in out and "adapters (lora) on 4 modules" in out
     assert "saved adapters to" in out
     assert os.path.exists(out_dir / "adapter" / "adapter_model.safetensors")
-    assert os.path.exists(out_dir / "head.safetensors")
+    # the trained task head is part of the adapter checkpoint (PEFT's modules_to_save layout)
+    assert json.loads((out_dir / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    from safetensors import safe_open
+    with safe_open(str(out_dir / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+        assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(f.keys())
     summary = json.loads((out_dir / "summary.json").read_text())
     assert len(summary["modules"]) == 4 and set(summary["ranks"]) == set(summary["modules"])
 
