@@ -16,21 +16,27 @@ from torch import nn
 from peft_kernels.adapters import adapt
 
 D, H, OUT, BATCH, SEQ, STEPS = 23, 37, 5, 4, 7, 2
-# (method, options, targets): LoRA with dropout, and Lily, whose projectors are shared across layers
+# (method, options, targets): LoRA, and Lily, whose projectors are shared across layers
 CASES = {
     "lora": ("lora", dict(r=4, alpha=8.0, dropout=0.0), ["up_proj", "down_proj"]),
     "lily": ("lily", dict(r=4, num_experts=2, routing="token"), ["up_proj", "down_proj"]),
 }
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # the fused path (interpreted): gate/up share one down-projection pass (share_inputs), and
+    # the output head is trained in full beside the adapters (modules_to_save)
+    CASES["lora_shared_head"] = ("lora", dict(r=4, alpha=8.0, impl="triton", share_inputs=True,
+                                              modules_to_save=["head"]), ["gate_proj", "up_proj", "down_proj"])
 
 
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
+        self.gate_proj = nn.Linear(D, H, bias=False)
         self.up_proj = nn.Linear(D, H)
         self.down_proj = nn.Linear(H, D, bias=False)
 
     def forward(self, x):
-        return x + self.down_proj(torch.nn.functional.gelu(self.up_proj(x)))
+        return x + self.down_proj(torch.sigmoid(self.gate_proj(x)) * torch.nn.functional.gelu(self.up_proj(x)))
 
 
 class TinyNet(nn.Module):

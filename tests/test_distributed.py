@@ -67,3 +67,15 @@ def test_fsdp_sharded_adapter_saves_whole(dist_results, case):
     assert got.keys() == want["weights"].keys()
     for name, w in want["weights"].items():
         torch.testing.assert_close(got[name].detach(), w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_head_case_really_links_and_wraps():
+    """The interpreted case above runs what it says: gate/up linked, the head a ModuleToSave."""
+    if "lora_shared_head" not in worker.CASES:
+        pytest.skip("the fused-path case needs TRITON_INTERPRET=1 on a CPU-only machine")
+    from peft_kernels.modules.to_save import ModuleToSave
+
+    adapted = worker.build("lora_shared_head")
+    block = adapted.model.layers[0]
+    assert block.gate_proj.__dict__.get("_share_group") is block.up_proj.__dict__.get("_share_group") is not None
+    assert isinstance(adapted.model.head, ModuleToSave)
