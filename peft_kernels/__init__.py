@@ -32,6 +32,7 @@ _LAZY = {
     "ModuleToSave": "peft_kernels.modules.to_save",
     # whole-model use
     "adapt": "peft_kernels.adapters",
+    "get_peft_model": "peft_kernels.adapters",
     "AdaptedModel": "peft_kernels.adapters",
     "from_peft_model": "peft_kernels.adapters",
     "load_adapted": "peft_kernels.adapters",

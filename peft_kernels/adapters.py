@@ -441,20 +441,27 @@ def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: O
         raise TypeError(f"share_inputs is a LoRA option, not one of {method!r}")
     names = select_modules(model, target_modules, layers)
     to_save_names = select_modules_to_save(model, modules_to_save, names)
-    snapshot = _snapshot_requires_grad(model)
-    linears, conv1d = _base_linears(model, names, snapshot)
-    try:
-        to_save = _wrap_to_save(model, to_save_names)
-        modules = _build_modules(method, linears, method_options)
-    except BaseException:
-        _restore_requires_grad(snapshot)  # from_linear may already have frozen some base layers
-        raise
-    adapted = _install(model, method, method_options, modules, conv1d, snapshot, adapter_dtype, to_save)
+    adapted = _adapt_names(model, method, names, method_options, None, adapter_dtype, to_save_names)
     if share is not False:
         from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs
 
         share_inputs(model, DEFAULT_SHARED_INPUTS if share is True else share)
     return adapted
+
+
+def _adapt_names(model: nn.Module, method: str, names: Sequence[str], options: dict,
+                 per_module: Optional[dict[str, dict]], adapter_dtype: str, to_save_names: Sequence[str]) -> "AdaptedModel":
+    """Build and install the adapters on ``names`` (options per module if ``per_module``) and the
+    modules to save; on any error the model is left as it was."""
+    snapshot = _snapshot_requires_grad(model)
+    linears, conv1d = _base_linears(model, names, snapshot)
+    try:
+        to_save = _wrap_to_save(model, to_save_names)
+        modules = _build_modules(method, linears, options, per_module)
+    except BaseException:
+        _restore_requires_grad(snapshot)  # from_linear may already have frozen some base layers
+        raise
+    return _install(model, method, options, modules, conv1d, snapshot, adapter_dtype, to_save)
 
 
 def _json_safe(options: dict) -> dict:
@@ -1443,7 +1450,73 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
     return _install(base, "lora", dict(opts0), modules, conv1d, snapshot, spec, to_save)
 
 
-__all__ = ["adapt", "adapter_dtype_spec", "adapter_dtype_for", "AdaptedModel", "CheckpointError", "load_adapted",
+# ----------------------------------------------------------------------------- PEFT's entry point
+
+# PEFT's task types whose model class adds the task head to modules_to_save
+_PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def get_peft_model(model: nn.Module, peft_config, adapter_dtype="auto", share_inputs=False) -> "AdaptedModel":
+    """``peft.get_peft_model(model, LoraConfig(...))`` on the fused kernels: the same adapted modules,
+    ranks, alphas (``rank_pattern``/``alpha_pattern``, rsLoRA), dropout, modules to save (including
+    the head a ``task_type`` such as ``"SEQ_CLS"`` adds) and initialisation, so switching is one
+    import. ``peft_config`` is a ``peft.LoraConfig`` or its ``to_dict()``/json dict. Anything a plain
+    LoRA layer would compute differently (DoRA, biases, PiSSA and other inits, aLoRA, ...) is
+    refused by name, as when loading. ``adapter_dtype`` / ``share_inputs`` are :func:`adapt`'s.
+    Returns an :class:`AdaptedModel` (its ``save`` writes a PEFT checkpoint)."""
+    if isinstance(peft_config, dict):
+        cfg = dict(peft_config)
+    elif hasattr(peft_config, "to_dict"):
+        cfg = {k: v.value if isinstance(v, enum.Enum) else v for k, v in peft_config.to_dict().items()}
+    else:
+        raise TypeError(f"peft_config must be a peft.LoraConfig or a dict, got {type(peft_config).__name__}")
+    if cfg.get("peft_type") not in ("LORA", None):
+        raise ValueError(f"peft_config: peft_type {cfg.get('peft_type')!r} is not supported (only LoRA, 'LORA')")
+    problems = _peft_config_problems(cfg)
+    init = cfg.get("init_lora_weights", True)
+    if init is not True:
+        problems.append(f"init_lora_weights={init!r}: a new adapter here starts from PEFT's default init (True) only")
+    if cfg.get("layers_pattern"):
+        problems.append(f"layers_pattern={cfg['layers_pattern']!r} is not supported: layers_to_transform is read "
+                        "against the first integer in each module path")
+    if problems:
+        raise ValueError("peft_config: cannot build this adapter:\n  - " + "\n  - ".join(problems))
+    targets = cfg.get("target_modules")
+    if targets is None:
+        raise ValueError("peft_config: target_modules is required (PEFT's per-architecture defaults are not "
+                         "reproduced); e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+    if isinstance(targets, (set, frozenset)):
+        targets = sorted(targets)
+    layers = cfg.get("layers_to_transform")
+    names = select_modules(model, targets, [layers] if isinstance(layers, int) else layers)
+    exclude = cfg.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            names = [n for n in names if not re.fullmatch(exclude, n)]
+        else:
+            names = [n for n in names if not any(n == e or n.endswith("." + e) for e in exclude)]
+        if not names:
+            raise ValueError(f"peft_config: exclude_modules={exclude!r} leaves no module to adapt")
+    per_module = {n: _peft_module_options(cfg, n, _pattern_value(cfg.get("rank_pattern"), n, cfg.get("r", 8)))
+                  for n in names}
+    to_save = list(cfg.get("modules_to_save") or [])
+    heads = [h for h in _PEFT_HEADS.get(cfg.get("task_type"), ()) if h not in to_save]
+    to_save_names = select_modules_to_save(model, to_save, names) if to_save else []
+    if heads:  # as PEFT's task models: whichever of these exist, silently
+        to_save_names += [n for n in select_modules_to_save(model, heads, names, strict=False) if n not in to_save_names]
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    to_save_names.sort(key=order.__getitem__)
+    adapted = _adapt_names(model, "lora", names, dict(per_module[names[0]]), per_module,
+                           adapter_dtype_spec(adapter_dtype), to_save_names)
+    if share_inputs:
+        from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs as link
+
+        link(model, DEFAULT_SHARED_INPUTS if share_inputs is True else share_inputs)
+    return adapted
+
+
+__all__ = ["adapt", "get_peft_model", "adapter_dtype_spec", "adapter_dtype_for", "AdaptedModel", "CheckpointError", "load_adapted",
            "load_peft_checkpoint", "from_peft_model", "read_checkpoint", "select_modules", "select_modules_to_save",
            "family_class", "FAMILIES",
            "CONFIG_NAME", "WEIGHTS_NAME"]

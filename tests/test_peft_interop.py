@@ -328,3 +328,60 @@ def test_peft_checkpoint_with_head_keys_but_no_modules_to_save_is_refused(tmp_pa
     json.dump(cfg, open(tmp_path / CONFIG_NAME, "w"))
     with pytest.raises(CheckpointError, match="classifier.weight"):
         load_peft_checkpoint(tiny_bert_cls(), tmp_path)
+
+
+# ----------------------------------------------------------------------------- get_peft_model
+
+
+GET_CONFIGS = {
+    "patterns_rslora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                            rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3}, lora_dropout=0.1),
+    "layers_exclude": dict(r=3, lora_alpha=6, target_modules=["q_proj", "o_proj", "up_proj"], layers_to_transform=[1],
+                           exclude_modules=["o_proj"]),
+    "all_linear_exclude": dict(r=3, lora_alpha=6, target_modules="all-linear", exclude_modules=["gate_proj"]),
+    "regex": dict(r=2, lora_alpha=4, target_modules=r".*\.(q|k)_proj"),
+}
+
+
+@pytest.mark.parametrize("variant", list(GET_CONFIGS))
+def test_get_peft_model_builds_what_peft_builds(variant, tmp_path):
+    """Same LoraConfig, same adapted modules with the same ranks, scalings and dropout: PEFT's
+    trained weights load into ours without a difference and give PEFT's logits."""
+    cfg = GET_CONFIGS[variant]
+    pm = peft_lora(tiny_llama(), **cfg)
+    pm.save_pretrained(tmp_path)
+    ours = pk_get(tiny_llama(), peft.LoraConfig(**cfg))
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert sorted(ours.adapted_modules()) == sorted(peft_layers)
+    for n, m in ours.adapted_modules().items():
+        assert (m.r, m.scaling, m.dropout) == (peft_layers[n].r["default"], peft_layers[n].scaling["default"],
+                                               getattr(peft_layers[n].lora_dropout["default"], "p", 0.0)), n
+        assert m.lora_A.weight.dtype == peft_layers[n].lora_A["default"].weight.dtype
+    ours.load(tmp_path)
+    torch.testing.assert_close(ours.eval()(input_ids=IDS).logits, pm(input_ids=IDS).logits, **TOL)
+
+
+def pk_get(model, config, **kw):
+    from peft_kernels import get_peft_model
+
+    return get_peft_model(model, config, **kw)
+
+
+def test_get_peft_model_task_head_and_refusals(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    ours = pk_get(tiny_bert_cls(), cfg)
+    assert list(ours.modules_to_save()) == ["classifier"]  # PEFT's SEQ_CLS model trains its head too
+    assert pk_get(tiny_bert_cls(), cfg.to_dict()).modules_to_save().keys() == {"classifier"}
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"use_dora=true \(DoRA\) is not supported"):
+        pk_get(model, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="init_lora_weights='gaussian'"):
+        pk_get(model, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    with pytest.raises(ValueError, match="target_modules is required"):
+        pk_get(model, dict(peft_type="LORA", r=4))
+    with pytest.raises(ValueError, match="peft_type 'IA3'"):
+        pk_get(model, dict(peft_type="IA3", target_modules=["q_proj"]))
+    assert not any(hasattr(m, "base_layer") for m in model.modules())  # nothing was changed
