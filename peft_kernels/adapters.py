@@ -751,6 +751,28 @@ class AdaptedModel(nn.Module):
             (CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()),
         ])
 
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], is_main_process: bool = True,
+                        **kwargs) -> None:
+        """PEFT's name for :meth:`save` (it writes the adapter only, never the whole model: without
+        it, ``handle.save_pretrained`` would reach the wrapped ``transformers`` model's own method).
+        ``peft_format`` is passed on and ``safe_serialization=True`` accepted (always safetensors);
+        PEFT's other options (``selected_adapters``, ...) have no counterpart here and are refused."""
+        peft_format = kwargs.pop("peft_format", None)
+        if kwargs.pop("safe_serialization", True) is not True:
+            raise ValueError("save_pretrained: safe_serialization=False is not supported (always safetensors)")
+        if kwargs:
+            raise TypeError(f"save_pretrained: unsupported options {sorted(kwargs)} (peft_kernels writes one "
+                            "adapter as safetensors; see AdaptedModel.save)")
+        self.save(save_directory, peft_format=peft_format, is_main_process=is_main_process)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (PEFT's name); the adapters live inside it."""
+        return self.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """PEFT's name for :meth:`count_parameters`."""
+        return self.count_parameters()
+
     def load(self, directory: Union[str, os.PathLike]) -> "AdaptedModel":
         """Load adapter weights saved from a model adapted the same way (our format or PEFT LoRA)."""
         meta, tensors = read_checkpoint(directory)

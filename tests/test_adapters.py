@@ -895,3 +895,15 @@ def test_modules_to_save_bad_requests_are_clear_errors():
     with pytest.raises(ValueError, match="tied weights"):
         adapt(model, "lora", target_modules=["c_attn"], r=4, modules_to_save=["lm_head"])
     assert_same_snapshot(model_snapshot(model), snap)
+
+
+def test_peft_method_names_on_the_handle(tmp_path):
+    """PEFT's names reach the adapter, not the wrapped transformers model: save_pretrained writes
+    the adapter checkpoint (the model's own method would write the whole model)."""
+    adapted = adapt(tiny_llama(), "lora", target_modules=["q_proj"], r=4, alpha=8)
+    adapted.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert adapted.get_base_model() is adapted.model
+    assert adapted.get_nb_trainable_parameters() == adapted.count_parameters()
+    with pytest.raises(TypeError, match="unsupported options"):
+        adapted.save_pretrained(tmp_path, selected_adapters=["default"])
