@@ -394,6 +394,14 @@ def _base_linears(model: nn.Module, names: Sequence[str], snapshot: dict,
             conv1d[name] = m.weight.requires_grad
             snapshot.pop(id(m.weight), None)
         elif isinstance(m, nn.Linear):
+            w = m.weight
+            if not (isinstance(w, torch.Tensor) and w.is_floating_point()
+                    and tuple(w.shape) == (m.out_features, m.in_features)):
+                # e.g. bitsandbytes' Linear4bit/Linear8bitLt (nn.Linear subclasses holding packed
+                # integer weights): the kernels read the weight as a dense float matrix
+                raise error_cls(f"{name!r} is a {type(m).__name__} whose weight is not a dense floating-point "
+                                f"({m.out_features}, {m.in_features}) matrix (dtype {getattr(w, 'dtype', None)}, "
+                                f"shape {tuple(getattr(w, 'shape', ()))}): quantized base layers are not supported")
             linears[name] = m
         else:
             raise error_cls(f"{name!r} is a {type(m).__name__}, not an nn.Linear or transformers Conv1D")

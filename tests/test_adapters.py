@@ -907,3 +907,17 @@ def test_peft_method_names_on_the_handle(tmp_path):
     assert adapted.get_nb_trainable_parameters() == adapted.count_parameters()
     with pytest.raises(TypeError, match="unsupported options"):
         adapted.save_pretrained(tmp_path, selected_adapters=["default"])
+
+
+def test_quantized_style_linear_is_refused_clearly():
+    """An nn.Linear subclass holding a packed integer weight (as bitsandbytes' 4/8-bit layers do)
+    is refused by name instead of being read as a float matrix."""
+    class Packed(nn.Linear):
+        def __init__(self):
+            super().__init__(8, 6, bias=False)
+            self.weight = nn.Parameter(torch.zeros(24, 1, dtype=torch.uint8), requires_grad=False)
+
+    model = nn.Sequential(Packed())
+    with pytest.raises(TypeError, match="quantized base layers are not supported"):
+        adapt(model, "lora", target_modules=["0"], r=2)
+    assert type(model[0]) is Packed
