@@ -122,6 +122,15 @@ def main(out_dir: str) -> None:
         results[f"fsdp_{case}"] = train(adapted.model, [n for n, _ in named], [p for _, p in named], x, y)
         # saving gathers the sharded adapter (a collective: every rank calls save, rank 0 writes)
         adapted.save(os.path.join(out_dir, f"fsdp_{case}"), is_main_process=rank == 0)
+        if case == "lora_shared_head":
+            # one FSDP2 unit per adapted layer: a group's siblings are still sharded when its first
+            # member runs, so each member must run alone (and still match)
+            adapted = build(case)
+            for m in adapted.adapted_modules().values():
+                fully_shard(m, mesh=mesh)
+            fully_shard(adapted.model, mesh=mesh)
+            named = adapted.named_trainable_parameters()
+            results[f"fsdplayer_{case}"] = train(adapted.model, [n for n, _ in named], [p for _, p in named], x, y)
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
     dist.barrier()

@@ -33,8 +33,12 @@ def dist_results(tmp_path_factory):
     return out, torch.load(out / "results.pt")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-@pytest.mark.parametrize("case", list(worker.CASES))
+RUNS = [(mode, case) for mode in ("ddp", "fsdp") for case in worker.CASES]
+if "lora_shared_head" in worker.CASES:
+    RUNS.append(("fsdplayer", "lora_shared_head"))  # FSDP2 with one unit per adapted layer
+
+
+@pytest.mark.parametrize("mode, case", RUNS)
 def test_distributed_matches_single_process(dist_results, mode, case):
     out, results = dist_results
     got = results[f"{mode}_{case}"]

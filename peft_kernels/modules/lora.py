@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 import weakref
 from typing import Optional, Union
@@ -320,6 +321,11 @@ DEFAULT_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"
                          ("wq", "wk", "wv"), ("w1", "w3"))
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    mod = sys.modules.get("torch.distributed.tensor")  # never imported here: only FSDP2/TP make them
+    return mod is not None and isinstance(t, getattr(mod, "DTensor", ()))
+
+
 def _no_member():
     """Placeholder reference of a copied group's member that has not rejoined it (yet)."""
     return None
@@ -389,7 +395,10 @@ class SharedInputGroup:
         w = first.lora_A.weight
         return not x.is_inference() and not torch.is_inference_mode_enabled() and all(
             not m._merged and not m._adapters_disabled and not (m.training and m.dropout > 0.0) and m.impl == first.impl
-            and m.lora_A.weight.device == w.device and m.lora_A.weight.dtype == w.dtype for m in members)
+            and m.lora_A.weight.device == w.device and m.lora_A.weight.dtype == w.dtype
+            # a DTensor is a sibling still sharded: FSDP2 with one unit per layer unshards each
+            # member only when that member runs, so the group's pass cannot read its A yet
+            and not _is_dtensor(m.lora_A.weight) for m in members)
 
     def reset(self) -> None:
         """Drop the round in progress (it holds the last input and its down-projections)."""
