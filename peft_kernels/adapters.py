@@ -203,7 +203,7 @@ def select_modules_to_save(model: nn.Module, modules_to_save, adapted: Sequence[
         return []
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
-    patterns = list(modules_to_save)
+    patterns = sorted(modules_to_save) if isinstance(modules_to_save, (set, frozenset)) else list(modules_to_save)
     if not all(isinstance(t, str) and t for t in patterns):
         raise TypeError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
     def match(n: str, t: str) -> bool:
@@ -225,6 +225,16 @@ def select_modules_to_save(model: nn.Module, modules_to_save, adapted: Sequence[
         raise ValueError("modules_to_save cannot take these modules (a module is trained in full or adapted, "
                          "once):\n  - " + "\n  - ".join(problems))
     return chosen
+
+
+def _outside(names: Sequence[str], to_save: Sequence[str]) -> list[str]:
+    """``names`` without the layers inside a module to save (PEFT's rule: a module trained in full
+    is not also adapted, e.g. RoBERTa's ``classifier.dense`` under ``all-linear`` with
+    ``modules_to_save=["classifier"]``)."""
+    kept = [n for n in names if not any(_inside(n, t) for t in to_save)]
+    if names and not kept:
+        raise ValueError(f"every targeted layer lies inside modules_to_save {list(to_save)}: nothing left to adapt")
+    return kept
 
 
 def _wrap_to_save(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -448,7 +458,8 @@ def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: O
     if share is not False and method != "lora":
         raise TypeError(f"share_inputs is a LoRA option, not one of {method!r}")
     names = select_modules(model, target_modules, layers)
-    to_save_names = select_modules_to_save(model, modules_to_save, names)
+    to_save_names = select_modules_to_save(model, modules_to_save)
+    names = _outside(names, to_save_names)
     adapted = _adapt_names(model, method, names, method_options, None, adapter_dtype, to_save_names)
     if share is not False:
         from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs
@@ -570,16 +581,18 @@ class AdaptedModel(nn.Module):
         layers that were enabled are enabled again and merged layers are merged again. A merged
         layer is unmerged for the duration (exactly if it was merged with ``keep_original=True``;
         otherwise within ``unmerge()``'s rounding, in both directions)."""
-        states = [(m, m.disable_adapters, m.merged, getattr(m, "keeps_original", False))
-                  for m in self._switchable().values()]
+        states = [(n, m, m.disable_adapters, m.merged, getattr(m, "keeps_original", False))
+                  for n, m in self._switchable().items()]
         try:
-            for m, _, merged, _ in states:
+            for _, m, _, merged, _ in states:
                 if merged:
                     m.unmerge()
                 m.enable_adapters(False)
             yield self
         finally:
-            for m, disabled, merged, kept in states:
+            for name, m, disabled, merged, kept in states:
+                if not self._installed(name, m):  # unload()/merge_and_unload() inside: leave it be
+                    continue
                 m.enable_adapters(not disabled)
                 if merged and not m.merged:
                     m.merge(keep_original=kept)
@@ -589,6 +602,12 @@ class AdaptedModel(nn.Module):
         if self.method in UNMERGEABLE:
             raise ValueError(f"{self.method} adapters route per batch/token and have no input-independent "
                              "dense change: they cannot be merged (keep the adapter modules for inference)")
+
+    def _installed(self, name: str, m: nn.Module) -> bool:
+        try:
+            return self.model.get_submodule(name) is m
+        except AttributeError:
+            return False
 
     def _check_enabled(self, action: str) -> None:
         off = [n for n, m in self._switchable().items() if m.disable_adapters]
@@ -656,6 +675,14 @@ class AdaptedModel(nn.Module):
         entry = self._snapshot.get(id(p))
         return entry[1] if entry is not None and entry[0] is p else p.requires_grad
 
+    def _unwrap_modules_to_save(self) -> None:
+        """Put each module to save's trained copy in its place (PEFT's ``unload`` and
+        ``merge_and_unload`` both keep it), with the flags its original had before ``adapt``."""
+        for name, m in self.modules_to_save().items():
+            for (_, p0), (_, p) in zip(m.original_module.named_parameters(), m.trained_module.named_parameters()):
+                p.requires_grad_(self._flag_before_adapt(p0))
+            _set_submodule(self.model, name, m.trained_module)
+
     def merge_and_unload(self) -> nn.Module:
         """Replace every adapter by a plain layer holding the merged weight, and every module to
         save by its trained copy; returns the model.
@@ -672,25 +699,21 @@ class AdaptedModel(nn.Module):
             if lin.bias is not None:
                 lin.bias.requires_grad_(self._flag_before_adapt(m.base_layer.bias))
             self._restore_layer(name, lin)
-        for name, m in self.modules_to_save().items():
-            # the trained copy stays, with the flags its original had before adapt (as PEFT keeps it)
-            for (_, p0), (_, p) in zip(m.original_module.named_parameters(), m.trained_module.named_parameters()):
-                p.requires_grad_(self._flag_before_adapt(p0))
-            _set_submodule(self.model, name, m.trained_module)
+        self._unwrap_modules_to_save()
         self._names, self._to_save = [], []
         _restore_requires_grad(self._snapshot)
         return self.model
 
     def unload(self) -> nn.Module:
-        """Remove the adapters without merging, restoring the original layers (modules to save: the
-        frozen originals) and trainability (merged adapters are unmerged first: exactly, if merged
-        with ``keep_original=True``)."""
+        """Remove the adapters without merging, restoring the original layers and trainability
+        (merged adapters are unmerged first: exactly, if merged with ``keep_original=True``).
+        Modules to save keep their trained copy, as PEFT's ``unload`` does (``disable_adapter()``
+        runs the frozen originals)."""
         for name, m in self.adapted_modules().items():
             if getattr(m, "merged", False):
                 m.unmerge()
             self._restore_layer(name, m.base_layer)
-        for name, m in self.modules_to_save().items():
-            _set_submodule(self.model, name, m.original_module)
+        self._unwrap_modules_to_save()
         self._names, self._to_save = [], []
         _restore_requires_grad(self._snapshot)
         return self.model
@@ -1042,7 +1065,7 @@ def _peft_config_problems(cfg: dict) -> list[str]:
         problems.append(f"bias={bias!r}/lora_bias={lora_bias!r}: only bias='none' without lora_bias is supported "
                         "(trained biases are not carried over)")
     to_save = cfg.get("modules_to_save")
-    if to_save is not None and (isinstance(to_save, str) or not isinstance(to_save, (list, tuple))
+    if to_save is not None and (isinstance(to_save, str) or not isinstance(to_save, (list, tuple, set, frozenset))
                                 or not all(isinstance(t, str) and t for t in to_save)):
         problems.append(f"modules_to_save={to_save!r} is not a list of module names")
     init = cfg.get("init_lora_weights", True)
@@ -1079,7 +1102,7 @@ def _meta_from_peft_config(cfg: dict, keys: Iterable[str], where: str) -> dict:
             names.append(body[: -len(".lora_A.weight")])
         elif not body.endswith(".lora_B.weight"):
             odd.append(k)
-    to_save = cfg.get("modules_to_save") or []
+    to_save = _name_list(cfg.get("modules_to_save"))
     if to_save:  # a trained module's keys: matched against the model's modules when loading
         odd = [k for k in odd if not k.startswith(PREFIX)]
     if odd:
@@ -1089,6 +1112,13 @@ def _meta_from_peft_config(cfg: dict, keys: Iterable[str], where: str) -> dict:
         raise CheckpointError(f"{where}: cannot load this PEFT checkpoint:\n  - " + "\n  - ".join(problems))
     return {"format_version": FORMAT_VERSION, "family": "lora", "peft": cfg, "target_modules": sorted(names),
             "modules": None, "shared": {}, "modules_to_save": list(to_save)}
+
+
+def _name_list(names) -> list:
+    """A config's list of module names (PEFT also allows a set) as a list, in a fixed order."""
+    if not names:
+        return []
+    return sorted(names) if isinstance(names, (set, frozenset)) else list(names)
 
 
 def _with_peft_module_options(meta: dict, tensors: dict) -> dict:
@@ -1319,7 +1349,12 @@ def load_adapted(model: nn.Module, directory) -> AdaptedModel:
             dtype_spec = adapter_dtype_spec(meta.get("adapter_dtype", "auto"))
         except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from None
-        to_save = _wrap_to_save(model, _checkpoint_to_save(model, meta, tensors, names, where))
+        try:
+            to_save = _wrap_to_save(model, _checkpoint_to_save(model, meta, tensors, names, where))
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
         modules = _build_modules(method, linears, options, per_module)
         modules = _apply_checkpoint_masks(method, modules, linears, per_module, tensors)
         _validate(method, modules, meta, tensors, where, to_save)
@@ -1392,6 +1427,7 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
     cls = family_class("lora")
     configs = getattr(peft_model, "peft_config", None) or getattr(base, "peft_config", None) or {}
     problems, plan, checked, wrappers = [], [], set(), []
+    disabled = {}  # name -> PEFT's switch (disable_adapter_layers()), carried over
     for name, m in base.named_modules():
         if type(m).__name__ == "ModulesToSaveWrapper":
             trained = list(getattr(m, "modules_to_save", {}).keys())
@@ -1399,6 +1435,7 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
                 problems.append(f"{name}: exactly one active modules_to_save copy is supported, found {trained}")
             else:
                 wrappers.append((name, m.original_module, m.modules_to_save[trained[0]]))
+                disabled[name] = bool(getattr(m, "disable_adapters", False))
             continue
         if not isinstance(m, LoraLayer):
             continue
@@ -1477,7 +1514,12 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
 
     # PEFT's modules_to_save wrappers: the same frozen original and trained copy (not copied again)
     to_save = {name: ModuleToSave(original, trained) for name, original, trained in wrappers}
-    return _install(base, "lora", dict(opts0), modules, conv1d, snapshot, spec, to_save)
+    adapted = _install(base, "lora", dict(opts0), modules, conv1d, snapshot, spec, to_save)
+    for name, m, *_ in plan:
+        disabled[name] = bool(getattr(m, "disable_adapters", False))
+    for name, m in adapted._switchable().items():
+        m.enable_adapters(not disabled.get(name, False))
+    return adapted
 
 
 # ----------------------------------------------------------------------------- PEFT's entry point
@@ -1530,13 +1572,14 @@ def get_peft_model(model: nn.Module, peft_config, adapter_dtype="auto", share_in
             raise ValueError(f"peft_config: exclude_modules={exclude!r} leaves no module to adapt")
     per_module = {n: _peft_module_options(cfg, n, _pattern_value(cfg.get("rank_pattern"), n, cfg.get("r", 8)))
                   for n in names}
-    to_save = list(cfg.get("modules_to_save") or [])
+    to_save = _name_list(cfg.get("modules_to_save"))
     heads = [h for h in _PEFT_HEADS.get(cfg.get("task_type"), ()) if h not in to_save]
-    to_save_names = select_modules_to_save(model, to_save, names) if to_save else []
+    to_save_names = select_modules_to_save(model, to_save) if to_save else []
     if heads:  # as PEFT's task models: whichever of these exist, silently
-        to_save_names += [n for n in select_modules_to_save(model, heads, names, strict=False) if n not in to_save_names]
+        to_save_names += [n for n in select_modules_to_save(model, heads, strict=False) if n not in to_save_names]
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     to_save_names.sort(key=order.__getitem__)
+    names = _outside(names, to_save_names)
     adapted = _adapt_names(model, "lora", names, dict(per_module[names[0]]), per_module,
                            adapter_dtype_spec(adapter_dtype), to_save_names)
     if share_inputs:

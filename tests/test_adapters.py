@@ -862,8 +862,9 @@ def test_modules_to_save_train_save_load_unload(method, tmp_path):
     merged = fresh.merge_and_unload()
     assert type(merged.classifier) is nn.Linear
     torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
-    restored = adapted.unload()
-    assert restored.classifier is head
+    trained = model.classifier.trained_module
+    restored = adapted.unload()  # as PEFT's unload: adapters gone, the trained head stays
+    assert restored.classifier is trained and not torch.equal(trained.weight, original_w)
     assert {n: p.requires_grad for n, p in restored.named_parameters()} == flags
 
 
@@ -886,7 +887,7 @@ def test_modules_to_save_checkpoint_errors(tmp_path):
 def test_modules_to_save_bad_requests_are_clear_errors():
     with pytest.raises(ValueError, match=r"modules_to_save \['nope'\] match no module"):
         adapt(tiny_bert_cls(), "lora", target_modules=["query"], r=4, modules_to_save=["nope"])
-    with pytest.raises(ValueError, match="overlaps the adapted layer"):
+    with pytest.raises(ValueError, match="nothing left to adapt"):
         adapt(tiny_bert_cls(), "lora", target_modules=["query"], r=4, modules_to_save=["attention.self"])
     with pytest.raises(TypeError, match="list of module names"):
         adapt(tiny_bert_cls(), "lora", target_modules=["query"], r=4, modules_to_save=[3])
@@ -921,3 +922,36 @@ def test_quantized_style_linear_is_refused_clearly():
     with pytest.raises(TypeError, match="quantized base layers are not supported"):
         adapt(model, "lora", target_modules=["0"], r=2)
     assert type(model[0]) is Packed
+
+
+def test_targets_inside_a_module_to_save_are_left_to_it():
+    """PEFT's rule: all-linear on a classification model with modules_to_save=["classifier"]
+    trains the classifier in full and adapts every other linear (not the classifier again)."""
+    adapted = adapt(tiny_bert_cls(), "lora", target_modules="all-linear", r=4, modules_to_save={"classifier"})
+    assert "classifier" not in adapted.adapted_modules() and list(adapted.modules_to_save()) == ["classifier"]
+    assert len(adapted.adapted_modules()) == 2 * 6 + 1  # 6 linears per BERT layer + the pooler
+
+
+def test_unload_inside_disable_adapter_leaves_the_unloaded_model_alone():
+    ids = batch()
+    adapted = adapt(tiny_llama(), "lora", target_modules=["q_proj"], r=4, alpha=8)
+    randomize_adapters(adapted)
+    adapted.merge(keep_original=True)
+    with adapted.disable_adapter():
+        plain = adapted.unload()
+    torch.testing.assert_close(plain(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_t5_reads_weight_off_the_adapted_layer():
+    """T5's feed-forward reads ``self.wo.weight.dtype``: adapted layers expose the base layer's
+    ``weight``/``bias``, as PEFT's layers do."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = batch()
+    want = model(input_ids=ids, labels=ids).logits.detach()
+    adapted = adapt(model, "lora", target_modules="all-linear", r=4, alpha=8)
+    wo = adapted.model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert wo.weight is wo.base_layer.weight and wo.bias is None
+    torch.testing.assert_close(adapted(input_ids=ids, labels=ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -385,3 +385,21 @@ def test_get_peft_model_task_head_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="peft_type 'IA3'"):
         pk_get(model, dict(peft_type="IA3", target_modules=["q_proj"]))
     assert not any(hasattr(m, "base_layer") for m in model.modules())  # nothing was changed
+
+
+def test_from_peft_model_keeps_peft_switch_and_set_modules_to_save():
+    """A PEFT model whose adapters were switched off converts switched off (same logits), and a
+    modules_to_save given as a set (PEFT allows it) converts."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_bert_cls(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"],
+                                                                 modules_to_save={"classifier"}))
+    randomize([p for _, p in pm.named_parameters() if p.requires_grad])
+    pm.eval()
+    pm.base_model.disable_adapter_layers()
+    want = pm(input_ids=IDS).logits.detach()
+    converted = from_peft_model(pm)
+    assert all(m.disable_adapters for m in converted._switchable().values())
+    torch.testing.assert_close(converted(input_ids=IDS).logits, want, **TOL)
+    converted.enable_adapter_layers()
+    assert (converted(input_ids=IDS).logits - want).abs().max() > 1e-3

@@ -29,7 +29,7 @@ from torch import nn
 from .._checks import check_choice, check_positive_int, check_tensor
 from ..ops.lily import lily_linear
 from ..reference.lily import ROUTINGS
-from .lora import _AdapterSwitch
+from .lora import _AdapterSwitch, _BaseLayerAttrs
 
 __all__ = ["LilyLinear", "MoELoRALinear", "build_lily", "MergeNotSupportedError"]
 
@@ -63,7 +63,7 @@ def _kaiming(shape, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t)
 
 
-class _RouterMixBase(_AdapterSwitch, nn.Module):
+class _RouterMixBase(_BaseLayerAttrs, _AdapterSwitch, nn.Module):
     """Shared plumbing: frozen base layer, merge refusal, protocol properties, the on/off switch."""
 
     family = ""

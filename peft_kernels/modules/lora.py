@@ -55,7 +55,20 @@ class _AdapterSwitch:
         self._adapters_disabled = not enabled
 
 
-class _AdapterLinear(_AdapterSwitch, nn.Module):
+class _BaseLayerAttrs:
+    """``layer.weight`` / ``layer.bias`` are the base layer's (as on PEFT's LoRA layers): model code
+    that reads them off the layer it calls (T5's ``self.wo.weight.dtype``) keeps working."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+
+class _AdapterLinear(_BaseLayerAttrs, _AdapterSwitch, nn.Module):
     """A frozen ``base_layer`` and the merge protocol; subclasses add the adapter and define
     ``delta_weight()`` (the dense ``(d_out, d_in)`` change, fp32)."""
 
