@@ -377,6 +377,8 @@ def _install(model: nn.Module, method: str, options: dict, modules: dict[str, nn
              conv1d: dict[str, bool], snapshot, adapter_dtype: str = "auto",
              to_save: Optional[dict[str, nn.Module]] = None) -> "AdaptedModel":
     _cast_adapters(modules, adapter_dtype)
+    for name in conv1d:
+        modules[name]._conv1d_layout = True  # .weight shows the Conv1D's (in, out) layout
     for name, m in itertools.chain(modules.items(), (to_save or {}).items()):
         _set_submodule(model, name, m)
     _freeze_all_but_adapters(model, modules)
@@ -782,12 +784,13 @@ class AdaptedModel(nn.Module):
             (CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()),
         ])
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], is_main_process: bool = True,
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *, is_main_process: bool = True,
                         **kwargs) -> None:
         """PEFT's name for :meth:`save` (it writes the adapter only, never the whole model: without
         it, ``handle.save_pretrained`` would reach the wrapped ``transformers`` model's own method).
         ``peft_format`` is passed on and ``safe_serialization=True`` accepted (always safetensors);
-        PEFT's other options (``selected_adapters``, ...) have no counterpart here and are refused."""
+        PEFT's other options (``selected_adapters``, ...) have no counterpart here and are refused.
+        Options are keyword-only (PEFT's second positional parameter is ``safe_serialization``)."""
         peft_format = kwargs.pop("peft_format", None)
         if kwargs.pop("safe_serialization", True) is not True:
             raise ValueError("save_pretrained: safe_serialization=False is not supported (always safetensors)")
@@ -1545,48 +1548,101 @@ def get_peft_model(model: nn.Module, peft_config, adapter_dtype="auto", share_in
         raise TypeError(f"peft_config must be a peft.LoraConfig or a dict, got {type(peft_config).__name__}")
     if cfg.get("peft_type") not in ("LORA", None):
         raise ValueError(f"peft_config: peft_type {cfg.get('peft_type')!r} is not supported (only LoRA, 'LORA')")
+    if isinstance(model, AdaptedModel):
+        raise TypeError("model is already an AdaptedModel; pass adapted.model to adapt more layers")
+    adapter_dtype = adapter_dtype_spec(adapter_dtype)
     problems = _peft_config_problems(cfg)
     init = cfg.get("init_lora_weights", True)
     if init is not True:
         problems.append(f"init_lora_weights={init!r}: a new adapter here starts from PEFT's default init (True) only")
-    if cfg.get("layers_pattern"):
-        problems.append(f"layers_pattern={cfg['layers_pattern']!r} is not supported: layers_to_transform is read "
-                        "against the first integer in each module path")
     if problems:
         raise ValueError("peft_config: cannot build this adapter:\n  - " + "\n  - ".join(problems))
-    targets = cfg.get("target_modules")
-    if targets is None:
-        raise ValueError("peft_config: target_modules is required (PEFT's per-architecture defaults are not "
-                         "reproduced); e.g. ['q_proj', 'v_proj'] or 'all-linear'")
-    if isinstance(targets, (set, frozenset)):
-        targets = sorted(targets)
-    layers = cfg.get("layers_to_transform")
-    names = select_modules(model, targets, [layers] if isinstance(layers, int) else layers)
-    exclude = cfg.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            names = [n for n in names if not re.fullmatch(exclude, n)]
-        else:
-            names = [n for n in names if not any(n == e or n.endswith("." + e) for e in exclude)]
-        if not names:
-            raise ValueError(f"peft_config: exclude_modules={exclude!r} leaves no module to adapt")
+    names = _peft_target_names(model, cfg)
+    to_save = _name_list(cfg.get("modules_to_save"))
+    to_save += [h for h in _PEFT_HEADS.get(cfg.get("task_type"), ()) if h not in to_save]
+    # as PEFT: names that match no module are ignored (its saved SEQ_CLS configs list both
+    # "classifier" and "score"); one call, so a task head nested in a user's module is refused
+    to_save_names = select_modules_to_save(model, to_save, strict=False)
+    names = _outside(names, to_save_names)
     per_module = {n: _peft_module_options(cfg, n, _pattern_value(cfg.get("rank_pattern"), n, cfg.get("r", 8)))
                   for n in names}
-    to_save = _name_list(cfg.get("modules_to_save"))
-    heads = [h for h in _PEFT_HEADS.get(cfg.get("task_type"), ()) if h not in to_save]
-    to_save_names = select_modules_to_save(model, to_save) if to_save else []
-    if heads:  # as PEFT's task models: whichever of these exist, silently
-        to_save_names += [n for n in select_modules_to_save(model, heads, strict=False) if n not in to_save_names]
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    to_save_names.sort(key=order.__getitem__)
-    names = _outside(names, to_save_names)
-    adapted = _adapt_names(model, "lora", names, dict(per_module[names[0]]), per_module,
-                           adapter_dtype_spec(adapter_dtype), to_save_names)
+    adapted = _adapt_names(model, "lora", names, dict(per_module[names[0]]), per_module, adapter_dtype, to_save_names)
+    if cfg.get("inference_mode"):
+        for p in adapted.trainable_parameters():  # PEFT builds such an adapter frozen
+            p.requires_grad_(False)
     if share_inputs:
         from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs as link
 
         link(model, DEFAULT_SHARED_INPUTS if share_inputs is True else share_inputs)
     return adapted
+
+
+def _peft_layer_index(name: str, layers_pattern) -> Optional[int]:
+    """PEFT's layer index of a module path: the first number two components in (``model.layers.3.``
+    -> 3, not ``h.3.`` at the root), or the number after one of ``layers_pattern``."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        m = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if m is not None:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def _peft_target_names(model: nn.Module, cfg: dict) -> list[str]:
+    """The modules PEFT 0.21 would give LoRA for ``cfg`` (``check_target_module_exists``): a str is
+    a regex over the full name (``all-linear`` in any case: every linear but the output layer);
+    list entries match a full name exactly or a dotted suffix, never as a regex; ``layers_to_transform``
+    filters suffix matches only, by PEFT's index rule; ``exclude_modules`` (a regex or names) wins.
+    A matched module that is not an nn.Linear/Conv1D is refused (PEFT would adapt an embedding or a
+    convolution; these kernels do not)."""
+    targets = cfg.get("target_modules")
+    if targets is None:
+        raise ValueError("peft_config: target_modules is required (PEFT's per-architecture defaults are not "
+                         "reproduced); e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+    exclude = cfg.get("exclude_modules")
+
+    def excluded(n: str) -> bool:
+        if not exclude:
+            return False
+        if isinstance(exclude, str):
+            return re.fullmatch(exclude, n) is not None
+        return n in exclude or any(n.endswith("." + e) for e in exclude)
+
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        found = [n for n in select_modules(model, "all-linear") if not excluded(n)]
+    else:
+        layers = cfg.get("layers_to_transform")
+        if isinstance(layers, (list, tuple)) and not layers:
+            layers = None
+        listed = None if isinstance(targets, str) else set(targets)
+        found = []
+        for n, _ in model.named_modules():
+            if not n or excluded(n):
+                continue
+            if listed is None:
+                hit = re.fullmatch(targets, n) is not None
+            elif n in listed:
+                hit = True
+            else:
+                hit = any(n.endswith("." + t) for t in listed)
+                if hit and layers is not None:
+                    idx = _peft_layer_index(n, cfg.get("layers_pattern"))
+                    hit = idx is not None and (idx == layers if isinstance(layers, int) else idx in layers)
+            if hit:
+                found.append(n)
+        linear = {n for n, _ in _linear_like(model)}
+        others = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in found if n not in linear]
+        if others:
+            raise ValueError(f"peft_config: target_modules {targets!r} match modules that are not nn.Linear/Conv1D "
+                             f"layers (LoRA on them is not supported here): {others[:5]}")
+    if not found:
+        raise ValueError(f"peft_config: target_modules {targets!r} match no linear layer of {type(model).__name__}"
+                         f"{' (after exclude_modules / layers_to_transform)' if exclude or cfg.get('layers_to_transform') else ''}; "
+                         f"{_describe_available([n for n, _ in _linear_like(model)])}")
+    return found
 
 
 __all__ = ["adapt", "get_peft_model", "adapter_dtype_spec", "adapter_dtype_for", "AdaptedModel", "CheckpointError", "load_adapted",

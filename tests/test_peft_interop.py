@@ -340,6 +340,14 @@ GET_CONFIGS = {
                            exclude_modules=["o_proj"]),
     "all_linear_exclude": dict(r=3, lora_alpha=6, target_modules="all-linear", exclude_modules=["gate_proj"]),
     "regex": dict(r=2, lora_alpha=4, target_modules=r".*\.(q|k)_proj"),
+    # PEFT's rules for list entries: never a regex, an entry matching nothing is fine, a full name
+    # skips the layer filter; an empty / out-of-range layers_to_transform; "all-linear" in any case
+    "list_entries": dict(r=2, lora_alpha=4, target_modules=["q_proj", r"model\.layers\.1\..*", "query"]),
+    "full_name_skips_layers": dict(r=2, lora_alpha=4, target_modules=["model.layers.1.self_attn.q_proj", "v_proj"],
+                                   layers_to_transform=[0]),
+    "layers_out_of_range": dict(r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[0, 5]),
+    "layers_empty": dict(r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[]),
+    "upper_all_linear": dict(r=2, lora_alpha=4, target_modules="ALL-LINEAR"),
 }
 
 
@@ -403,3 +411,32 @@ def test_from_peft_model_keeps_peft_switch_and_set_modules_to_save():
     torch.testing.assert_close(converted(input_ids=IDS).logits, want, **TOL)
     converted.enable_adapter_layers()
     assert (converted(input_ids=IDS).logits - want).abs().max() > 1e-3
+
+
+def test_get_peft_model_heads_inference_mode_and_conv1d():
+    # a saved SEQ_CLS config lists both heads; BERT has one: PEFT ignores the other, so do we
+    ours = pk_get(tiny_bert_cls(), dict(peft_type="LORA", task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                        target_modules=["query"], modules_to_save=["classifier", "score"]))
+    assert list(ours.modules_to_save()) == ["classifier"]
+    # a module the user saves nested in the task head (RoBERTa's classifier.dense) would never run
+    torch.manual_seed(0)
+    roberta = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+        hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96, vocab_size=VOCAB,
+        max_position_embeddings=40, num_labels=3))
+    with pytest.raises(ValueError, match="'classifier.dense' sits inside 'classifier'"):
+        pk_get(roberta, dict(peft_type="LORA", task_type="SEQ_CLS", r=4, target_modules=["query"],
+                             modules_to_save=["classifier.dense"]))
+    # inference_mode=True builds the adapter frozen, as PEFT does
+    frozen = pk_get(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], inference_mode=True))
+    assert frozen.count_parameters()[0] == 0
+    # GPT-2 Conv1D: the adapted layer's .weight has the Conv1D layout, as PEFT's does
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+        ours = pk_get(tiny_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    mine = ours.model.transformer.h[0].attn.c_attn
+    theirs = pm.base_model.model.transformer.h[0].attn.c_attn
+    assert mine.weight.shape == theirs.weight.shape and torch.equal(mine.weight, theirs.weight)
+    # a target that is not a linear layer is refused, not skipped
+    with pytest.raises(ValueError, match="not nn.Linear/Conv1D"):
+        pk_get(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))

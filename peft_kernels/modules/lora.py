@@ -57,11 +57,16 @@ class _AdapterSwitch:
 
 class _BaseLayerAttrs:
     """``layer.weight`` / ``layer.bias`` are the base layer's (as on PEFT's LoRA layers): model code
-    that reads them off the layer it calls (T5's ``self.wo.weight.dtype``) keeps working."""
+    that reads them off the layer it calls (T5's ``self.wo.weight.dtype``) keeps working. A layer
+    that replaced a GPT-2 ``Conv1D`` (``adapters`` sets ``_conv1d_layout``) shows the weight in the
+    Conv1D's ``(in, out)`` layout, as a view of the base layer's."""
+
+    _conv1d_layout = False
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        w = self.base_layer.weight
+        return w.t() if self._conv1d_layout else w
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
@@ -335,8 +340,9 @@ DEFAULT_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
-    mod = sys.modules.get("torch.distributed.tensor")  # never imported here: only FSDP2/TP make them
-    return mod is not None and isinstance(t, getattr(mod, "DTensor", ()))
+    # never imported here: only FSDP2/TP make DTensors (torch < 2.5 keeps the class in ._tensor)
+    return any(mod is not None and isinstance(t, getattr(mod, "DTensor", ()))
+               for mod in (sys.modules.get("torch.distributed.tensor"), sys.modules.get("torch.distributed._tensor")))
 
 
 def _no_member():

@@ -66,8 +66,15 @@ def adapt_with_ranks(model: nn.Module, method: str, ranks: Mapping[str, int], **
         old = adapted.model.get_submodule(name)
         cfg = {**old.adapter_config(), "r": r}
         new = type(old).from_linear(old.base_layer, **cfg)
+        # keep what adapt() set on the module it replaces: the adapter dtype (fp32 adapters on a
+        # half-precision model by default) and a Conv1D layer's weight layout
+        dtypes = {k: p.dtype for k, p in old.named_parameters()}
         for k, p in new.named_parameters():
+            if not k.startswith("base_layer.") and k in dtypes and p.dtype != dtypes[k]:
+                p.data = p.data.to(dtypes[k])
             p.requires_grad_(not k.startswith("base_layer."))
+        if getattr(old, "_conv1d_layout", False):
+            new._conv1d_layout = True
         parent_name, _, leaf = name.rpartition(".")
         parent = adapted.model.get_submodule(parent_name) if parent_name else adapted.model
         setattr(parent, leaf, new)

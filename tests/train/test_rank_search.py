@@ -154,3 +154,14 @@ def test_adapt_with_ranks_adapts_exactly_the_named_modules():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Sequential(nn.Linear(4, 4)))
     adapted = adapt_with_ranks(model, "lora", {"0": 2})
     assert list(adapted.adapted_modules()) == ["0"]
+
+
+def test_adapt_with_ranks_keeps_fp32_adapters_on_a_bf16_model():
+    """Modules rebuilt at another rank keep adapt()'s adapter dtype (fp32 on a bf16 base, HF PEFT's
+    default), like the modules built at the common rank."""
+    torch.manual_seed(0)
+    adapted = adapt_with_ranks(Tiny().to(torch.bfloat16), "lora",
+                               {"blocks.0.up": 3, "blocks.0.down": 1, "blocks.1.up": 3})
+    for n, m in adapted.adapted_modules().items():
+        assert m.lora_A.weight.dtype == m.lora_B.weight.dtype == torch.float32, n
+        assert m.base_layer.weight.dtype == torch.bfloat16
