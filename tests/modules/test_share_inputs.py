@@ -348,3 +348,24 @@ def test_a_disabled_member_leaves_the_group_exact(interpret, monkeypatch):
     assert len(calls) == 1  # the second block's group only
     assert not any("0.k_proj.lora" in n for n in got[1])
     _assert_same(got, _step(alone, x))
+
+
+def test_switching_adapters_relinks_the_groups(interpret, monkeypatch):
+    """set_adapter installs the other adapter's layers: they are linked in their turn, and the
+    results stay those of the unlinked model."""
+    x = torch.randn(3, 5, 24, device=interpret)
+    grouped, alone = _model(interpret), _model(interpret, share=False)
+    for am in (grouped, alone):
+        torch.manual_seed(5)
+        am.add_adapter("b", r=2, alpha=4, impl="triton")
+        am.set_adapter("b")
+        with torch.no_grad():
+            for n, p in am.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+    assert grouped.model[0].q_proj.__dict__.get("_share_group") is not None
+    assert grouped.model[0].q_proj.r == 2
+    calls = _spy(monkeypatch)
+    got = _step(grouped, x)
+    assert len(calls) == 2
+    _assert_same(got, _step(alone, x))
