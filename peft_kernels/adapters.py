@@ -479,6 +479,7 @@ def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: O
         from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs
 
         share_inputs(model, DEFAULT_SHARED_INPUTS if share is True else share)
+        adapted._share_spec = share
     return adapted
 
 
@@ -529,6 +530,9 @@ class AdaptedModel(nn.Module):
         self._to_save = list(to_save)  # names of the modules trained in full (ModuleToSave)
         self.active_adapter = "default"
         self._inactive: dict[str, dict] = {}  # adapter name -> its modules and settings (not installed)
+        self._layers_off = False  # disable_adapter_layers(): also for adapters switched in later
+        self._share_spec = None  # the share_inputs groups adapt() linked (re-linked on set_adapter)
+        self._conv1d_plain: dict[str, nn.Module] = {}  # Conv1D views installed while no adapter covers them
         self._conv1d = dict(conv1d or {})  # Conv1D name -> its weight's original requires_grad
         self._snapshot = requires_grad_snapshot or {}
 
@@ -599,26 +603,66 @@ class AdaptedModel(nn.Module):
     def _base_candidates(self) -> list:
         """``(name, base layer)`` of every linear layer an adapter could target, in model order:
         the model's plain ones and the base layers under installed adapters."""
-        plain = _linear_like(self.model)
+        plain = [(n, m) for n, m in _linear_like(self.model) if n not in self._conv1d_plain]
         installed = [(n, m.base_layer) for n, m in self.adapted_modules().items()]
+        installed += [(n, self._shared_base(n)) for n in self._conv1d_plain if n not in self._names]
         order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
         return sorted(plain + installed, key=lambda item: order[item[0]])
 
+    def _shared_base(self, name: str) -> Optional[nn.Linear]:
+        """The base ``nn.Linear`` some adapter of this model already wraps at ``name``, or None."""
+        installed = self.adapted_modules()
+        if name in installed:
+            return installed[name].base_layer
+        for rec in self._inactive.values():
+            if name in rec["modules"]:
+                return rec["modules"][name].base_layer
+        return None
+
+    def _plain_layer(self, name: str, base: nn.Linear) -> nn.Module:
+        """What the model holds at ``name`` while no installed adapter covers it: the base layer,
+        or for a GPT-2 Conv1D a Conv1D viewing the base layer's weight (no copy; made at each
+        switch, so it follows the base layer's current storage and device)."""
+        if name not in self._conv1d:
+            return base
+        from transformers.pytorch_utils import Conv1D
+
+        view = Conv1D(base.out_features, base.in_features)
+        view.weight = nn.Parameter(base.weight.detach().t(), requires_grad=False)
+        view.bias = base.bias
+        self._conv1d_plain[name] = view
+        return view
+
     def _new_base_linears(self, names: Sequence[str]) -> dict[str, nn.Linear]:
         """The base ``nn.Linear`` of each name, shared with the adapters that already wrap it; a
-        Conv1D met for the first time is converted (and remembered for unload)."""
-        linears, installed = {}, self.adapted_modules()
-        shared = {n: m.base_layer for rec in self._inactive.values() for n, m in rec["modules"].items()}
+        Conv1D met for the first time is converted (and its pre-adapt flag remembered for unload)."""
+        linears = {}
         for name in names:
-            if name in installed:
-                linears[name] = installed[name].base_layer
-            elif name in shared:
-                linears[name] = shared[name]
-            else:
-                got, conv1d = _base_linears(self.model, [name], self._snapshot)
-                linears.update(got)
-                self._conv1d.update(conv1d)
+            base = self._shared_base(name)
+            if base is not None:
+                linears[name] = base
+                continue
+            conv = self.model.get_submodule(name)
+            flag = self._flag_before_adapt(conv.weight) if _is_conv1d(conv) else None
+            got, conv1d = _base_linears(self.model, [name], self._snapshot)
+            linears.update(got)
+            if conv1d:
+                self._conv1d[name] = flag
         return linears
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self):
+        """Undo this handle's bookkeeping and the model's ``requires_grad`` flags if the body fails
+        (a failed ``add_adapter``/``load_adapter`` changes nothing)."""
+        snapshot, conv1d = dict(self._snapshot), dict(self._conv1d)
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            yield
+        except BaseException:
+            self._snapshot, self._conv1d = snapshot, conv1d
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
 
     def _stash(self, adapter_name: str, method: str, options: dict, adapter_dtype: str,
                modules: dict[str, nn.Module], to_save: dict[str, nn.Module]) -> None:
@@ -637,24 +681,28 @@ class AdaptedModel(nn.Module):
                     **method_options) -> None:
         """Build another adapter on the same base layers (PEFT's ``add_adapter``); it is not
         activated (``set_adapter``). ``method`` and ``adapter_dtype`` default to the active
-        adapter's, ``target_modules`` to the layers it adapts; options as for :func:`adapt`
-        (``share_inputs`` follows the model: see ``set_adapter``)."""
+        adapter's, ``target_modules`` to the layers it adapts (``layers`` filters either); options
+        as for :func:`adapt`. All-or-nothing."""
         self._check_adapter_name(adapter_name)
+        if method is not None and not isinstance(method, str):
+            raise TypeError(f"add_adapter takes a method name and its options (as adapt() does), got "
+                            f"{type(method).__name__}; for a PEFT LoraConfig pass its fields: method='lora', r=..., "
+                            "alpha=..., target_modules=...")
         method = self.method if method is None else method
         family_class(method)
         spec = adapter_dtype_spec(self.adapter_dtype if adapter_dtype is None else adapter_dtype)
         if method_options.pop("share_inputs", None):
-            raise TypeError("share_inputs is a property of the model: call peft_kernels.share_inputs(model) after "
-                            "set_adapter")
+            raise TypeError("share_inputs is a property of the model: it follows set_adapter (see adapt)")
         candidates = self._base_candidates()
-        names = list(self._names) if target_modules is None else select_modules(self.model, target_modules, layers,
-                                                                                candidates)
-        to_save_names = select_modules_to_save(self.model, modules_to_save)
+        targets = list(self._names) if target_modules is None else target_modules
+        names = select_modules(self.model, targets, layers, candidates)
+        to_save_names = select_modules_to_save(self.model, modules_to_save, self._names)
         names = _outside(names, to_save_names)
-        linears = self._new_base_linears(names)
-        to_save = _wrap_to_save(self.model, to_save_names)
-        modules = _build_modules(method, linears, method_options)
-        self._stash(adapter_name, method, method_options, spec, modules, to_save)
+        with self._all_or_nothing():
+            linears = self._new_base_linears(names)
+            to_save = _wrap_to_save(self.model, to_save_names)
+            modules = _build_modules(method, linears, method_options)
+            self._stash(adapter_name, method, method_options, spec, modules, to_save)
 
     def load_adapter(self, directory: Union[str, os.PathLike], adapter_name: str) -> None:
         """Load a checkpoint (ours or a PEFT LoRA one) as another adapter on the same base layers
@@ -688,32 +736,31 @@ class AdaptedModel(nn.Module):
             spec = adapter_dtype_spec(meta.get("adapter_dtype", "auto"))
         except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from None
-        conv1d_before = dict(self._conv1d)
-        linears = self._new_base_linears(names)
-        try:
+        with self._all_or_nothing():
+            # its heads may not hold layers of the installed adapter (their copies would carry it)
+            to_save_names = _checkpoint_to_save(self.model, meta, tensors, [*names, *self._names], where)
+            linears = self._new_base_linears(names)
             try:
-                to_save = _wrap_to_save(self.model, _checkpoint_to_save(self.model, meta, tensors, names, where))
-            except CheckpointError:
-                raise
+                to_save = _wrap_to_save(self.model, to_save_names)
             except ValueError as e:
                 raise CheckpointError(f"{where}: {e}") from None
             modules = _build_modules(method, linears, options, per_module)
             modules = _apply_checkpoint_masks(method, modules, linears, per_module, tensors)
             _cast_adapters(modules, spec)
             _load_into(method, modules, meta, tensors, where, to_save)
-        except BaseException:
-            self._conv1d = conv1d_before
-            raise
-        self._stash(adapter_name, method, options, spec, modules, to_save)
+            self._stash(adapter_name, method, options, spec, modules, to_save)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Install adapter ``adapter_name`` in the model and make it the one every method of this
         handle acts on (PEFT's ``set_adapter``). Module objects are swapped, never weights: each
-        adapter keeps its own parameters (an optimizer over one adapter's parameters stays valid),
-        layers only the other adapter targets get their plain base layer back. A merged adapter is
-        unmerged first (with a warning, as in PEFT). Shared-input groups are re-linked for the new
-        adapter if the old one had them. Switch outside DDP/FSDP wrappers and torch.compile'd
-        callers expect a recompile."""
+        adapter keeps its own parameters (an optimizer over one adapter's parameters stays valid);
+        layers only the other adapter targets get their plain layer back. The incoming layers take
+        the model's train/eval mode, their base layer's device and the handle's on/off state
+        (``disable_adapter_layers``). A merged adapter is unmerged first (with a warning, as in
+        PEFT). Shared-input groups are re-linked for the new adapter if the old one had them.
+        Switch outside DDP/FSDP wrappers; a torch.compile'd model recompiles for each adapter."""
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"set_adapter takes one adapter name (one adapter is active at a time), got {adapter_name!r}")
         if adapter_name == self.active_adapter:
             return
         if adapter_name not in self._inactive:
@@ -726,20 +773,27 @@ class AdaptedModel(nn.Module):
         linked = any("_share_group" in m.__dict__ for m in old["modules"].values())
         for name, m in old["modules"].items():
             if name not in new["modules"]:
-                _set_submodule(self.model, name, m.base_layer)
+                _set_submodule(self.model, name, self._plain_layer(name, m.base_layer))
         for name, m in old["to_save"].items():
             if name not in new["to_save"]:
                 _set_submodule(self.model, name, m.original_module)
+        training = self.model.training
         for name, m in itertools.chain(new["modules"].items(), new["to_save"].items()):
+            anchor = m.base_layer.weight if "base_layer" in m._modules else next(m.original_module.parameters(), None)
+            if anchor is not None:
+                m.to(device=anchor.device)
+            m.train(training)
+            m.enable_adapters(not self._layers_off)
             _set_submodule(self.model, name, m)
         self._inactive[self.active_adapter] = old
         self.active_adapter = adapter_name
         self.method, self.options, self.adapter_dtype = new["method"], new["options"], new["adapter_dtype"]
         self._names, self._to_save = list(new["names"]), list(new["to_save"])
         if linked:
-            from .modules.lora import share_inputs
+            from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs
 
-            share_inputs(self.model)
+            spec = self._share_spec
+            share_inputs(self.model, DEFAULT_SHARED_INPUTS if spec in (None, True) else spec)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Drop an adapter (PEFT's ``delete_adapter``). Deleting the active one activates the next
@@ -753,24 +807,29 @@ class AdaptedModel(nn.Module):
         del self._inactive[adapter_name]
 
     def _drop_inactive(self) -> None:
-        """Forget every inactive adapter (unload / merge_and_unload): layers only they adapted get
-        back the layer they replaced (a Conv1D its Conv1D)."""
+        """Forget every inactive adapter (unload / merge_and_unload): each layer only they adapted
+        gets back the layer it replaced (a Conv1D a contiguous Conv1D), once."""
+        done = set(self._names)
         for rec in self._inactive.values():
-            for name in rec["modules"]:
-                if name not in self._names:
-                    self._restore_layer(name, self.model.get_submodule(name))
-        self._inactive = {}
+            for name, m in rec["modules"].items():
+                if name not in done:
+                    self._restore_layer(name, m.base_layer)
+                    done.add(name)
+        self._inactive, self._conv1d_plain = {}, {}
 
     # -- switching the adapters off and on (HF PEFT's names)
     def disable_adapter_layers(self) -> None:
         """Every adapted layer computes its base layer alone until ``enable_adapter_layers()``;
         merged layers are unmerged first (with a warning each, as in PEFT). Adapter parameters
-        keep their values and ``requires_grad`` flags. Modules to save run their frozen original."""
+        keep their values and ``requires_grad`` flags. Modules to save run their frozen original.
+        The state holds for adapters switched in later (``set_adapter``), as in PEFT."""
+        self._layers_off = True
         for m in self._switchable().values():
             m.enable_adapters(False)
 
     def enable_adapter_layers(self) -> None:
         """Switch every adapted layer's adapter back on (merged layers stay unmerged)."""
+        self._layers_off = False
         for m in self._switchable().values():
             m.enable_adapters(True)
 
@@ -778,12 +837,16 @@ class AdaptedModel(nn.Module):
     def disable_adapter(self):
         """``with handle.disable_adapter(): ...`` runs the base model alone (PEFT's
         ``PeftModel.disable_adapter()``: e.g. the reference model of DPO-style training without a
-        second copy of the weights); modules to save run their frozen original. On exit, even after an exception, every layer is as it was:
-        layers that were enabled are enabled again and merged layers are merged again. A merged
-        layer is unmerged for the duration (exactly if it was merged with ``keep_original=True``;
-        otherwise within ``unmerge()``'s rounding, in both directions)."""
+        second copy of the weights); modules to save run their frozen original. On exit, even
+        after an exception, every installed layer is as it was: layers that were enabled are
+        enabled again and merged layers are merged again. A merged layer is unmerged for the
+        duration (exactly if it was merged with ``keep_original=True``; otherwise within
+        ``unmerge()``'s rounding, in both directions). An adapter switched out inside the context
+        gets its on/off state back but stays unmerged; one switched in follows the state before."""
         states = [(n, m, m.disable_adapters, m.merged, getattr(m, "keeps_original", False))
                   for n, m in self._switchable().items()]
+        before = self._layers_off
+        self._layers_off = True
         try:
             for _, m, _, merged, _ in states:
                 if merged:
@@ -791,12 +854,16 @@ class AdaptedModel(nn.Module):
                 m.enable_adapters(False)
             yield self
         finally:
+            self._layers_off = before
+            seen = set()
             for name, m, disabled, merged, kept in states:
-                if not self._installed(name, m):  # unload()/merge_and_unload() inside: leave it be
-                    continue
+                seen.add(id(m))
                 m.enable_adapters(not disabled)
-                if merged and not m.merged:
+                if merged and not m.merged and self._installed(name, m):
                     m.merge(keep_original=kept)
+            for m in self._switchable().values():  # switched in inside the context
+                if id(m) not in seen:
+                    m.enable_adapters(not before)
 
     # -- merging
     def _check_mergeable(self) -> None:
@@ -1014,6 +1081,11 @@ class AdaptedModel(nn.Module):
         unknown = [n for n in names if n not in self.adapters]
         if unknown:
             raise ValueError(f"selected_adapters {unknown} are not adapters of this model ({self.adapters})")
+        if peft_format:  # checked for all before anything is written
+            methods = {n: (self.method if n == self.active_adapter else self._inactive[n]["method"]) for n in names}
+            other = {n: m for n, m in methods.items() if m != "lora"}
+            if other:
+                raise ValueError(f"peft_format=True needs LoRA adapters; these are not: {other}")
         for name in names:
             where = save_directory if name == "default" else os.path.join(save_directory, name)
             self.save(where, peft_format=peft_format, is_main_process=is_main_process, adapter_name=name)

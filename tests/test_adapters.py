@@ -907,7 +907,7 @@ def test_peft_method_names_on_the_handle(tmp_path):
     assert adapted.get_base_model() is adapted.model
     assert adapted.get_nb_trainable_parameters() == adapted.count_parameters()
     with pytest.raises(TypeError, match="unsupported options"):
-        adapted.save_pretrained(tmp_path, selected_adapters=["default"])
+        adapted.save_pretrained(tmp_path, save_embedding_layers=True)
 
 
 def test_quantized_style_linear_is_refused_clearly():
@@ -1039,3 +1039,39 @@ def test_several_adapters_heads_merge_and_gpt2_conv1d(tmp_path):
     out = g.unload()
     assert isinstance(out.transformer.h[0].mlp.c_fc, conv1d) and isinstance(out.transformer.h[0].attn.c_attn, conv1d)
     torch.testing.assert_close(out(input_ids=ids).logits, tiny_gpt2()(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_several_adapters_follow_mode_switch_state_and_fail_cleanly():
+    ids = batch()
+    base_out = tiny_llama()(input_ids=ids).logits.detach()
+    adapted = adapt(tiny_llama(), "lora", target_modules=["q_proj", "v_proj"], r=4, alpha=8.0, dropout=0.5)
+    adapted.add_adapter("b", r=2, alpha=4.0, dropout=0.5)
+    randomize_adapters(adapted)
+    adapted.model.eval()  # eval() on the model, then the switch: b's layers run without dropout
+    adapted.set_adapter("b")
+    assert not any(m.training for m in adapted.adapted_modules().values())
+    randomize_adapters(adapted)
+    b_out = adapted(input_ids=ids).logits.detach()
+    torch.testing.assert_close(adapted(input_ids=ids).logits, b_out, rtol=0, atol=0)
+    # the handle's off state holds across switches (as in PEFT); a switch inside the context is undone
+    adapted.disable_adapter_layers()
+    adapted.set_adapter("default")
+    torch.testing.assert_close(adapted(input_ids=ids).logits, base_out, rtol=0, atol=0)
+    adapted.enable_adapter_layers()
+    a_out = adapted(input_ids=ids).logits.detach()
+    with adapted.disable_adapter():
+        adapted.set_adapter("b")
+        torch.testing.assert_close(adapted(input_ids=ids).logits, base_out, rtol=0, atol=0)
+    torch.testing.assert_close(adapted(input_ids=ids).logits, b_out, rtol=0, atol=0)
+    adapted.set_adapter("default")
+    torch.testing.assert_close(adapted(input_ids=ids).logits, a_out, rtol=0, atol=0)
+    # a failed add changes nothing; a head holding the active adapter's layers is refused
+    flags = {n: p.requires_grad for n, p in adapted.model.named_parameters()}
+    with pytest.raises(TypeError):
+        adapted.add_adapter("bad", nope=1)
+    assert adapted.adapters == ["default", "b"]
+    assert {n: p.requires_grad for n, p in adapted.model.named_parameters()} == flags
+    with pytest.raises(ValueError, match="overlaps the adapted layer"):
+        adapted.add_adapter("head", modules_to_save=["self_attn"])
+    with pytest.raises(TypeError, match="method name"):
+        adapted.add_adapter("cfg", {"r": 4})
