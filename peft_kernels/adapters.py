@@ -390,7 +390,8 @@ def _install(model: nn.Module, method: str, options: dict, modules: dict[str, nn
              to_save: Optional[dict[str, nn.Module]] = None) -> "AdaptedModel":
     _cast_adapters(modules, adapter_dtype)
     for name in conv1d:
-        modules[name]._conv1d_layout = True  # .weight shows the Conv1D's (in, out) layout
+        if name in modules:
+            modules[name]._conv1d_layout = True  # .weight shows the Conv1D's (in, out) layout
     for name, m in itertools.chain(modules.items(), (to_save or {}).items()):
         _set_submodule(model, name, m)
     _freeze_all_but_adapters(model, modules)
@@ -1713,8 +1714,10 @@ def load_peft_checkpoint(model: nn.Module, directory) -> AdaptedModel:
 
 def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
     """Convert a live HF PEFT LoRA model in place: every PEFT ``LoraLayer`` becomes a ``LoRALinear``
-    holding the same weights; returns an AdaptedModel over the unwrapped base model. Do not use the
-    PEFT wrapper afterwards."""
+    holding the same weights (and every ``ModulesToSaveWrapper`` a ``ModuleToSave`` holding the
+    same modules); returns an AdaptedModel over the unwrapped base model. Each of PEFT's adapters
+    becomes one of ours under its name, PEFT's active adapter the active one (``set_adapter``
+    switches). Do not use the PEFT wrapper afterwards."""
     from peft.tuners.lora import LoraLayer
 
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
@@ -1724,65 +1727,70 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
     disabled = {}  # name -> PEFT's switch (disable_adapter_layers()), carried over
     for name, m in base.named_modules():
         if type(m).__name__ == "ModulesToSaveWrapper":
-            trained = list(getattr(m, "modules_to_save", {}).keys())
-            if len(trained) != 1 or list(getattr(m, "active_adapters", trained)) != trained:
-                problems.append(f"{name}: exactly one active modules_to_save copy is supported, found {trained}")
-            else:
-                wrappers.append((name, m.original_module, m.modules_to_save[trained[0]]))
-                disabled[name] = bool(getattr(m, "disable_adapters", False))
+            for a, trained in getattr(m, "modules_to_save", {}).items():
+                wrappers.append((name, a, m.original_module, trained))
+            disabled[name] = bool(getattr(m, "disable_adapters", False))
             continue
         if not isinstance(m, LoraLayer):
             continue
-        adapters = list(m.lora_A.keys())
-        if len(adapters) != 1:
-            problems.append(f"{name}: exactly one LoRA adapter is supported, found {adapters}")
-            continue
-        a = adapters[0]
-        if a not in checked:
-            # the same rules as for a saved checkpoint: a live aLoRA, bias="lora_only", PiSSA, ...
-            # model converted to plain LoRA would compute (or, saved, reload) something else. For
-            # an init that rewrote the base weight the live conversion would even match, but
-            # anything saved from it loads onto the unmodified base model wrongly.
-            checked.add(a)
-            cfg = configs.get(a)
-            if cfg is None or not hasattr(cfg, "to_dict"):
-                problems.append(f"adapter {a!r} has no LoraConfig in peft_config: cannot check its options")
-            else:
-                # enums as their json values (PeftType.LORA -> 'LORA'), as in a saved config
-                cfg_dict = {k: v.value if isinstance(v, enum.Enum) else v for k, v in cfg.to_dict().items()}
-                if cfg_dict.get("peft_type") != "LORA":
-                    problems.append(f"adapter {a!r}: peft_type {cfg_dict.get('peft_type')!r} is not supported "
-                                    "(only plain LoRA, 'LORA')")
-                problems += [f"adapter {a!r}: {msg}" for msg in _peft_config_problems(cfg_dict)]
         if getattr(m, "merged", False):
             problems.append(f"{name}: the adapter is merged; call unmerge_adapter() first")
-        if getattr(m, "use_dora", {}).get(a, False):
-            problems.append(f"{name}: DoRA is not supported")
-        if getattr(m, "lora_bias", {}).get(a, False):
-            problems.append(f"{name}: lora_bias is not supported")
         base_layer = m.get_base_layer()
         if not (isinstance(base_layer, nn.Linear) or _is_conv1d(base_layer)):
             problems.append(f"{name}: LoRA on {type(base_layer).__name__} is not supported (Linear/Conv1D only)")
             continue
-        drop = m.lora_dropout[a]
-        cfg = configs.get(a)
-        use_rslora = bool(getattr(cfg, "use_rslora", False))
-        plan.append((name, m, a, base_layer, {
-            "r": int(m.r[a]), "alpha": float(m.lora_alpha[a]),
-            "dropout": float(drop.p) if isinstance(drop, nn.Dropout) else 0.0, "use_rslora": use_rslora}))
+        disabled[name] = bool(getattr(m, "disable_adapters", False))
+        for a in m.lora_A.keys():
+            if a not in checked:
+                # the same rules as for a saved checkpoint: a live aLoRA, bias="lora_only", PiSSA,
+                # ... model converted to plain LoRA would compute (or, saved, reload) something
+                # else. For an init that rewrote the base weight the live conversion would even
+                # match, but anything saved from it loads onto the unmodified base model wrongly.
+                checked.add(a)
+                cfg = configs.get(a)
+                if cfg is None or not hasattr(cfg, "to_dict"):
+                    problems.append(f"adapter {a!r} has no LoraConfig in peft_config: cannot check its options")
+                else:
+                    # enums as their json values (PeftType.LORA -> 'LORA'), as in a saved config
+                    cfg_dict = {k: v.value if isinstance(v, enum.Enum) else v for k, v in cfg.to_dict().items()}
+                    if cfg_dict.get("peft_type") != "LORA":
+                        problems.append(f"adapter {a!r}: peft_type {cfg_dict.get('peft_type')!r} is not supported "
+                                        "(only plain LoRA, 'LORA')")
+                    problems += [f"adapter {a!r}: {msg}" for msg in _peft_config_problems(cfg_dict)]
+            if getattr(m, "use_dora", {}).get(a, False):
+                problems.append(f"{name}: DoRA is not supported")
+            if getattr(m, "lora_bias", {}).get(a, False):
+                problems.append(f"{name}: lora_bias is not supported")
+            drop = m.lora_dropout[a]
+            use_rslora = bool(getattr(configs.get(a), "use_rslora", False))
+            plan.append((name, m, a, base_layer, {
+                "r": int(m.r[a]), "alpha": float(m.lora_alpha[a]),
+                "dropout": float(drop.p) if isinstance(drop, nn.Dropout) else 0.0, "use_rslora": use_rslora}))
+    active = getattr(peft_model, "active_adapter", None)
+    if isinstance(active, (list, tuple)):
+        if len(active) != 1:
+            problems.append(f"{len(active)} active adapters {list(active)}: one adapter is active at a time here")
+        active = active[0] if active else None
+    names_in_order = list(dict.fromkeys([a for _, _, a, _, _ in plan] + [a for _, a, _, _ in wrappers]))
+    if active is None or active not in names_in_order:
+        active = names_in_order[0] if names_in_order else None
     if problems:
         raise ValueError("cannot convert this PEFT model:\n  - " + "\n  - ".join(problems))
-    if not plan:
-        raise ValueError("the model holds no PEFT LoRA layers")
+    if not any(a == active for _, _, a, _, _ in plan):
+        raise ValueError("the model holds no PEFT LoRA layers" + (f" for its active adapter {active!r}" if plan else ""))
     snapshot = _snapshot_requires_grad(base)
-    modules, conv1d = {}, {}
+    linears, conv1d, originals = {}, {}, {}
+    modules: dict[str, dict] = {a: {} for a in names_in_order}
+    options, specs = {}, {}
     for name, m, a, base_layer, opts in plan:
-        lin = base_layer
-        if _is_conv1d(base_layer):
-            lin = _conv1d_to_linear(base_layer)
-            conv1d[name] = base_layer.weight.requires_grad
-            snapshot.pop(id(base_layer.weight), None)
-        new = cls.from_linear(lin, **opts)
+        if name not in linears:
+            originals[name] = base_layer
+            linears[name] = base_layer
+            if _is_conv1d(base_layer):
+                linears[name] = _conv1d_to_linear(base_layer)
+                conv1d[name] = base_layer.weight.requires_grad
+                snapshot.pop(id(base_layer.weight), None)
+        new = cls.from_linear(linears[name], **opts)
         new.to(device=m.lora_A[a].weight.device)
         # PEFT's adapter dtype (fp32 by default, autocast_adapter_dtype=True), so copying loses nothing
         new.lora_A.to(dtype=m.lora_A[a].weight.dtype)
@@ -1794,25 +1802,42 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
             # e.g. a scaling changed by hand with PEFT's set_scale: r/alpha/rslora do not describe it
             raise ValueError(f"{name}: PEFT scaling {m.scaling[a]} differs from what r={opts['r']}, "
                              f"alpha={opts['alpha']}, use_rslora={opts['use_rslora']} give ({new.scaling})")
-        modules[name] = new
+        modules[a][name] = new
+        if a not in options:
+            options[a] = dict(opts)
+            # the adapter dtype PEFT used, as the spec that reproduces it (its default: "auto")
+            peft_dtype = m.lora_A[a].weight.dtype
+            specs[a] = ("auto" if peft_dtype == adapter_dtype_for("auto", base_layer.weight.dtype)
+                        else adapter_dtype_spec(peft_dtype))
     if hasattr(base, "peft_config"):
         try:
             del base.peft_config  # set by PEFT's injection; the model is no longer a PEFT model
         except AttributeError:
             pass
-    _, m0, a0, base0, opts0 = plan[0]
-    # the adapter dtype PEFT used, as the spec that reproduces it (its default: "auto")
-    peft_dtype = m0.lora_A[a0].weight.dtype
-    spec = "auto" if peft_dtype == adapter_dtype_for("auto", base0.weight.dtype) else adapter_dtype_spec(peft_dtype)
     from .modules.to_save import ModuleToSave
 
     # PEFT's modules_to_save wrappers: the same frozen original and trained copy (not copied again)
-    to_save = {name: ModuleToSave(original, trained) for name, original, trained in wrappers}
-    adapted = _install(base, "lora", dict(opts0), modules, conv1d, snapshot, spec, to_save)
-    for name, m, *_ in plan:
-        disabled[name] = bool(getattr(m, "disable_adapters", False))
+    to_save: dict[str, dict] = {a: {} for a in names_in_order}
+    for name, a, original, trained in wrappers:
+        to_save[a][name] = ModuleToSave(original, trained)
+    # layers (and heads) only inactive adapters cover hold their plain original meanwhile
+    for name, original in originals.items():
+        if name not in modules[active]:
+            _set_submodule(base, name, original)
+    for name, a, original, _ in wrappers:
+        if name not in to_save[active]:
+            _set_submodule(base, name, original)
+    adapted = _install(base, "lora", options[active], modules[active], conv1d, snapshot, specs[active],
+                       to_save[active])
+    adapted.active_adapter = active
+    for a in names_in_order:
+        if a != active:
+            adapted._stash(a, "lora", options.get(a, options[active]), specs.get(a, specs[active]), modules[a],
+                           to_save[a])
     for name, m in adapted._switchable().items():
         m.enable_adapters(not disabled.get(name, False))
+    if disabled and all(disabled.values()):
+        adapted._layers_off = True
     return adapted
 
 

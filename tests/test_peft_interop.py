@@ -440,3 +440,33 @@ def test_get_peft_model_heads_inference_mode_and_conv1d():
     # a target that is not a linear layer is refused, not skipped
     with pytest.raises(ValueError, match="not nn.Linear/Conv1D"):
         pk_get(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_from_peft_model_with_several_adapters(arch):
+    """Each of PEFT's adapters becomes one of ours (PEFT's active one active), with its own targets;
+    switching gives PEFT's logits for each, and unload gives the base model back (GPT-2's Conv1D
+    layers as Conv1D)."""
+    make, t1, t2 = (tiny_llama, ["q_proj", "v_proj"], ["k_proj", "v_proj"]) if arch == "llama" else \
+        (tiny_gpt2, ["c_attn"], ["c_fc"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=t1))
+        pm.add_adapter("ref", peft.LoraConfig(r=2, lora_alpha=4, target_modules=t2))
+    randomize([p for n, p in pm.named_parameters() if "lora_" in n])
+    pm.eval()
+    pm.set_adapter("ref")
+    want_ref = pm(input_ids=IDS).logits.detach()
+    pm.set_adapter("default")
+    want = pm(input_ids=IDS).logits.detach()
+    ours = from_peft_model(pm).eval()
+    assert ours.adapters == ["default", "ref"] and ours.active_adapter == "default"
+    torch.testing.assert_close(ours(input_ids=IDS).logits, want, **TOL)
+    ours.set_adapter("ref")
+    torch.testing.assert_close(ours(input_ids=IDS).logits, want_ref, **TOL)
+    plain = ours.unload()
+    torch.testing.assert_close(plain(input_ids=IDS).logits, make()(input_ids=IDS).logits, rtol=0, atol=0)
+    if arch == "gpt2":
+        conv1d = transformers.pytorch_utils.Conv1D
+        assert all(isinstance(plain.transformer.h[i].attn.c_attn, conv1d) and
+                   isinstance(plain.transformer.h[i].mlp.c_fc, conv1d) for i in range(2))
