@@ -709,34 +709,16 @@ class AdaptedModel(nn.Module):
         """Load a checkpoint (ours or a PEFT LoRA one) as another adapter on the same base layers
         (PEFT's ``load_adapter``); it is not activated (``set_adapter``). All-or-nothing."""
         self._check_adapter_name(adapter_name)
-        where = str(directory)
-        meta, tensors = read_checkpoint(directory)
-        method = meta.get("family")
-        if method not in FAMILIES:
-            raise CheckpointError(f"{where}: unknown adapter family {method!r} (known: {sorted(FAMILIES)})")
-        names = list(meta.get("target_modules") or [])
+        where, meta, tensors, method, names = _read_for_load(directory)
         known = {n for n, _ in self._base_candidates()}
         missing = [n for n in names if n not in known]
-        if not names or missing:
-            raise CheckpointError(f"{where}: the checkpoint adapts {missing or 'no'} modules this model does not have "
+        if missing:
+            raise CheckpointError(f"{where}: the checkpoint adapts modules {missing} this model does not have "
                                   "as linear layers")
-        order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
-        names.sort(key=order.__getitem__)
-        options = dict(meta.get("options") or {})
-        if "peft" in meta:
-            meta = _with_peft_module_options(meta, tensors)
-            per_module = meta["modules"]
-            options = dict(per_module[names[0]])
-        elif method == "lily":
-            per_module = None
-        else:
-            per_module = meta.get("modules")
-            if per_module is None or set(per_module) != set(names):
-                raise CheckpointError(f"{where}: metadata lacks the per-module options of {names}")
-        try:
-            spec = adapter_dtype_spec(meta.get("adapter_dtype", "auto"))
-        except ValueError as e:
-            raise CheckpointError(f"{where}: {e}") from None
+        if "peft" in meta:  # a PEFT json names no order (sorted tensor keys): the model's, as adapt() does
+            order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
+            names.sort(key=order.__getitem__)
+        meta, options, per_module, spec = _checkpoint_plan(meta, tensors, names, where)
         with self._all_or_nothing():
             # its heads may not hold layers of the installed adapter (their copies would carry it)
             to_save_names = _checkpoint_to_save(self.model, meta, tensors, [*names, *self._names], where)
@@ -1606,13 +1588,8 @@ def _load_into(method: str, modules: dict[str, nn.Module], meta: dict, tensors: 
             hook()
 
 
-def load_adapted(model: nn.Module, directory) -> AdaptedModel:
-    """Adapt a fresh ``model`` as the checkpoint in ``directory`` says and load its weights.
-
-    Reads our format and HF PEFT LoRA checkpoints. On any error the model is left unchanged.
-    """
-    if isinstance(model, AdaptedModel):
-        raise TypeError("model is already adapted; use adapted.load(directory)")
+def _read_for_load(directory) -> tuple:
+    """``(where, meta, tensors, family, adapted names)`` of a checkpoint about to be loaded."""
     where = str(directory)
     meta, tensors = read_checkpoint(directory)
     method = meta.get("family")
@@ -1621,6 +1598,38 @@ def load_adapted(model: nn.Module, directory) -> AdaptedModel:
     names = list(meta.get("target_modules") or [])
     if not names:
         raise CheckpointError(f"{where}: the checkpoint names no adapted modules")
+    return where, meta, tensors, method, names
+
+
+def _checkpoint_plan(meta: dict, tensors: dict, names: Sequence[str], where: str) -> tuple:
+    """``(meta, options, per_module, adapter dtype spec)`` to rebuild a checkpoint's modules."""
+    options = dict(meta.get("options") or {})
+    if "peft" in meta:
+        meta = _with_peft_module_options(meta, tensors)
+        per_module = meta["modules"]
+        options = dict(per_module[names[0]])
+    elif meta.get("family") == "lily":
+        per_module = None
+    else:
+        per_module = meta.get("modules")
+        if per_module is None or set(per_module) != set(names):
+            raise CheckpointError(f"{where}: metadata lacks the per-module options of {list(names)}")
+    # a PEFT json records no adapter dtype: "auto" is what PeftModel.from_pretrained does by default
+    try:
+        spec = adapter_dtype_spec(meta.get("adapter_dtype", "auto"))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return meta, options, per_module, spec
+
+
+def load_adapted(model: nn.Module, directory) -> AdaptedModel:
+    """Adapt a fresh ``model`` as the checkpoint in ``directory`` says and load its weights.
+
+    Reads our format and HF PEFT LoRA checkpoints. On any error the model is left unchanged.
+    """
+    if isinstance(model, AdaptedModel):
+        raise TypeError("model is already adapted; use adapted.load(directory)")
+    where, meta, tensors, method, names = _read_for_load(directory)
     if "peft" in meta:
         # a PEFT json names no order (the names come from sorted tensor keys): use the model's, as adapt() does
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
@@ -1628,22 +1637,7 @@ def load_adapted(model: nn.Module, directory) -> AdaptedModel:
     snapshot = _snapshot_requires_grad(model)
     try:
         linears, conv1d = _base_linears(model, names, snapshot, error_cls=CheckpointError)
-        options = dict(meta.get("options") or {})
-        if "peft" in meta:
-            meta = _with_peft_module_options(meta, tensors)
-            per_module = meta["modules"]
-            options = dict(per_module[names[0]])
-        elif method == "lily":
-            per_module = None
-        else:
-            per_module = meta.get("modules")
-            if per_module is None or set(per_module) != set(names):
-                raise CheckpointError(f"{where}: metadata lacks the per-module options of {names}")
-        # a PEFT json records no adapter dtype: "auto" is what PeftModel.from_pretrained does by default
-        try:
-            dtype_spec = adapter_dtype_spec(meta.get("adapter_dtype", "auto"))
-        except ValueError as e:
-            raise CheckpointError(f"{where}: {e}") from None
+        meta, options, per_module, dtype_spec = _checkpoint_plan(meta, tensors, names, where)
         try:
             to_save = _wrap_to_save(model, _checkpoint_to_save(model, meta, tensors, names, where))
         except CheckpointError:
