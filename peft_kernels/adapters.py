@@ -293,6 +293,16 @@ def _linear_to_conv1d(lin: nn.Linear, requires_grad: bool) -> nn.Module:
     return conv
 
 
+def _refresh_base(base: nn.Linear, conv: nn.Module) -> None:
+    """Make ``base`` (an adapter's Linear over a Conv1D) hold what the Conv1D ``conv`` holds now,
+    unless ``conv`` still views ``base``'s own weight."""
+    w = conv.weight.detach().t()
+    if w.data_ptr() != base.weight.data_ptr() or w.dtype != base.weight.dtype or w.device != base.weight.device:
+        base.weight.data = w.contiguous()
+    if conv.bias is not None and conv.bias is not base.bias:
+        base.bias = conv.bias
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -676,6 +686,11 @@ class AdaptedModel(nn.Module):
                     p.requires_grad_(True)
         self._inactive[adapter_name] = {"method": method, "options": dict(options), "adapter_dtype": adapter_dtype,
                                         "names": list(modules), "modules": dict(modules), "to_save": dict(to_save)}
+        for name, m in modules.items():
+            # a Conv1D this adapter converted first: the model runs a view of the converted weight
+            # meanwhile (one copy of the weight, not two)
+            if name in self._conv1d and name not in self._names and name not in self._conv1d_plain:
+                _set_submodule(self.model, name, self._plain_layer(name, m.base_layer))
 
     def add_adapter(self, adapter_name: str, method: Optional[str] = None, target_modules=None,
                     layers: Optional[Iterable[int]] = None, modules_to_save=None, adapter_dtype=None,
@@ -762,9 +777,17 @@ class AdaptedModel(nn.Module):
                 _set_submodule(self.model, name, m.original_module)
         training = self.model.training
         for name, m in itertools.chain(new["modules"].items(), new["to_save"].items()):
-            anchor = m.base_layer.weight if "base_layer" in m._modules else next(m.original_module.parameters(), None)
-            if anchor is not None:
-                m.to(device=anchor.device)
+            current = self.model.get_submodule(name)
+            if "base_layer" in m._modules:
+                if name in self._conv1d and _is_conv1d(current):
+                    # what the model ran meanwhile is the truth: a .to()/.half() of the model (or a
+                    # load_state_dict) reached that Conv1D, not the Linear this adapter wraps
+                    _refresh_base(m.base_layer, current)
+                m.to(device=m.base_layer.weight.device)
+            else:  # a module to save: its trained copy follows its original (shared with others)
+                p0 = next(m.original_module.parameters(), None)
+                if p0 is not None:
+                    m.trained_module.to(device=p0.device, dtype=p0.dtype if p0.is_floating_point() else None)
             m.train(training)
             m.enable_adapters(not self._layers_off)
             _set_submodule(self.model, name, m)
@@ -787,7 +810,12 @@ class AdaptedModel(nn.Module):
             if not self._inactive:
                 raise ValueError(f"{adapter_name!r} is the only adapter; use unload() or merge_and_unload() to remove it")
             self.set_adapter(next(iter(self._inactive)))
-        del self._inactive[adapter_name]
+        rec = self._inactive.pop(adapter_name)
+        for name, m in rec["modules"].items():
+            if self._shared_base(name) is None:  # no adapter left covers it: the layer it replaced
+                self._restore_layer(name, m.base_layer)
+                self._conv1d.pop(name, None)
+                self._conv1d_plain.pop(name, None)
 
     def _drop_inactive(self) -> None:
         """Forget every inactive adapter (unload / merge_and_unload): each layer only they adapted
@@ -1785,6 +1813,7 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
                 conv1d[name] = base_layer.weight.requires_grad
                 snapshot.pop(id(base_layer.weight), None)
         new = cls.from_linear(linears[name], **opts)
+        new.train(m.training)
         new.to(device=m.lora_A[a].weight.device)
         # PEFT's adapter dtype (fp32 by default, autocast_adapter_dtype=True), so copying loses nothing
         new.lora_A.to(dtype=m.lora_A[a].weight.dtype)
@@ -1813,17 +1842,18 @@ def from_peft_model(peft_model: nn.Module) -> AdaptedModel:
     # PEFT's modules_to_save wrappers: the same frozen original and trained copy (not copied again)
     to_save: dict[str, dict] = {a: {} for a in names_in_order}
     for name, a, original, trained in wrappers:
-        to_save[a][name] = ModuleToSave(original, trained)
-    # layers (and heads) only inactive adapters cover hold their plain original meanwhile
-    for name, original in originals.items():
-        if name not in modules[active]:
-            _set_submodule(base, name, original)
+        to_save[a][name] = ModuleToSave(original, trained).train(original.training)
+    # heads only inactive adapters cover hold their plain original meanwhile
     for name, a, original, _ in wrappers:
         if name not in to_save[active]:
             _set_submodule(base, name, original)
     adapted = _install(base, "lora", options[active], modules[active], conv1d, snapshot, specs[active],
                        to_save[active])
     adapted.active_adapter = active
+    # layers only inactive adapters cover: the plain layer (a Conv1D as a view of the converted weight)
+    for name in originals:
+        if name not in modules[active]:
+            _set_submodule(base, name, adapted._plain_layer(name, linears[name]))
     for a in names_in_order:
         if a != active:
             adapted._stash(a, "lora", options.get(a, options[active]), specs.get(a, specs[active]), modules[a],

@@ -1075,3 +1075,25 @@ def test_several_adapters_follow_mode_switch_state_and_fail_cleanly():
         adapted.add_adapter("head", modules_to_save=["self_attn"])
     with pytest.raises(TypeError, match="method name"):
         adapted.add_adapter("cfg", {"r": 4})
+
+
+def test_several_adapters_on_gpt2_follow_model_casts_and_delete_restores():
+    """The model is cast while an adapter over a Conv1D is switched out: switching it in uses the
+    cast weights; deleting an adapter gives back the Conv1D only it covered, trainable as before."""
+    ids = batch()
+    model = tiny_gpt2()
+    adapted = adapt(model, "lora", target_modules=["c_attn"], r=4)
+    adapted.add_adapter("mlp", target_modules=["c_fc"], r=2)
+    randomize_adapters(adapted)
+    adapted.model.double()
+    adapted.set_adapter("mlp")
+    out = adapted(input_ids=ids).logits
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, tiny_gpt2().double()(input_ids=ids).logits, rtol=1e-12, atol=1e-12)  # B is zero
+    adapted.set_adapter("default")
+    adapted.delete_adapter("mlp")
+    conv1d = transformers.pytorch_utils.Conv1D
+    fc = adapted.model.transformer.h[0].mlp.c_fc
+    assert type(fc) is conv1d and fc.weight.is_contiguous() and fc.weight.dtype == torch.float64
+    plain = adapted.unload()
+    assert all(p.requires_grad for p in plain.parameters())
