@@ -577,9 +577,28 @@ class AdaptedModel(nn.Module):
         return [p for _, p in self.named_trainable_parameters()]
 
     def count_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` element counts, shared parameters counted once."""
+        """``(trainable, total)`` element counts, shared parameters counted once: trainable are the
+        model's (the active adapter's), the total also counts the inactive adapters (as PEFT does)."""
         params = list(self.model.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        seen = {id(p) for p in params}
+        extra = [p for m in self._inactive_modules() for p in m.parameters() if id(p) not in seen]
+        extra = list({id(p): p for p in extra}.values())
+        return (sum(p.numel() for p in params if p.requires_grad),
+                sum(p.numel() for p in params) + sum(p.numel() for p in extra))
+
+    def _inactive_modules(self) -> list[nn.Module]:
+        """Every module of the inactive adapters (adapters and heads), each once."""
+        mods = [m for rec in self._inactive.values() for m in (*rec["modules"].values(), *rec["to_save"].values())]
+        return list({id(m): m for m in mods}.values())
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .half() / .cuda() of the handle reach the inactive adapters too (they live outside
+        # the model; the base layers they share with it are converted again, which is a no-op)
+        super()._apply(fn, recurse)
+        if recurse:
+            for m in self._inactive_modules():
+                m._apply(fn)
+        return self
 
     def print_trainable_parameters(self) -> str:
         trainable, total = self.count_parameters()

@@ -1097,3 +1097,16 @@ def test_several_adapters_on_gpt2_follow_model_casts_and_delete_restores():
     assert type(fc) is conv1d and fc.weight.is_contiguous() and fc.weight.dtype == torch.float64
     plain = adapted.unload()
     assert all(p.requires_grad for p in plain.parameters())
+
+
+def test_handle_casts_and_counts_reach_inactive_adapters():
+    adapted = adapt(tiny_llama(), "lora", target_modules=["q_proj"], r=4)
+    trainable, total = adapted.count_parameters()
+    adapted.add_adapter("b", r=2)
+    extra = sum(p.numel() for m in adapted._inactive["b"]["modules"].values()
+                for k, p in m.named_parameters() if not k.startswith("base_layer."))
+    assert adapted.count_parameters() == (trainable, total + extra)
+    adapted.double()
+    assert all(p.dtype == torch.float64 for m in adapted._inactive["b"]["modules"].values() for p in m.parameters())
+    adapted.set_adapter("b")
+    assert adapted(input_ids=batch()).logits.dtype == torch.float64
