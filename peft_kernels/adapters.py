@@ -260,6 +260,9 @@ def _wrap_to_save(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module
         m = model.get_submodule(name)
         if _is_to_save(m):  # wrapped for another adapter: this one gets its own copy of the original
             m = m.original_module
+        if any(_offloaded(sub) for sub in m.modules()):
+            raise ValueError(f"modules_to_save: {name!r} is offloaded by accelerate; its trained copy would keep "
+                             "loading the original's weights. Load the model without offload")
         tied = sorted({o for p in m.parameters() for o in owners.get(id(p), ()) if not _inside(o, name)})
         if tied:
             raise ValueError(f"modules_to_save: {name!r} shares parameters with {tied} (tied weights); its trained "
@@ -301,6 +304,14 @@ def _refresh_base(base: nn.Linear, conv: nn.Module) -> None:
         base.weight.data = w.contiguous()
     if conv.bias is not None and conv.bias is not base.bias:
         base.bias = conv.bias
+
+
+def _offloaded(m: nn.Module) -> bool:
+    """An accelerate hook on ``m`` that offloads its weights (they live on ``meta`` between calls)."""
+    def offloads(hook) -> bool:
+        return bool(getattr(hook, "offload", False)) or any(offloads(h) for h in getattr(hook, "hooks", ()))
+    hook = getattr(m, "_hf_hook", None)
+    return hook is not None and offloads(hook)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -424,6 +435,10 @@ def _base_linears(model: nn.Module, names: Sequence[str], snapshot: dict,
             m = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"the model has no module {name!r}") from None
+        if _offloaded(m):
+            raise error_cls(f"{name!r} is offloaded by accelerate (device_map with cpu/disk offload, cpu_offload): "
+                            "its weight is only materialised inside its own forward, and the fused kernels read "
+                            "the weight directly. Load the model without offload to adapt it")
         if _is_conv1d(m):
             linears[name] = _conv1d_to_linear(m)
             conv1d[name] = m.weight.requires_grad

@@ -1110,3 +1110,12 @@ def test_handle_casts_and_counts_reach_inactive_adapters():
     assert all(p.dtype == torch.float64 for m in adapted._inactive["b"]["modules"].values() for p in m.parameters())
     adapted.set_adapter("b")
     assert adapted(input_ids=batch()).logits.dtype == torch.float64
+
+
+def test_accelerate_offloaded_layers_are_refused_clearly():
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_llama()
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(TypeError, match="offloaded by accelerate"):
+        adapt(model, "lora", target_modules=["q_proj"], r=4)
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
