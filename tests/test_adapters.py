@@ -1119,3 +1119,44 @@ def test_accelerate_offloaded_layers_are_refused_clearly():
     with pytest.raises(TypeError, match="offloaded by accelerate"):
         adapt(model, "lora", target_modules=["q_proj"], r=4)
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+
+
+def _several_adapters_journey(dev: torch.device, tmp_path) -> None:
+    """Two adapters of different families, each with its own head, built on the CPU; the model
+    alone is then moved to ``dev`` (the inactive adapter follows when switched in); both give
+    their CPU logits there, and save_pretrained / load_adapter round-trip on ``dev``."""
+    ids = batch()
+    adapted = adapt(tiny_bert_cls(), "lora", target_modules=["query", "value"], r=4, modules_to_save=["classifier"])
+    adapted.add_adapter("b", method="monarch", target_modules=["key"], nblocks=4, blk_r=2,
+                        modules_to_save=["classifier"])
+    randomize_adapters(adapted, seed=3)
+    want_a = adapted(input_ids=ids).logits.detach()
+    adapted.set_adapter("b")
+    randomize_adapters(adapted, seed=4)
+    want_b = adapted(input_ids=ids).logits.detach()
+    adapted.set_adapter("default")
+    adapted.model.to(dev)
+    ids = ids.to(dev)
+    tol = dict(rtol=2e-3, atol=2e-3)  # as the GPU family test: fused fp32 kernels vs the torch path
+    torch.testing.assert_close(adapted(input_ids=ids).logits.cpu(), want_a, **tol)
+    adapted.set_adapter("b")
+    assert all(p.device.type == dev.type for p in adapted.model.parameters())
+    torch.testing.assert_close(adapted(input_ids=ids).logits.cpu(), want_b, **tol)
+    adapted.save_pretrained(tmp_path)
+    fresh = load_adapted(tiny_bert_cls().to(dev), tmp_path)
+    fresh.load_adapter(tmp_path / "b", "b")
+    torch.testing.assert_close(fresh(input_ids=ids).logits.cpu(), want_a, **tol)
+    fresh.set_adapter("b")
+    torch.testing.assert_close(fresh(input_ids=ids).logits.cpu(), want_b, **tol)
+
+
+def test_several_adapters_journey_cpu(tmp_path):
+    _several_adapters_journey(torch.device("cpu"), tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.e2e
+def test_several_adapters_journey_gpu(tmp_path):
+    """The same on the GPU: the switched-in adapter and its head follow the model's device, and the
+    fused kernels give the CPU (torch path) logits."""
+    _several_adapters_journey(torch.device("cuda"), tmp_path)
