@@ -324,7 +324,7 @@ def _adapter_items(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The adapter's own persistent state: everything in its state dict not under ``base_layer.``
     (the live Parameter/buffer objects, so shared tensors can be recognised by identity); for a
     module trained in full, its trained copy's state under the module's own names (PEFT's keys)."""
-    if "original_module" in module._modules:
+    if _is_to_save(module):
         yield from module.trained_state().items()
         return
     for k, t in module.state_dict(keep_vars=True).items():
@@ -356,13 +356,20 @@ def _restore_requires_grad(snapshot) -> None:
         p.requires_grad_(flag)
 
 
+def _adapter_params(m: nn.Module) -> list[nn.Parameter]:
+    """The parameters an adapter module trains: everything outside its ``base_layer``, or for a
+    module to save its trained copy's floating-point parameters."""
+    if _is_to_save(m):
+        return [p for p in m.trained_module.parameters() if p.is_floating_point() or p.is_complex()]
+    return [p for k, p in m.named_parameters() if not k.startswith("base_layer.")]
+
+
 def _freeze_all_but_adapters(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for m in modules.values():
-        for k, p in m.named_parameters():
-            if not k.startswith("base_layer."):
-                p.requires_grad_(True)
+        for p in _adapter_params(m):
+            p.requires_grad_(True)
 
 
 # adapter_dtype: "auto" (HF PEFT's default, autocast_adapter_dtype=True: fp32 adapter weights on a
@@ -401,8 +408,8 @@ def _cast_adapters(modules: dict[str, nn.Module], spec: str) -> None:
     done before any optimizer sees them."""
     for m in modules.values():
         target = adapter_dtype_for(spec, m.base_layer.weight.dtype)
-        for k, p in m.named_parameters():
-            if not k.startswith("base_layer.") and p.is_floating_point() and p.dtype != target:
+        for p in _adapter_params(m):
+            if p.is_floating_point() and p.dtype != target:
                 p.data = p.data.to(target)
 
 
@@ -413,13 +420,10 @@ def _install(model: nn.Module, method: str, options: dict, modules: dict[str, nn
     for name in conv1d:
         if name in modules:
             modules[name]._conv1d_layout = True  # .weight shows the Conv1D's (in, out) layout
-    for name, m in itertools.chain(modules.items(), (to_save or {}).items()):
+    installed = {**modules, **(to_save or {})}
+    for name, m in installed.items():
         _set_submodule(model, name, m)
-    _freeze_all_but_adapters(model, modules)
-    for m in (to_save or {}).values():
-        for p in m.trained_module.parameters():
-            if p.is_floating_point() or p.is_complex():
-                p.requires_grad_(True)
+    _freeze_all_but_adapters(model, installed)
     return AdaptedModel(model, method, options, list(modules), conv1d=conv1d, requires_grad_snapshot=snapshot,
                         adapter_dtype=adapter_dtype, to_save=list(to_save or ()))
 
@@ -502,10 +506,7 @@ def adapt(model: nn.Module, method: str = "lora", target_modules=None, layers: O
     names = _outside(names, to_save_names)
     adapted = _adapt_names(model, method, names, method_options, None, adapter_dtype, to_save_names)
     if share is not False:
-        from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs
-
-        share_inputs(model, DEFAULT_SHARED_INPUTS if share is True else share)
-        adapted._share_spec = share
+        adapted._link_shared_inputs(share)
     return adapted
 
 
@@ -596,10 +597,9 @@ class AdaptedModel(nn.Module):
         model's (the active adapter's), the total also counts the inactive adapters (as PEFT does)."""
         params = list(self.model.parameters())
         seen = {id(p) for p in params}
-        extra = [p for m in self._inactive_modules() for p in m.parameters() if id(p) not in seen]
-        extra = list({id(p): p for p in extra}.values())
+        extra = {id(p): p for m in self._inactive_modules() for p in m.parameters() if id(p) not in seen}
         return (sum(p.numel() for p in params if p.requires_grad),
-                sum(p.numel() for p in params) + sum(p.numel() for p in extra))
+                sum(p.numel() for p in params) + sum(p.numel() for p in extra.values()))
 
     def _inactive_modules(self) -> list[nn.Module]:
         """Every module of the inactive adapters (adapters and heads), each once."""
@@ -634,6 +634,22 @@ class AdaptedModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return [self.active_adapter]
+
+    def _link_shared_inputs(self, spec) -> None:
+        """Link the installed LoRA layers' shared-input groups (``share_inputs``: True for the
+        default groups, or the groups' names) and remember ``spec`` for ``set_adapter``."""
+        from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs
+
+        share_inputs(self.model, DEFAULT_SHARED_INPUTS if spec in (None, True) else spec)
+        self._share_spec = spec
+
+    def _record(self, adapter_name: Optional[str] = None) -> dict:
+        """The modules and settings of adapter ``adapter_name`` (default: the active one)."""
+        if adapter_name is None or adapter_name == self.active_adapter:
+            return self._active_record()
+        if adapter_name not in self._inactive:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {self.adapters}")
+        return self._inactive[adapter_name]
 
     def _active_record(self) -> dict:
         return {"method": self.method, "options": self.options, "adapter_dtype": self.adapter_dtype,
@@ -715,9 +731,8 @@ class AdaptedModel(nn.Module):
         for name, m in modules.items():
             if name in self._conv1d:
                 m._conv1d_layout = True
-            for k, p in m.named_parameters():
-                if not k.startswith("base_layer."):
-                    p.requires_grad_(True)
+            for p in _adapter_params(m):
+                p.requires_grad_(True)
         self._inactive[adapter_name] = {"method": method, "options": dict(options), "adapter_dtype": adapter_dtype,
                                         "names": list(modules), "modules": dict(modules), "to_save": dict(to_save)}
         for name, m in modules.items():
@@ -770,12 +785,8 @@ class AdaptedModel(nn.Module):
         meta, options, per_module, spec = _checkpoint_plan(meta, tensors, names, where)
         with self._all_or_nothing():
             # its heads may not hold layers of the installed adapter (their copies would carry it)
-            to_save_names = _checkpoint_to_save(self.model, meta, tensors, [*names, *self._names], where)
+            to_save = _checkpoint_to_save(self.model, meta, tensors, [*names, *self._names], where)
             linears = self._new_base_linears(names)
-            try:
-                to_save = _wrap_to_save(self.model, to_save_names)
-            except ValueError as e:
-                raise CheckpointError(f"{where}: {e}") from None
             modules = _build_modules(method, linears, options, per_module)
             modules = _apply_checkpoint_masks(method, modules, linears, per_module, tensors)
             _cast_adapters(modules, spec)
@@ -830,10 +841,7 @@ class AdaptedModel(nn.Module):
         self.method, self.options, self.adapter_dtype = new["method"], new["options"], new["adapter_dtype"]
         self._names, self._to_save = list(new["names"]), list(new["to_save"])
         if linked:
-            from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs
-
-            spec = self._share_spec
-            share_inputs(self.model, DEFAULT_SHARED_INPUTS if spec in (None, True) else spec)
+            self._link_shared_inputs(self._share_spec)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Drop an adapter (PEFT's ``delete_adapter``). Deleting the active one activates the next
@@ -1073,12 +1081,7 @@ class AdaptedModel(nn.Module):
         ``adapter_name`` saves another adapter of the model (``add_adapter``/``load_adapter``)
         instead of the active one.
         """
-        if adapter_name is None or adapter_name == self.active_adapter:
-            rec = self._active_record()
-        elif adapter_name in self._inactive:
-            rec = self._inactive[adapter_name]
-        else:
-            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {self.adapters}")
+        rec = self._record(adapter_name)
         if peft_format is None:
             peft_format = rec["method"] == "lora"
         if peft_format and rec["method"] != "lora":
@@ -1127,8 +1130,7 @@ class AdaptedModel(nn.Module):
         if unknown:
             raise ValueError(f"selected_adapters {unknown} are not adapters of this model ({self.adapters})")
         if peft_format:  # checked for all before anything is written
-            methods = {n: (self.method if n == self.active_adapter else self._inactive[n]["method"]) for n in names}
-            other = {n: m for n, m in methods.items() if m != "lora"}
+            other = {n: self._record(n)["method"] for n in names if self._record(n)["method"] != "lora"}
             if other:
                 raise ValueError(f"peft_format=True needs LoRA adapters; these are not: {other}")
         for name in names:
@@ -1700,12 +1702,7 @@ def load_adapted(model: nn.Module, directory) -> AdaptedModel:
     try:
         linears, conv1d = _base_linears(model, names, snapshot, error_cls=CheckpointError)
         meta, options, per_module, dtype_spec = _checkpoint_plan(meta, tensors, names, where)
-        try:
-            to_save = _wrap_to_save(model, _checkpoint_to_save(model, meta, tensors, names, where))
-        except CheckpointError:
-            raise
-        except ValueError as e:
-            raise CheckpointError(f"{where}: {e}") from None
+        to_save = _checkpoint_to_save(model, meta, tensors, names, where)
         modules = _build_modules(method, linears, options, per_module)
         modules = _apply_checkpoint_masks(method, modules, linears, per_module, tensors)
         _validate(method, modules, meta, tensors, where, to_save)
@@ -1717,23 +1714,25 @@ def load_adapted(model: nn.Module, directory) -> AdaptedModel:
     return adapted
 
 
-def _checkpoint_to_save(model: nn.Module, meta: dict, tensors: dict, adapted: Sequence[str], where: str) -> list[str]:
-    """The modules a checkpoint trained in full, in ``model``. Ours lists full names; a PEFT json
-    lists patterns (matched by PEFT's rule), of which only modules with tensors in the file count:
-    PEFT's sequence-classification models add ``classifier`` and ``score`` whether or not both
-    exist, and a matched module without tensors would load as an untouched copy of itself."""
+def _checkpoint_to_save(model: nn.Module, meta: dict, tensors: dict, adapted: Sequence[str],
+                        where: str) -> dict[str, nn.Module]:
+    """A ``ModuleToSave`` (built, not installed) for each module the checkpoint trained in full.
+    Ours lists full names; a PEFT json lists patterns (matched by PEFT's rule), of which only
+    modules with tensors in the file count: PEFT's sequence-classification models add
+    ``classifier`` and ``score`` whether or not both exist, and a matched module without tensors
+    would load as an untouched copy of itself. A module that cannot be taken is a CheckpointError."""
     wanted = list(meta.get("modules_to_save") or [])
     if not wanted:
-        return []
+        return {}
     try:
         if "peft" not in meta:
-            return select_modules_to_save(model, wanted, adapted, strict=True, exact=True)
-        found = select_modules_to_save(model, wanted, adapted, strict=False)
+            names = select_modules_to_save(model, wanted, adapted, strict=True, exact=True)
+        else:
+            names = [n for n in select_modules_to_save(model, wanted, adapted, strict=False)
+                     if any(k.startswith(f"{PREFIX}{n}.") for k in tensors)]
+        return _wrap_to_save(model, names)
     except (ValueError, TypeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
         raise CheckpointError(f"{where}: {e}") from None
-    return [n for n in found if any(k.startswith(f"{PREFIX}{n}.") for k in tensors)]
 
 
 def _apply_checkpoint_masks(method, modules, linears, per_module, tensors):
@@ -1945,9 +1944,7 @@ def get_peft_model(model: nn.Module, peft_config, adapter_dtype="auto", share_in
         for p in adapted.trainable_parameters():  # PEFT builds such an adapter frozen
             p.requires_grad_(False)
     if share_inputs:
-        from .modules.lora import DEFAULT_SHARED_INPUTS, share_inputs as link
-
-        link(model, DEFAULT_SHARED_INPUTS if share_inputs is True else share_inputs)
+        adapted._link_shared_inputs(share_inputs)
     return adapted
 
 

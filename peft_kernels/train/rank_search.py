@@ -48,7 +48,7 @@ def adapt_with_ranks(model: nn.Module, method: str, ranks: Mapping[str, int], **
     options, rank included, go into the checkpoint), then modules whose rank differs from the
     most common one are rebuilt at their rank.
     """
-    from ..adapters import adapt
+    from ..adapters import _cast_adapters, adapt
 
     if not ranks:
         raise ValueError("adapt_with_ranks: no modules given")
@@ -66,12 +66,10 @@ def adapt_with_ranks(model: nn.Module, method: str, ranks: Mapping[str, int], **
         old = adapted.model.get_submodule(name)
         cfg = {**old.adapter_config(), "r": r}
         new = type(old).from_linear(old.base_layer, **cfg)
-        # keep what adapt() set on the module it replaces: the adapter dtype (fp32 adapters on a
+        # what adapt() set on the module it replaces: the adapter dtype (fp32 adapters on a
         # half-precision model by default) and a Conv1D layer's weight layout
-        dtypes = {k: p.dtype for k, p in old.named_parameters()}
+        _cast_adapters({name: new}, adapted.adapter_dtype)
         for k, p in new.named_parameters():
-            if not k.startswith("base_layer.") and k in dtypes and p.dtype != dtypes[k]:
-                p.data = p.data.to(dtypes[k])
             p.requires_grad_(not k.startswith("base_layer."))
         if getattr(old, "_conv1d_layout", False):
             new._conv1d_layout = True
