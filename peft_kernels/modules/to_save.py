@@ -2,10 +2,10 @@
 
 A task head (``classifier``, ``score``) is new or changed as a whole when a model is fine-tuned
 for another task, so it is trained in full and saved with the adapter. As in PEFT, the module is
-kept twice: ``original_module`` (frozen, what ``disable_adapter()`` and ``unload()`` give back)
-and ``trained_module`` (a copy, trainable, what the forward uses, what ``merge_and_unload()``
-keeps and what a checkpoint stores, under the module's own parameter names: the keys are PEFT's,
-``base_model.model.<name>.<param>``).
+kept twice: ``original_module`` (frozen, what runs under ``disable_adapter()``) and
+``trained_module`` (a copy, trainable, what the forward uses, what ``unload()`` and
+``merge_and_unload()`` keep, as PEFT's do, and what a checkpoint stores, under the module's own
+parameter names: the keys are PEFT's, ``base_model.model.<name>.<param>``).
 
 Attributes the wrapper lacks are read from the module in use, so code that reads
 ``model.score.weight`` or ``model.classifier.out_features`` keeps working.
