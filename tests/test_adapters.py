@@ -19,7 +19,7 @@ pytest.importorskip("safetensors")
 from peft_kernels.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdaptedModel, CheckpointError, adapt,  # noqa: E402
                                    load_adapted, select_modules)
 
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama  # noqa: E402
+from tiny_models import VOCAB, tiny_bert_cls, tiny_gpt2, tiny_llama  # noqa: E402
 
 # small options per family: enough rank to learn a fixed batch in a few steps
 FAMILY_OPTIONS = {
@@ -808,13 +808,6 @@ def test_disable_adapter_under_torch_compile():
 
 
 # ----------------------------------------------------------------------------- modules_to_save
-
-
-def tiny_bert_cls(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                                  vocab_size=VOCAB, max_position_embeddings=32, num_labels=3)
-    return transformers.BertForSequenceClassification(cfg).eval()
 
 
 def _cls_steps(adapted, ids, steps=3):

@@ -21,7 +21,7 @@ from peft_kernels.adapters import (CONFIG_NAME, AdaptedModel, CheckpointError, a
                                    load_adapted, load_peft_checkpoint)
 from peft_kernels.modules.lora import LoRALinear  # noqa: E402
 
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama  # noqa: E402
+from tiny_models import VOCAB, tiny_bert_cls, tiny_gpt2, tiny_llama  # noqa: E402
 TOL = dict(rtol=1e-5, atol=1e-5)  # same math, different op order (fused vs two matmuls)
 
 
@@ -279,13 +279,6 @@ def test_eva_checkpoint_loads_exactly(tmp_path):
 
 
 # ----------------------------------------------------------------------------- modules_to_save (task heads)
-
-
-def tiny_bert_cls(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                                  vocab_size=VOCAB, max_position_embeddings=32, num_labels=3)
-    return transformers.BertForSequenceClassification(cfg).eval()
 
 
 def test_sequence_classification_head_round_trips_with_peft(tmp_path):

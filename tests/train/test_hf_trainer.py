@@ -15,14 +15,7 @@ pytest.importorskip("accelerate")
 
 from peft_kernels import get_peft_model  # noqa: E402
 
-from tiny_models import VOCAB  # noqa: E402
-
-
-def _bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                                  vocab_size=VOCAB, max_position_embeddings=32, num_labels=3)
-    return transformers.BertForSequenceClassification(cfg)
+from tiny_models import VOCAB, tiny_bert_cls  # noqa: E402
 
 
 class _DS(torch.utils.data.Dataset):
@@ -39,7 +32,7 @@ class _DS(torch.utils.data.Dataset):
 
 
 def _adapted():
-    return get_peft_model(_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+    return get_peft_model(tiny_bert_cls(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
                                                    target_modules=["query", "value"]))
 
 
@@ -63,6 +56,6 @@ def test_trainer_checkpoints_resume_and_peft_loads_the_result(tmp_path):
     handle.save_pretrained(tmp_path / "adapter")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(_bert(), str(tmp_path / "adapter")).eval()
+        pm = peft.PeftModel.from_pretrained(tiny_bert_cls(), str(tmp_path / "adapter")).eval()
     torch.testing.assert_close(pm(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
